@@ -1,0 +1,82 @@
+"""The one chat and tool-call format of the project.
+
+Turns are ChatML (``<|im_start|>role\\n...<|im_end|>``) after a single BOS. Tools (JSON-schema functions) are
+rendered into the system turn inside ``<tools></tools>``, one JSON object per line. The assistant calls a tool
+with ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (one per call, several for parallel calls);
+a tool result comes back as a ``tool`` turn wrapped in ``<tool_response>``. This is the Hermes format, so
+vLLM's ``hermes`` tool parser reads it; SFT data, the function-calling eval and the chat client all use it.
+
+An end of turn is ``<|im_end|>``: it is listed with EOS in the generation config so that generation stops there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+CHAT_TEMPLATE = (Path(__file__).with_name("chat_template.jinja")).read_text()
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, UNK, IM_START, IM_END]
+# Atomic but not "special": they must survive decoding with skip_special_tokens=True (vLLM's default).
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<tools>", "</tools>"]
+TOOL_PARSER = "hermes"  # vLLM --tool-call-parser for this template
+
+_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+
+
+def install_chat_template(tokenizer: Any, force: bool = False) -> bool:
+    """Give ``tokenizer`` the project template (and its tokens) when it has none; True if it was installed."""
+    if getattr(tokenizer, "chat_template", None) and not force:
+        return False
+    missing = [t for t in [IM_START, IM_END] if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    new_tool_tokens = [t for t in TOOL_TOKENS if t not in tokenizer.get_vocab()]
+    if new_tool_tokens:
+        tokenizer.add_tokens(new_tool_tokens)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return True
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS and end-of-turn ids: the generation config's ``eos_token_id`` list."""
+    ids = [tokenizer.eos_token_id]
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if im_end is not None and im_end != tokenizer.unk_token_id and im_end not in ids:
+        ids.append(im_end)
+    return [i for i in ids if i is not None]
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """Split model output into (content, calls); each call is ``{"name": str, "arguments": dict}``.
+
+    Raises ValueError for a ``<tool_call>`` block that is not JSON with a name and an arguments object.
+    """
+    calls = []
+    for block in _CALL_RE.findall(text):
+        try:
+            obj = json.loads(block)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tool call is not valid JSON: {block[:200]!r}") from e
+        if not isinstance(obj, dict) or "name" not in obj:
+            raise ValueError(f"tool call has no name: {block[:200]!r}")
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):
+            args = json.loads(args)
+        if not isinstance(args, dict):
+            raise ValueError(f"tool call arguments are not an object: {block[:200]!r}")
+        calls.append({"name": obj["name"], "arguments": args})
+    content = _CALL_RE.sub("", text).replace(IM_END, "").strip()
+    return content, calls
+
+
+def tool_call_message(calls: list[dict[str, Any]], content: str = "") -> dict[str, Any]:
+    """An assistant message in the OpenAI/HF shape for ``calls`` ([{"name", "arguments"}])."""
+    return {
+        "role": "assistant",
+        "content": content,
+        "tool_calls": [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls],
+    }
