@@ -1,0 +1,321 @@
+"""One generation interface for every eval task, in-process or through an OpenAI-compatible server.
+
+``Generator`` is what tasks call:
+
+- ``chat(conversations, tools=None, max_new_tokens=...)``: greedy replies to chat conversations (lists of
+  ``{"role", "content"}`` messages, optional JSON-schema tools rendered by the chat template);
+- ``complete(prompts, max_new_tokens, stop)``: greedy continuations of raw prompt strings;
+- ``loglikelihood(pairs)``: ``(log p(continuation | context), is_greedy)`` for ``(context, continuation)`` pairs,
+  tokenised the way lm-eval does it (trailing spaces of the context move to the continuation);
+- ``lm_eval_model()``: the same object as an lm-eval ``LM`` (for lm-eval tasks such as MMLU and IFEval).
+
+Prompts are tokenised here, once, with the model's own tokenizer (the chat template starts with BOS, so
+rendered chats are encoded without adding special tokens; raw prompts get one BOS). A backend only maps token
+ids to text or log-probabilities:
+
+- ``HFBackend``: a model directory loaded with ``AutoModelForCausalLM`` (greedy, batched, stops at the
+  ``eos_token_id`` list of ``generation_config.json``);
+- ``EndpointBackend``: ``/v1/completions`` with token-id prompts (``echo`` + ``logprobs`` for scoring), or
+  ``/v1/chat/completions`` when no local tokenizer is known (plain HTTP via ``requests``).
+
+Both see the same token ids, so greedy scores agree in-process and served. Every request goes through the
+per-item cache (``evals.cache``): results are committed after each batch and reused on a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from evals.cache import ItemCache, request_key
+from minitron.chat_format import stop_token_ids
+from minitron.config import MinitronError
+
+
+class EvalError(MinitronError):
+    """An eval that cannot run as configured (missing data, unreachable endpoint...)."""
+
+
+def _truncate_at_stops(text: str, stop: Sequence[str]) -> str:
+    """Cut ``text`` at the first occurrence of any stop string (as lm-eval's ``until`` does)."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            i = text.find(s)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+class HFBackend:
+    """A Hugging Face model directory in this process (float32 on CPU, bfloat16 on CUDA)."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str | None = None, max_length: int = 2048):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        self.path = Path(model_dir)
+        if not (self.path / "config.json").exists():
+            raise EvalError(f"{self.path} is not a model directory (no config.json): pass --model DIR of a saved model")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
+        try:
+            eos = GenerationConfig.from_pretrained(self.path).eos_token_id
+        except OSError:
+            eos = None
+        self.stop_ids = [eos] if isinstance(eos, int) else list(eos or stop_token_ids(self.tokenizer))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length))
+        self.name = self.path.name
+
+    def fingerprint(self) -> str:
+        """Changes when the weights or config change (file sizes and modification times)."""
+        files = sorted(self.path.glob("*.safetensors")) + [self.path / "config.json"]
+        return request_key("hf", [str(self.path.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime] for f in files])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of a batch of token-id prompts (left-padded), decoded up to the first stop id."""
+        keep = self.max_length - max_new_tokens
+        prompts = [p[-keep:] for p in prompts]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
+                                  pad_token_id=self.pad_id, use_cache=True)
+        texts = []
+        for row in out[:, width:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in self.stop_ids), len(row))
+            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
+        return texts
+
+    @torch.no_grad()
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Sum of log-probs of each continuation and whether it is the greedy one (right-padded batch)."""
+        seqs = [(c + x)[-(self.max_length + 1):] for c, x in pairs]
+        width = max(len(s) for s in seqs) - 1
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s) - 1] = torch.tensor(s[:-1])
+        mask = (torch.arange(width)[None, :] < torch.tensor([len(s) - 1 for s in seqs])[:, None]).long()
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        results = []
+        for i, (s, (_, cont)) in enumerate(zip(seqs, pairs)):
+            n = len(cont)
+            pos = torch.arange(len(s) - 1 - n, len(s) - 1)  # positions predicting the continuation
+            target = torch.tensor(s[-n:])
+            lp = logp[i, pos]
+            results.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+        return results
+
+
+class EndpointBackend:
+    """An OpenAI-compatible server (vLLM's, or any other), over plain HTTP.
+
+    With a local tokenizer (``tokenizer`` argument, or the server's model id when it is a local directory, as
+    with ``vllm ... --model DIR``) prompts go as token ids to ``/v1/completions``; without one, chats go to
+    ``/v1/chat/completions`` and log-likelihood tasks are unavailable.
+    """
+
+    def __init__(self, url: str, model: str | None = None, tokenizer: str | None = None, timeout: float = 600.0):
+        import requests
+
+        self.url, self.timeout, self._session = url.rstrip("/"), timeout, requests.Session()
+        if self.url.endswith("/v1"):
+            self.url = self.url[:-3]
+        try:
+            models = self._session.get(f"{self.url}/v1/models", timeout=30).json()["data"]
+        except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
+            raise EvalError(f"no OpenAI-compatible server at {self.url} ({e}); start one with `minitron serve`") from e
+        self.model = model or models[0]["id"]
+        tok_dir = tokenizer or (self.model if Path(self.model, "tokenizer_config.json").exists() else None)
+        self.tokenizer = None
+        if tok_dir:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        self.native_chat = self.tokenizer is None
+        self.name = Path(self.model).name or self.model
+        self.path = Path(self.model) if Path(self.model).is_dir() else None
+
+    def fingerprint(self) -> str:
+        return request_key("endpoint", [self.url, self.model])
+
+    def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = self._session.post(f"{self.url}{route}", json={"model": self.model, **body}, timeout=self.timeout)
+        if r.status_code != 200:
+            raise EvalError(f"{self.url}{route} answered {r.status_code}: {r.text[:500]}")
+        return r.json()
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        """Greedy completions of token-id prompts; the server stops at the model's eos list."""
+        out = self._post("/v1/completions", {"prompt": prompts, "max_tokens": max_new_tokens, "temperature": 0.0})
+        return [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])]
+
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Prompt log-probs through ``echo=true, logprobs=1`` (the last, generated token is ignored)."""
+        out = self._post("/v1/completions", {"prompt": [c + x for c, x in pairs], "max_tokens": 1,
+                                             "temperature": 0.0, "echo": True, "logprobs": 1})
+        results = []
+        for (ctx, cont), ch in zip(pairs, sorted(out["choices"], key=lambda c: c["index"])):
+            lps, tops = ch["logprobs"]["token_logprobs"], ch["logprobs"]["top_logprobs"]
+            span = range(len(ctx), len(ctx) + len(cont))
+            total = sum(lps[i] for i in span)
+            greedy = all(max(tops[i].values()) <= lps[i] + 1e-6 for i in span)
+            results.append((float(total), greedy))
+        return results
+
+    def chat(self, conversation: dict[str, Any], max_new_tokens: int) -> str:
+        """One reply through ``/v1/chat/completions``; tool calls come back as ``<tool_call>`` text."""
+        body = {"messages": conversation["messages"], "max_tokens": max_new_tokens, "temperature": 0.0}
+        if conversation.get("tools"):
+            body["tools"] = conversation["tools"]
+        msg = self._post("/v1/chat/completions", body)["choices"][0]["message"]
+        calls = "".join(
+            f'<tool_call>{{"name": "{c["function"]["name"]}", "arguments": {c["function"]["arguments"]}}}</tool_call>'
+            for c in msg.get("tool_calls") or [])
+        return (msg.get("content") or "") + calls
+
+
+class Generator:
+    """The interface every task uses: batched, cached and with progress bars, over one backend."""
+
+    def __init__(self, backend: HFBackend | EndpointBackend, cache: ItemCache | None = None, batch_size: int = 16):
+        self.backend, self.cache, self.batch_size = backend, cache, batch_size
+        self.tokenizer = backend.tokenizer
+        self.name = backend.name
+        self._fp = backend.fingerprint()
+
+    # ---- tokenisation (shared by both backends) ----
+    def _need_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise EvalError(f"{what} needs the model's tokenizer: pass --tokenizer DIR with --endpoint")
+        return self.tokenizer
+
+    def render_chat(self, conversation: dict[str, Any]) -> str:
+        """The chat template applied to ``{"messages": [...], "tools": [...]?}`` with a generation prompt."""
+        tok = self._need_tokenizer("chat rendering")
+        return tok.apply_chat_template(conversation["messages"], tools=conversation.get("tools") or None,
+                                       tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, text: str, bos: bool) -> list[int]:
+        tok = self._need_tokenizer("tokenisation")
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        has_bos = tok.bos_token is not None and text.startswith(tok.bos_token)
+        return ([tok.bos_token_id] if bos and not has_bos and tok.bos_token_id is not None else []) + ids
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split: encode context+continuation together, the continuation is what follows the context."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self._encode(context + continuation, bos=True)
+        ctx = self._encode(context, bos=True)
+        return ctx, whole[len(ctx):]
+
+    # ---- cached, batched calls ----
+    def _cached(self, kind: str, payloads: list[Any], params: dict, compute, desc: str) -> list[Any]:
+        """Look every payload up in the cache, compute the misses in batches (committed per batch)."""
+        keys = [request_key(kind, [self._fp, p], params) for p in payloads]
+        found = self.cache.get_many(keys) if self.cache is not None else {}
+        todo = sorted({k: i for i, k in enumerate(keys) if k not in found}.items(),
+                      key=lambda kv: -len(json.dumps(payloads[kv[1]])))  # similar lengths batch together
+        bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"{self.name}: {desc}", leave=False,
+                   disable=len(todo) == 0)
+        for b in range(0, len(todo), self.batch_size):
+            batch = todo[b : b + self.batch_size]
+            values = compute([payloads[i] for _, i in batch])
+            fresh = {k: v for (k, _), v in zip(batch, values)}
+            found.update(fresh)
+            if self.cache is not None:
+                self.cache.put_many(fresh)
+            bar.update(len(batch))
+        bar.close()
+        return [found[k] for k in keys]
+
+    def complete(self, prompts: list[str], max_new_tokens: int = 256, stop: Sequence[str] = (),
+                 desc: str = "generate", bos: bool = True) -> list[str]:
+        """Greedy continuations of raw prompt strings, cut at the first ``stop`` string."""
+        ids = [self._encode(p, bos=bos) for p in prompts]
+        outs = self._cached("gen", ids, {"max_new_tokens": max_new_tokens},
+                            lambda batch: self.backend.generate(batch, max_new_tokens), desc)
+        return [_truncate_at_stops(o, stop) for o in outs]
+
+    def chat(self, conversations: list[dict[str, Any]], max_new_tokens: int = 256, stop: Sequence[str] = (),
+             desc: str = "chat") -> list[str]:
+        """Greedy replies to ``{"messages": [...], "tools": [...]?}`` conversations (plain lists also accepted)."""
+        convs = [c if isinstance(c, dict) else {"messages": c} for c in conversations]
+        if getattr(self.backend, "native_chat", False):
+            outs = self._cached("chat", convs, {"max_new_tokens": max_new_tokens},
+                                lambda batch: [self.backend.chat(c, max_new_tokens) for c in batch], desc)
+            return [_truncate_at_stops(o, stop) for o in outs]
+        return self.complete([self.render_chat(c) for c in convs], max_new_tokens, stop, desc, bos=False)
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], desc: str = "score") -> list[tuple[float, bool]]:
+        """``(log p(continuation | context), is_greedy)`` per pair; the context gets one BOS in front."""
+        enc = [list(self.encode_pair(c, x)) for c, x in pairs]
+        outs = self._cached("ll", enc, {}, self.backend.score, desc)
+        return [(float(lp), bool(g)) for lp, g in outs]
+
+    def lm_eval_model(self) -> Any:
+        """This generator as an lm-eval ``LM`` (see ``LMEvalAdapter``)."""
+        return LMEvalAdapter(self)
+
+
+def _lm_base() -> type:
+    from lm_eval.api.model import LM
+
+    return LM
+
+
+class LMEvalAdapter(_lm_base()):  # type: ignore[misc]
+    """lm-eval's model interface over a ``Generator``: lm-eval builds prompts, we run them (cached)."""
+
+    def __init__(self, gen: Generator, max_gen_toks: int | None = None):
+        super().__init__()
+        self.gen, self.max_gen_toks = gen, max_gen_toks
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self.gen.loglikelihood([r.args for r in requests], desc="loglikelihood")
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise EvalError("rolling log-likelihood (perplexity tasks) is not supported by the eval harness")
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        """Group requests by generation settings; each group is one batched, cached call."""
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+        out: list[str] = [""] * len(requests)
+        for key, idx in groups.items():
+            kw = json.loads(key)
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else until
+            n = int(kw.get("max_gen_toks", 256))
+            n = min(n, self.max_gen_toks) if self.max_gen_toks else n
+            texts = self.gen.complete([requests[i].args[0] for i in idx], n, until, desc="generate_until")
+            for i, t in zip(idx, texts):
+                out[i] = t
+        return out
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.gen.name
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.gen.tokenizer, "chat_template", None) or ""
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        return self.gen.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
