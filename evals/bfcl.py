@@ -1,0 +1,333 @@
+"""Function calling, BFCL-style: data loading, tool rendering, the model-facing task and the standalone checker.
+
+Data: BFCL v4 files (JSONL despite the ``.json`` suffix), ``BFCL_v4_<category>.json`` with questions
+``{"id", "question": [[messages]], "function": [specs]}`` and ``possible_answer/BFCL_v4_<category>.json``
+with ``{"id", "ground_truth": [{func: {param: [acceptable values]}}]}``. Irrelevance categories have no
+answer file (no call is expected). Any category in this format works; its name comes from the file name.
+
+Standalone checker (``minitron eval-fc``)::
+
+    minitron eval-fc --questions DIR_OR_FILE [--answers DIR_OR_FILE] --predictions preds.jsonl \\
+        [--verdicts verdicts.jsonl]
+
+Each prediction line is ``{"id": ..., "calls": [{"func": {"arg": value}}]}`` (or ``[{"name", "arguments"}]``)
+or ``{"id": ..., "text": "raw model output"}``; it prints per-category accuracy as JSON and writes one
+``{"id", "valid", "error"}`` verdict per prediction, in input order (repeated ids are scored one by one).
+
+Model-facing task (``evaluate``): ``generate_fn(messages, tools) -> str`` is called once per question with the
+question's messages and its functions as OpenAI tools (rendered by the chat template); the raw text is decoded
+(``evals.bfcl_decode``) and checked (``evals.bfcl_checker``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from tqdm.auto import tqdm
+
+from evals.bfcl_checker import Verdict, check, language_of
+from evals.bfcl_decode import DecodeError, decode_output, normalize_calls
+from minitron.config import ConfigError, MinitronError, arg
+from minitron.io import write_text
+
+VERSION = 1  # bump when scoring changes
+FILE_RE = re.compile(r"^BFCL_v\d+_(?P<category>.+?)\.jsonl?$")
+ALIASES = {"simple": "simple_python", "python": "simple_python", "java": "simple_java",
+           "javascript": "simple_javascript", "js": "simple_javascript"}
+# BFCL type names -> JSON-schema (OpenAPI) types, as BFCL's GORILLA_TO_OPENAPI.
+OPENAPI_TYPES = {"integer": "integer", "number": "number", "float": "number", "string": "string",
+                 "boolean": "boolean", "bool": "boolean", "array": "array", "list": "array", "dict": "object",
+                 "object": "object", "tuple": "array", "any": "string", "byte": "integer", "short": "integer",
+                 "long": "integer", "double": "number", "char": "string", "ArrayList": "array", "Array": "array",
+                 "HashMap": "object", "Hashtable": "object", "Queue": "array", "Stack": "array", "Any": "string",
+                 "String": "string", "Bigint": "integer"}
+LANGUAGE_HINTS = {"python": " Note that the provided function is in Python 3 syntax.",
+                  "java": " Note that the provided function is in Java 8 SDK syntax.",
+                  "javascript": " Note that the provided function is in JavaScript syntax."}
+
+
+class BFCLError(MinitronError):
+    """Unreadable or inconsistent BFCL files or predictions."""
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Objects of a JSONL file (BFCL's ``.json`` files are JSONL); errors name the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise BFCLError(f"{path}:{n}: not JSON ({e.msg}); BFCL files hold one object per line") from e
+    return rows
+
+
+def category_of_file(path: str | Path) -> str:
+    """``BFCL_v4_simple_python.json`` -> ``simple_python`` (any other name: its stem)."""
+    m = FILE_RE.match(Path(path).name)
+    return m.group("category") if m else Path(path).stem
+
+
+def category_of_id(item_id: str) -> str:
+    """``simple_python_12`` -> ``simple_python``; ``live_simple_3-2-1`` -> ``live_simple``."""
+    head, _, tail = str(item_id).rpartition("_")
+    return head if head and re.fullmatch(r"\d+(-\d+)*", tail) else str(item_id)
+
+
+def category_files(data_dir: str | Path) -> dict[str, tuple[Path, Path | None]]:
+    """{category: (question file, answer file or None)} for every BFCL file in ``data_dir``."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise BFCLError(f"{data_dir} is not a directory of BFCL files (BFCL_v4_<category>.json)")
+    out = {}
+    for q in sorted(data_dir.iterdir()):
+        if q.is_file() and FILE_RE.match(q.name):
+            a = data_dir / "possible_answer" / q.name
+            out[category_of_file(q)] = (q, a if a.exists() else None)
+    if not out:
+        raise BFCLError(f"no BFCL_v<N>_<category>.json files in {data_dir}")
+    return out
+
+
+def load_questions(path: str | Path) -> dict[str, tuple[str, dict]]:
+    """{id: (category, question)} from a question file or a directory of them."""
+    path = Path(path)
+    if not path.exists():
+        raise BFCLError(f"questions not found: {path}")
+    files = [f for f, _ in category_files(path).values()] if path.is_dir() else [path]
+    out = {}
+    for f in files:
+        category = category_of_file(f) if FILE_RE.match(f.name) else None
+        for q in read_jsonl(f):
+            if "id" not in q or "function" not in q:
+                raise BFCLError(f"{f}: question without 'id'/'function': {str(q)[:120]}")
+            out[q["id"]] = (category or category_of_id(q["id"]), q)
+    return out
+
+
+def load_answers(path: str | Path | None, questions: str | Path) -> dict[str, list[dict]]:
+    """{id: ground truth} from an answer file or directory; by default ``possible_answer/`` beside the questions."""
+    if path is None:
+        q = Path(questions)
+        path = q / "possible_answer" if q.is_dir() else q.parent / "possible_answer" / q.name
+        if not path.exists():
+            return {}  # irrelevance: no answer file
+    path = Path(path)
+    if not path.exists():
+        raise BFCLError(f"answers not found: {path} (pass --answers FILE_OR_DIR, or leave it out for irrelevance)")
+    files = sorted(f for f in path.iterdir() if FILE_RE.match(f.name)) if path.is_dir() else [path]
+    out = {}
+    for f in files:
+        for a in read_jsonl(f):
+            if "id" not in a or not isinstance(a.get("ground_truth"), list):
+                raise BFCLError(f"{f}: answer without 'id'/'ground_truth' list: {str(a)[:120]}")
+            out[a["id"]] = a["ground_truth"]
+    return out
+
+
+# ---------------------------------------------------------------- tools
+
+
+def to_openai_tools(functions: list[dict], category: str = "simple_python", underscore_names: bool = False) -> list[dict]:
+    """BFCL function specs -> OpenAI tools ``{"type": "function", "function": {...}}``, as BFCL's FC mode does.
+
+    Types are mapped to JSON schema (``dict`` -> ``object``, ``float`` -> ``number``, ``tuple`` -> ``array``);
+    Java and JavaScript parameters become strings "in string representation" of their declared type, with the
+    type named in the description; each description gets BFCL's language hint. ``underscore_names`` replaces
+    ``.`` in names by ``_`` (OpenAI's name rule; the checker accepts both spellings).
+    """
+    language = language_of(category)
+    tools = []
+    for spec in copy.deepcopy(functions):
+        spec["description"] = spec.get("description", "") + LANGUAGE_HINTS[language]
+        params = spec.setdefault("parameters", {})
+        params["type"] = "object"
+        props = params.setdefault("properties", {})
+        if language != "python":
+            _stringify_params(props, language)
+        _cast_types(props)
+        if underscore_names:
+            spec["name"] = spec["name"].replace(".", "_")
+        tools.append({"type": "function", "function": spec})
+    return tools
+
+
+def _stringify_params(props: dict, language: str) -> None:
+    """Java/JavaScript parameters are passed as source literals: type string, declared type in the text."""
+    lang = "Java" if language == "java" else "JavaScript"
+    for p in props.values():
+        desc, tp = p.get("description", ""), p.get("type", "any")
+        if tp == "any":
+            desc += f" This parameter can be of any type of {lang} object in string representation."
+        else:
+            desc += f" This is {lang} {tp} type parameter in string representation."
+        if "items" in p:
+            desc += f" The list elements are of type {p.pop('items').get('type')}; they are not in string representation."
+        if "properties" in p:
+            desc += (" The dictionary entries have the following schema; they are not in string representation. "
+                     + json.dumps(p.pop("properties")))
+        p["description"], p["type"] = desc, "string"
+
+
+def _cast_types(props: dict) -> None:
+    """BFCL types -> JSON-schema types, recursively through ``properties`` and ``items``."""
+    for p in props.values():
+        tp = p.get("type", "string")
+        if tp == "float":
+            p["format"] = "float"
+        p["type"] = OPENAPI_TYPES.get(tp, "string")
+        if isinstance(p.get("properties"), dict):
+            _cast_types(p["properties"])
+        if isinstance(p.get("items"), dict):
+            _cast_types({"items": p["items"]})
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score(question: dict, ground_truth: list[dict] | None, category: str, *, text: str | None = None,
+          calls: Any = None) -> Verdict:
+    """Check one prediction, given as raw model ``text`` or as already decoded ``calls``."""
+    try:
+        decoded = decode_output(text) if calls is None else normalize_calls(calls)
+    except DecodeError as e:
+        return check(question, ground_truth, None, category, decode_error=str(e))
+    return check(question, ground_truth, decoded, category)
+
+
+def _mean_stderr(flags: list[bool]) -> dict[str, float]:
+    """Accuracy, n and the standard error of the mean (sample standard deviation, as lm-eval)."""
+    n = len(flags)
+    acc = sum(flags) / n if n else 0.0
+    se = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else 0.0
+    return {"accuracy": acc, "n": n, "correct": int(sum(flags)), "stderr": se}
+
+
+def summarize(records: Iterable[dict]) -> dict[str, Any]:
+    """Per-category accuracy (with n and standard error), overall (micro) and macro accuracy."""
+    by_cat: dict[str, list[bool]] = {}
+    flags = []
+    for r in records:
+        by_cat.setdefault(r["category"], []).append(bool(r["valid"]))
+        flags.append(bool(r["valid"]))
+    cats = {c: _mean_stderr(v) for c, v in sorted(by_cat.items())}
+    macro = sum(c["accuracy"] for c in cats.values()) / len(cats) if cats else 0.0
+    return {"categories": cats, "overall": _mean_stderr(flags), "macro_accuracy": macro, "version": VERSION}
+
+
+# ---------------------------------------------------------------- model-facing task
+
+
+def build_requests(data_dir: str | Path, limit: int | None = None,
+                   categories: Iterable[str] | None = None) -> list[dict]:
+    """One request per question: ``{"id", "category", "messages", "tools", "question", "ground_truth"}``.
+
+    ``categories`` picks categories by name (``simple``, ``java`` and ``javascript`` are aliases of BFCL's
+    ``simple_python``, ``simple_java``, ``simple_javascript``); ``limit`` caps the questions per category.
+    """
+    files = category_files(data_dir)
+    wanted = list(files) if not categories else [ALIASES.get(c, c) for c in categories]
+    unknown = [c for c in wanted if c not in files]
+    if unknown:
+        raise BFCLError(f"unknown BFCL categories {unknown} in {data_dir}; available: {', '.join(files)}")
+    requests = []
+    for cat in wanted:
+        qfile, afile = files[cat]
+        answers = load_answers(afile, qfile) if afile else {}
+        if afile is None and "irrelevance" not in cat:
+            raise BFCLError(f"{qfile} has no possible_answer/{qfile.name}: only irrelevance categories may lack one")
+        for q in read_jsonl(qfile)[: limit if limit else None]:
+            if afile and q["id"] not in answers:
+                raise BFCLError(f"{q['id']}: no ground truth in {afile}")
+            turns = q["question"]
+            messages = turns[0] if turns and isinstance(turns[0], list) else turns
+            requests.append({"id": q["id"], "category": cat, "messages": copy.deepcopy(messages),
+                             "tools": to_openai_tools(q["function"], cat), "question": q,
+                             "ground_truth": answers.get(q["id"])})
+    return requests
+
+
+def score_outputs(requests: list[dict], texts: list[str]) -> dict[str, Any]:
+    """Check each raw output against its request: the summary plus per-item records."""
+    items = []
+    for req, text in zip(requests, texts, strict=True):
+        v = score(req["question"], req["ground_truth"], req["category"], text=text)
+        items.append({"id": req["id"], "category": req["category"], "text": text, "valid": v.valid,
+                      "error": v.error, "error_type": v.error_type})
+    return {**summarize(items), "items": items}
+
+
+def evaluate(generate_fn: Callable[[list[dict], list[dict]], str], data_dir: str | Path,
+             limit: int | None = None, categories: Iterable[str] | None = None) -> dict[str, Any]:
+    """BFCL on a model: ``generate_fn(messages, tools) -> raw assistant text`` for each question.
+
+    Returns ``{"categories": {cat: {"accuracy", "n", "correct", "stderr"}}, "overall": {...},
+    "macro_accuracy", "version", "items": [{"id", "category", "text", "valid", "error", "error_type"}]}``.
+    A harness that batches generation can call ``build_requests`` and ``score_outputs`` itself.
+    """
+    requests = build_requests(data_dir, limit, categories)
+    texts = [generate_fn(r["messages"], r["tools"]) for r in tqdm(requests, desc="bfcl", unit="q")]
+    return score_outputs(requests, texts)
+
+
+# ---------------------------------------------------------------- standalone checker (minitron eval-fc)
+
+
+@dataclasses.dataclass
+class CheckConfig:
+    """Check a predictions file against BFCL questions and possible answers (``minitron eval-fc``)."""
+
+    questions: str | None = arg(None, "BFCL question file (BFCL_v4_<category>.json) or a directory of them")
+    answers: str | None = arg(None, "possible-answer file or directory (default: possible_answer/ beside the questions)")
+    predictions: str | None = arg(None, 'JSONL: {"id", "calls": [{"func": {"arg": value}}]} or {"id", "text": "raw output"}')
+    verdicts: str | None = arg(None, 'write one {"id", "valid", "error"} JSONL line per prediction here, in input order')
+
+    def __post_init__(self) -> None:
+        for name in ("questions", "predictions"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required (see minitron eval-fc --help)")
+            if not Path(getattr(self, name)).exists():
+                raise ConfigError(f"--{name} {getattr(self, name)} does not exist")
+
+
+def check_predictions(questions: dict, answers: dict, predictions: list[dict]) -> list[dict]:
+    """One record per prediction, in order: ``{"id", "category", "valid", "error", "error_type"}``."""
+    records = []
+    for n, p in enumerate(predictions, 1):
+        if "id" not in p or ("calls" not in p and "text" not in p):
+            raise BFCLError(f"prediction {n}: needs 'id' and 'calls' or 'text', got keys {sorted(p)}")
+        if p["id"] not in questions:
+            raise BFCLError(f"prediction {n}: id {p['id']!r} is not in the question files")
+        category, q = questions[p["id"]]
+        gt = answers.get(p["id"])
+        if gt is None and "irrelevance" not in category and "relevance" not in category:
+            raise BFCLError(f"prediction {n}: no ground truth for {p['id']!r}; pass --answers")
+        v = score(q, gt, category, text=p.get("text"), calls=p.get("calls"))
+        records.append({"id": p["id"], "category": category, "valid": v.valid, "error": v.error,
+                        "error_type": v.error_type})
+    return records
+
+
+def run(cfg: CheckConfig) -> dict[str, Any]:
+    """Score every prediction, print per-category accuracy as JSON (stdout), write verdicts if asked."""
+    questions = load_questions(cfg.questions)
+    answers = load_answers(cfg.answers, cfg.questions)
+    records = check_predictions(questions, answers, read_jsonl(cfg.predictions))
+    if cfg.verdicts:
+        lines = [json.dumps({"id": r["id"], "valid": r["valid"], "error": r["error"]}) for r in records]
+        write_text(cfg.verdicts, "".join(line + "\n" for line in lines))
+    summary = summarize(records)
+    print(json.dumps(summary, indent=2))
+    sys.stdout.flush()
+    return summary
