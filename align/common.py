@@ -1,0 +1,168 @@
+"""What the four stages share: training arguments, model loading, resume, and the atomic stage output.
+
+A stage trains in ``OUT/.work/<stage>/`` (TRL checkpoints every ``save_steps``), resumes from the last checkpoint
+there after an interruption, and on success writes ``OUT/<stage>/`` atomically: the HF model (LoRA merged, adapter
+beside it), the tokenizer with the chat template, ``generation_config.json`` stopping at EOS and ``<|im_end|>``,
+``metrics.json``, ``config.resolved.yaml`` and a model card. "The directory exists" means "the stage finished".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from align.lora import LoraArgs, merge_for_export
+from minitron.chat_format import install_chat_template, stop_token_ids
+from minitron.config import ConfigError, arg
+from minitron.io import atomic_dir, count_parameters, write_json, write_model_card
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Optimisation settings of one stage (each stage subclasses this with its own defaults)."""
+
+    steps: int = arg(100, "optimizer steps (capped by the pipeline's --max-steps)")
+    lr: float = arg(5e-5, "peak learning rate (cosine decay after warm-up)")
+    batch_size: int = arg(8, "examples per device per micro-batch")
+    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    warmup_ratio: float = arg(0.05, "fraction of the steps spent warming the learning rate up")
+    save_steps: int = arg(25, "checkpoint every N steps (the resume point after an interruption)")
+    logging_steps: int = arg(5, "log training metrics every N steps")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{type(self).__name__}.{name} must be positive (got {getattr(self, name)})")
+        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{type(self).__name__}: lr must be > 0 and warmup_ratio in [0, 1)")
+
+
+@dataclasses.dataclass
+class StageContext:
+    """Pipeline-wide settings that every stage reads."""
+
+    out: Path
+    seed: int = 0
+    max_steps: int | None = None
+    max_length: int = 512
+    lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
+    started: dict[str, float] = dataclasses.field(default_factory=dict)  # stage -> perf_counter at its start
+
+    def work_dir(self, stage: str) -> Path:
+        return self.out / ".work" / stage
+
+    def steps(self, args: TrainArgs) -> int:
+        return min(args.steps, self.max_steps) if self.max_steps else args.steps
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def trl_args(config_cls: type, args: TrainArgs, ctx: StageContext, stage: str, **extra: Any) -> Any:
+    """A TRL ``XConfig`` with the project's defaults: CPU-safe precision, checkpoints for resume, no reporting.
+
+    TRL configs default to bf16=True; on CPU that is wrong (NOTES.md), so bf16 is on only for a CUDA device
+    that supports it. Gradient checkpointing (a TRL default) only slows the small models this runs on CPU.
+    """
+    steps = ctx.steps(args)
+    bf16 = on_gpu() and torch.cuda.is_bf16_supported()
+    kw = dict(output_dir=str(ctx.work_dir(stage)), max_steps=steps, per_device_train_batch_size=args.batch_size,
+              per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+              learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=math.ceil(args.warmup_ratio * steps),
+              logging_steps=min(args.logging_steps, steps), save_strategy="steps", save_steps=args.save_steps,
+              save_total_limit=1, report_to="none", seed=ctx.seed, use_cpu=not on_gpu(), bf16=bf16, fp16=False,
+              gradient_checkpointing=on_gpu(), dataloader_num_workers=0, eval_strategy="no",
+              max_length=ctx.max_length)
+    kw.update(extra)
+    if "max_length" not in {f.name for f in dataclasses.fields(config_cls)}:
+        kw.pop("max_length")  # RL configs bound the completion instead (max_completion_length)
+    return config_cls(**kw)
+
+
+def last_checkpoint(ctx: StageContext, stage: str) -> str | None:
+    """The newest ``checkpoint-N`` of an interrupted run of ``stage``, or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    work = ctx.work_dir(stage)
+    return get_last_checkpoint(str(work)) if work.is_dir() else None
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The model's tokenizer, with the project chat template installed when it has none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    install_chat_template(tok)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def prepare_model(model: Any, tok: Any) -> Any:
+    """Match the embeddings to the tokenizer (new template tokens) and stop generation at end of turn."""
+    if model.get_input_embeddings().weight.shape[0] < len(tok):
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.use_cache = True
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = stop_token_ids(tok)
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.bos_token_id = tok.bos_token_id
+    return model
+
+
+def load_causal_lm(path: str | Path, tok: Any) -> Any:
+    """A causal LM in fp32 (TRL's mixed precision handles bf16 on GPU), ready for the chat template."""
+    from transformers import AutoModelForCausalLM
+
+    return prepare_model(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32), tok)
+
+
+def save_stage(model: Any, tok: Any, ctx: StageContext, stage: str, metrics: dict[str, Any], args: Any,
+               source: str, title: str, notes: str = "") -> Path:
+    """Write ``OUT/<stage>/`` atomically (merged model, adapter, tokenizer, metrics, card) and drop the checkpoints."""
+    out = ctx.out / stage
+    metrics["seconds"] = round(time.perf_counter() - ctx.started.get(stage, time.perf_counter()), 1)
+    with atomic_dir(out) as tmp:
+        model = merge_for_export(model, tmp)
+        prepare_model(model, tok)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "metrics.json", metrics)
+        (tmp / "config.resolved.yaml").write_text(yaml.safe_dump(
+            {"stage": stage, "source": source, "args": dataclasses.asdict(args), "seed": ctx.seed,
+             "max_length": ctx.max_length, "lora": dataclasses.asdict(ctx.lora)}, sort_keys=False))
+        card = {"stage": stage, "base model": source, "architecture": type(model).__name__,
+                "parameters": f"{count_parameters(model):,}", "LoRA": "merged (adapter/)" if ctx.lora.enabled else "no",
+                **{k: _fmt(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+        write_model_card(tmp, title, card, notes)
+    shutil.rmtree(ctx.work_dir(stage), ignore_errors=True)
+    return out
+
+
+def _fmt(v: Any) -> Any:
+    return f"{v:.4f}" if isinstance(v, float) else v
+
+
+def train_history(trainer: Any) -> list[dict[str, Any]]:
+    """The trainer's log history (loss, rewards, KL... per logging step) for metrics.json and the plots."""
+    return [dict(h) for h in trainer.state.log_history]
+
+
+def measured_once(ctx: StageContext, stage: str, name: str, fn: Any) -> Any:
+    """``fn()``, cached in the stage's work dir: a resumed run reports the same "before" numbers as the first."""
+    path = ctx.work_dir(stage) / "before.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    if name not in cache:
+        cache[name] = fn()
+        write_json(path, cache)
+    return cache[name]

@@ -1,0 +1,67 @@
+"""Stage 3, direct preference optimisation: TRL's DPOTrainer against a frozen copy of the SFT model.
+
+``loss_type`` picks the objective (``sigmoid`` = DPO, ``ipo``, ``robust``, ``hinge``..., or a list mixing several,
+e.g. ``[sigmoid, sft]`` for an RPO-like NLL-regularised DPO). Metrics on held-out pairs: the policy's
+chosen-minus-rejected log-probability margin before and after (it must rise), the implicit-reward margin
+beta * (margin - reference margin) and its accuracy (share of pairs with a positive implicit margin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from align.common import (StageContext, TrainArgs, last_checkpoint, load_causal_lm, load_tokenizer, measured_once,
+                          save_stage, train_history, trl_args)
+from align.data import to_dataset
+from align.lora import peft_config
+from align.scoring import completion_logps
+from minitron.config import ConfigError, arg
+
+
+@dataclasses.dataclass
+class DPOArgs(TrainArgs):
+    """DPO settings (``--dpo.beta 0.1 --dpo.loss-type ipo``)."""
+
+    steps: int = arg(100, "optimizer steps (capped by --max-steps)")
+    lr: float = arg(5e-5, "peak learning rate")
+    batch_size: int = arg(8, "preference pairs per micro-batch")
+    beta: float = arg(0.1, "strength of the KL anchor to the reference model")
+    loss_type: list[str] = arg(["sigmoid"], "TRL loss(es): sigmoid (DPO), ipo, hinge, robust, sft (NLL, RPO-like)...")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be positive (got {self.beta})")
+
+
+def margins(model: Any, tok: Any, pairs: list[dict]) -> Any:
+    """log p(chosen | prompt) - log p(rejected | prompt) per pair: [N]."""
+    model.eval()
+    return completion_logps(model, tok, pairs, "chosen") - completion_logps(model, tok, pairs, "rejected")
+
+
+def train(ctx: StageContext, args: DPOArgs, model_dir: str | Path, train_pairs: list[dict],
+          eval_pairs: list[dict], data_stats: dict[str, Any]) -> Path:
+    """DPO from ``model_dir`` (policy and reference) on ``train_pairs``; write ``OUT/dpo``."""
+    from trl import DPOConfig, DPOTrainer
+
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, tok)
+    ref = measured_once(ctx, "dpo", "margins", lambda: margins(model, tok, eval_pairs).tolist())
+    config = trl_args(DPOConfig, args, ctx, "dpo", beta=args.beta, loss_type=list(args.loss_type))
+    trainer = DPOTrainer(model=model, args=config, train_dataset=to_dataset(train_pairs), processing_class=tok,
+                         peft_config=peft_config(ctx.lora))
+    resume = last_checkpoint(ctx, "dpo")
+    trainer.train(resume_from_checkpoint=resume)
+    after = margins(trainer.model, tok, eval_pairs)
+    implicit = args.beta * (after - after.new_tensor(ref))  # the DPO implicit reward margin per pair
+    metrics = {"stage": "dpo", "logp_margin_before": sum(ref) / len(ref), "logp_margin": after.mean().item(),
+               "reward_margin": implicit.mean().item(), "reward_accuracy": (implicit > 0).float().mean().item(),
+               "preferred_before": sum(r > 0 for r in ref) / len(ref),
+               "preferred": (after > 0).float().mean().item(), "train_pairs": len(train_pairs),
+               "eval_pairs": len(eval_pairs), "steps": trainer.state.global_step, "resumed_from": resume,
+               "data": data_stats, "history": train_history(trainer)}
+    return save_stage(trainer.model, tok, ctx, "dpo", metrics, args, str(model_dir), "DPO model",
+                      f"Direct preference optimisation (loss {args.loss_type}, beta {args.beta}) with TRL's DPOTrainer.")

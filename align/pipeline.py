@@ -1,0 +1,176 @@
+"""``minitron align``: SFT -> reward model -> DPO -> online RL (RLOO/GRPO), the NeMo-Aligner recipe on TRL.
+
+    minitron align --config configs/align/demo.yaml                  # make align: the latest distilled student
+    minitron align --model DIR --config configs/align/real-data.yaml --out DIR
+    minitron align --config configs/align/demo.yaml --stages sft,dpo --max-steps 5 --skip-bad-rows
+
+Each stage writes a standard HF directory under OUT (``sft/``, ``rm/`` (a sequence classifier), ``dpo/``, ``rl/``)
+with ``metrics.json`` and a model card; a finished stage is skipped (``--force`` redoes it) and an interrupted one
+resumes from its last checkpoint in ``OUT/.work/``. Stage inputs chain: SFT <- model; RM and DPO <- SFT (or the
+model when there is none); RL <- DPO (else SFT, else the model) with the reward model ``OUT/rm``.
+``OUT/report.md`` holds the per-stage table; with ``--eval-suite demo`` the eval harness runs on every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+from align import data as D
+from align.common import StageContext
+from align.dpo import DPOArgs
+from align.lora import LoraArgs
+from align.report import STAGES, write_report
+from align.reward import RMArgs
+from align.rl import RLArgs
+from align.sft import SFTArgs
+from minitron.config import ConfigError, MinitronError, arg, save_resolved
+from minitron.io import is_model_dir
+
+WORLD = "runs/demo/world"
+
+
+def _section(cls: type, help_: str) -> Any:
+    return dataclasses.field(default_factory=cls, metadata={"help": help_})
+
+
+@dataclasses.dataclass
+class AlignConfig:
+    """The alignment pipeline: data, stages, and one section of settings per stage."""
+
+    model: str = arg("latest:runs/demo/distilled", "model dir, or latest:FOLDER = newest model dir under FOLDER")
+    out: str = arg("runs/demo/aligned", "output folder (OUT/sft, OUT/rm, OUT/dpo, OUT/rl, OUT/report.md)")
+    stages: list[str] = arg(list(STAGES), "stages to run, in order: sft,rm,dpo,rl (any subset)")
+    sft_data: list[str] = arg([f"{WORLD}/sft/train.jsonl"], "SFT sources: files, folders or datasets names")
+    sft_eval_data: list[str] = arg([f"{WORLD}/sft/validation.jsonl"], "held-out SFT sources ([] = hold out eval_rows)")
+    pref_data: list[str] = arg([f"{WORLD}/preference/train.jsonl"], "preference sources (RM, DPO, RL prompts)")
+    pref_eval_data: list[str] = arg([f"{WORLD}/preference/test.jsonl"], "held-out preference sources ([] = hold out)")
+    eval_rows: int = arg(64, "held-out examples per data kind (taken from training data when no eval source)")
+    max_train_rows: int | None = arg(None, "cap on training examples per data kind (None = all)")
+    skip_bad_rows: bool = arg(False, "skip rows that fit no schema (counted in metrics) instead of failing")
+    max_steps: int | None = arg(None, "cap on every stage's steps (smoke runs)")
+    max_length: int = arg(512, "token limit of a training sequence (prompt + answer)")
+    seed: int = arg(0, "random seed (data split, training, sampling)")
+    force: bool = arg(False, "redo stages whose output already exists")
+    eval_suite: str | None = arg(None, "run evals.harness with this suite on the model and every stage output")
+    eval_limit: int | None = arg(None, "examples per eval task (with eval_suite)")
+    lora: LoraArgs = _section(LoraArgs, "LoRA for every stage (merged on export)")
+    sft: SFTArgs = _section(SFTArgs, "SFT stage settings")
+    rm: RMArgs = _section(RMArgs, "reward-model stage settings")
+    dpo: DPOArgs = _section(DPOArgs, "DPO stage settings")
+    rl: RLArgs = _section(RLArgs, "online RL stage settings")
+
+    def __post_init__(self):
+        for name in ("stages", "sft_data", "sft_eval_data", "pref_data", "pref_eval_data"):
+            # `--sft-eval-data ""` or `none` means "no source": hold out rows of the training data instead
+            setattr(self, name, [v for v in getattr(self, name) if v and v.lower() not in ("none", "null")])
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad or not self.stages:
+            raise ConfigError(f"unknown stage(s) {bad or self.stages}: --stages takes a subset of {','.join(STAGES)}")
+        if self.eval_rows < 1 or self.max_length < 32:
+            raise ConfigError("eval_rows must be >= 1 and max_length >= 32")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1 (got {self.max_steps})")
+
+
+def resolve_model(spec: str) -> Path:
+    """``DIR`` or ``latest:FOLDER`` (the most recently written model directory under FOLDER)."""
+    if spec.startswith("latest:"):
+        folder = Path(spec[len("latest:"):])
+        found = [p.parent for p in folder.rglob("config.json") if is_model_dir(p.parent)] if folder.is_dir() else []
+        if not found:
+            raise MinitronError(f"no model directory under {folder}: run `make distill` first, or pass --model DIR")
+        return max(found, key=lambda p: (p / "config.json").stat().st_mtime)
+    path = Path(spec)
+    if not is_model_dir(path):
+        raise MinitronError(f"{path} is not a model directory (config.json + safetensors): pass --model DIR")
+    return path
+
+
+def _load(cfg: AlignConfig, train_src: list[str], eval_src: list[str], convert: Any) -> tuple[list, list, dict]:
+    """(train, eval, stats): eval from its own sources, else held out of the training rows."""
+    rows, stats = D.load_rows(train_src, "train", convert, cfg.skip_bad_rows,
+                              None if cfg.max_train_rows is None else cfg.max_train_rows + cfg.eval_rows)
+    if eval_src:
+        held, eval_stats = D.load_rows(eval_src, "validation", convert, cfg.skip_bad_rows, cfg.eval_rows)
+        info = {"train": stats.as_dict(), "eval": eval_stats.as_dict()}
+    else:
+        rows, held = D.holdout(rows, cfg.eval_rows, cfg.seed)
+        info = {"train": stats.as_dict(), "eval": f"{len(held)} rows held out of train"}
+    rows = rows[: cfg.max_train_rows] if cfg.max_train_rows else rows
+    if not rows or not held:
+        raise D.DataError(f"no usable examples in {train_src} / {eval_src}: check the paths and the row schema")
+    return rows, held, info
+
+
+def _done(out: Path, stage: str) -> bool:
+    return is_model_dir(out / stage) and (out / stage / "metrics.json").exists()
+
+
+def _input(out: Path, base: Path, *prefer: str) -> Path:
+    """The first finished stage output among ``prefer``, else the base model."""
+    return next((out / s for s in prefer if _done(out, s)), base)
+
+
+def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, base: Path, data: dict) -> None:
+    """Train one stage on its input model (loading the data it needs once)."""
+    from align import dpo, reward, rl, sft
+
+    out = ctx.out
+    if stage == "sft":
+        data.setdefault("sft", _load(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples))
+        sft.train(ctx, cfg.sft, base, *data["sft"])
+        return
+    data.setdefault("pref", _load(cfg, cfg.pref_data, cfg.pref_eval_data, D.to_preference))
+    train_pairs, eval_pairs, info = data["pref"]
+    if stage == "rm":
+        reward.train(ctx, cfg.rm, _input(out, base, "sft"), train_pairs, eval_pairs, info)
+    elif stage == "dpo":
+        dpo.train(ctx, cfg.dpo, _input(out, base, "sft"), train_pairs, eval_pairs, info)
+    else:
+        if not _done(out, "rm"):
+            raise MinitronError(f"the RL stage needs a reward model in {out / 'rm'}: run the rm stage first "
+                                "(--stages rm,rl)")
+        prompts = [p["prompt"] for p in train_pairs]
+        rl.train(ctx, cfg.rl, _input(out, base, "dpo", "sft"), out / "rm", prompts,
+                 [p["prompt"] for p in eval_pairs][: cfg.rl.eval_prompts], info)
+
+
+def run_evals(cfg: AlignConfig, models: list[Path]) -> Any:
+    """Run the eval suite (evals.harness, when installed) on the base model and every stage output."""
+    if importlib.util.find_spec("evals.harness") is None:
+        print(f"eval_suite={cfg.eval_suite!r}: evals.harness is not available, skipping the evals")
+        return None
+    from evals.harness import EvalConfig, run as run_harness
+
+    return run_harness(EvalConfig(model=[str(m) for m in models], suite=cfg.eval_suite,
+                                  out=str(Path(cfg.out) / "evals"), limit=cfg.eval_limit))
+
+
+def run(cfg: AlignConfig) -> Path:
+    """Run the selected stages in order, then write the report (and the evals when asked)."""
+    base = resolve_model(cfg.model)
+    out = Path(cfg.out)
+    save_resolved(cfg, out, "align.resolved.yaml")
+    ctx = StageContext(out=out, seed=cfg.seed, max_steps=cfg.max_steps, max_length=cfg.max_length, lora=cfg.lora)
+    data: dict[str, Any] = {}
+    for stage in STAGES:
+        if stage not in cfg.stages:
+            continue
+        if _done(out, stage) and not cfg.force:
+            print(f"[align] {stage}: {out / stage} is complete, skipping (--force redoes it)")
+            continue
+        print(f"[align] {stage}: training")
+        ctx.started[stage] = time.perf_counter()
+        _run_stage(cfg, ctx, stage, base, data)
+    evals = None
+    if cfg.eval_suite:
+        evals = run_evals(cfg, [base] + [out / s for s in ("sft", "dpo", "rl") if _done(out, s)])
+    summary = write_report(out, str(base), evals)
+    for stage, m in summary["stages"].items():
+        print(f"[align] {stage}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()
+                                               if isinstance(v, float)))
+    return out

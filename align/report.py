@@ -1,0 +1,85 @@
+"""The alignment report: one JSON summary, one Markdown table (one row per stage) and a PNG of training curves.
+
+Each row shows the number that says whether the stage worked, before -> after:
+SFT held-out loss (down), RM pairwise accuracy (up from ~0.5), DPO chosen-minus-rejected log-prob margin (up)
+with the implicit-reward accuracy, RL mean reward of sampled completions (up) with the KL to the start policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from minitron.io import read_json, write_json, write_text
+
+STAGES = ("sft", "rm", "dpo", "rl")
+# stage -> (what is measured, key before, key after, extra columns)
+HEADLINE = {
+    "sft": ("held-out loss", "eval_loss_before", "eval_loss", []),
+    "rm": ("pairwise accuracy", "accuracy_before", "accuracy", ["margin"]),
+    "dpo": ("log-prob margin chosen-rejected", "logp_margin_before", "logp_margin", ["reward_accuracy", "reward_margin"]),
+    "rl": ("mean RM reward of samples", "reward_before", "reward", ["kl_to_reference", "algo"]),
+}
+CURVE = {"sft": "loss", "rm": "loss", "dpo": "loss", "rl": "reward"}
+
+
+def collect(out: Path) -> dict[str, dict[str, Any]]:
+    """metrics.json of every finished stage under ``out``."""
+    return {s: read_json(out / s / "metrics.json") for s in STAGES if (out / s / "metrics.json").exists()}
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def table(metrics: dict[str, dict[str, Any]]) -> str:
+    """The per-stage Markdown table."""
+    lines = ["| stage | measured on held-out data | before | after | also | steps | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for stage, m in metrics.items():
+        what, k0, k1, extra = HEADLINE[stage]
+        also = ", ".join(f"{k} {_num(m.get(k))}" for k in extra)
+        lines.append(f"| {stage} | {what} | {_num(m.get(k0))} | {_num(m.get(k1))} | {also} | {m.get('steps')} "
+                     f"| {_num(m.get('seconds'))} |")
+    return "\n".join(lines)
+
+
+def plot(metrics: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """Training curves (loss, or reward for RL) of each stage side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in metrics if any(CURVE[s] in h for h in metrics[s].get("history", []))]
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.6), squeeze=False)
+    for ax, s in zip(axes[0], stages):
+        pts = [(h["step"], h[CURVE[s]]) for h in metrics[s]["history"] if CURVE[s] in h]
+        ax.plot(*zip(*pts), marker=".")
+        ax.set_title(f"{s}: {CURVE[s]}")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, base_model: str, evals: Any = None) -> dict[str, Any]:
+    """Write ``OUT/metrics.json``, ``OUT/report.md`` and ``OUT/report.png``; return the summary."""
+    metrics = collect(out)
+    summary = {"base_model": base_model,
+               "stages": {s: {k: v for k, v in m.items() if k != "history"} for s, m in metrics.items()},
+               "evals": evals}
+    write_json(out / "metrics.json", summary)
+    png = plot(metrics, out / "report.png")
+    text = [f"# Alignment report: {base_model}", "", table(metrics), ""]
+    if png:
+        text += ["![training curves](report.png)", ""]
+    if evals is not None:
+        text += ["Eval suite on each stage's output: see `evals/` in this folder.", ""]
+    write_text(out / "report.md", "\n".join(text))
+    return summary

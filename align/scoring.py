@@ -1,0 +1,117 @@
+"""Measurements that show a stage worked, computed outside the trainers on held-out data.
+
+- ``completion_logps``: summed log-probability of each completion given its prompt (DPO margins, KL);
+- ``reward_scores`` / ``pairwise_accuracy``: the reward model's scalar on whole conversations;
+- ``sample``: chat completions from a policy (RL mean reward before/after);
+- ``kl_to_reference``: a Monte-Carlo estimate of KL(policy || reference) on the policy's own samples.
+Every text goes through the tokenizer's chat template exactly as TRL renders it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from minitron.chat_format import stop_token_ids
+
+
+def chat_ids(tok: Any, messages: list[dict], tools: Any = None, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` rendered by the chat template (the template adds the single BOS)."""
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    text = tok.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                   add_generation_prompt=add_generation_prompt)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and attention mask from ragged rows."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = torch.tensor(r), 1
+    return ids, mask
+
+
+@torch.no_grad()
+def logps_of(model: Any, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+             batch_size: int = 8) -> torch.Tensor:
+    """Per-sequence sums of log p(completion token | prefix): [N] (float32)."""
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(prompt_ids), batch_size):
+        rows = [p + c for p, c in zip(prompt_ids[s:s + batch_size], completion_ids[s:s + batch_size])]
+        ids, mask = _pad(rows, pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]  # [B, T-1]
+        for i, (p, c) in enumerate(zip(prompt_ids[s:s + batch_size], completion_ids[s:s + batch_size])):
+            out.append(logp[i, len(p) - 1:len(p) - 1 + len(c)].sum().cpu())
+    return torch.stack(out)
+
+
+def completion_logps(model: Any, tok: Any, examples: list[dict], key: str, batch_size: int = 8) -> torch.Tensor:
+    """log p(example[key] | example["prompt"]) for conversational examples: [N]."""
+    prompts, completions = [], []
+    for ex in examples:
+        p = chat_ids(tok, ex["prompt"], ex.get("tools"), add_generation_prompt=True)
+        full = chat_ids(tok, ex["prompt"] + ex[key], ex.get("tools"))
+        prompts.append(p)
+        completions.append(full[len(p):])
+    return logps_of(model, prompts, completions, tok.pad_token_id, batch_size)
+
+
+@torch.no_grad()
+def reward_scores(rm: Any, tok: Any, conversations: list[list[dict]], batch_size: int = 16) -> torch.Tensor:
+    """The reward model's score of each whole conversation: [N]."""
+    device = next(rm.parameters()).device
+    scores = []
+    for s in range(0, len(conversations), batch_size):
+        ids, mask = _pad([chat_ids(tok, c) for c in conversations[s:s + batch_size]], tok.pad_token_id)
+        scores.append(rm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu())
+    return torch.cat(scores)
+
+
+def pairwise_accuracy(rm: Any, tok: Any, pairs: list[dict]) -> dict[str, float]:
+    """Share of held-out pairs where r(chosen) > r(rejected), and the mean margin."""
+    chosen = reward_scores(rm, tok, [p["prompt"] + p["chosen"] for p in pairs])
+    rejected = reward_scores(rm, tok, [p["prompt"] + p["rejected"] for p in pairs])
+    return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
+
+
+@torch.no_grad()
+def sample(model: Any, tok: Any, prompts: list[list[dict]], max_new_tokens: int, seed: int,
+           temperature: float = 1.0, batch_size: int = 8) -> list[dict[str, Any]]:
+    """One sampled completion per prompt: ``{"prompt", "prompt_ids", "completion_ids", "text"}``."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    stops = stop_token_ids(tok)
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        batch = prompts[s:s + batch_size]
+        rows = [chat_ids(tok, p, add_generation_prompt=True) for p in batch]
+        ids, mask = _pad(rows, tok.pad_token_id, left=True)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                             temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                             pad_token_id=tok.pad_token_id, use_cache=True)
+        for p, r, g in zip(batch, rows, gen[:, ids.shape[1]:].tolist()):
+            cut = next((i + 1 for i, t in enumerate(g) if t in stops), len(g))  # keep the stop token, drop padding
+            text = tok.decode([t for t in g[:cut] if t not in stops], skip_special_tokens=True).strip()
+            out.append({"prompt": p, "prompt_ids": r, "completion_ids": g[:cut], "text": text})
+    return out
+
+
+def mean_reward(rm: Any, rm_tok: Any, samples: list[dict]) -> float:
+    """Mean reward-model score of sampled completions (rendered as assistant turns, as TRL does)."""
+    convs = [s["prompt"] + [{"role": "assistant", "content": s["text"]}] for s in samples]
+    return reward_scores(rm, rm_tok, convs).mean().item()
+
+
+def kl_to_reference(policy: Any, ref: Any, tok: Any, samples: list[dict]) -> float:
+    """Mean over samples of sum_t [log pi(y_t) - log ref(y_t)], y ~ pi: an unbiased estimate of KL(pi || ref)."""
+    prompts = [s["prompt_ids"] for s in samples]
+    comps = [s["completion_ids"] for s in samples]
+    diff = logps_of(policy, prompts, comps, tok.pad_token_id) - logps_of(ref, prompts, comps, tok.pad_token_id)
+    return diff.mean().item()
