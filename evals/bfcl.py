@@ -1,9 +1,10 @@
 """Function calling, BFCL-style: data loading, tool rendering, the model-facing task and the standalone checker.
 
-Data: BFCL v4 files (JSONL despite the ``.json`` suffix), ``BFCL_v4_<category>.json`` with questions
-``{"id", "question": [[messages]], "function": [specs]}`` and ``possible_answer/BFCL_v4_<category>.json``
-with ``{"id", "ground_truth": [{func: {param: [acceptable values]}}]}``. Irrelevance categories have no
-answer file (no call is expected). Any category in this format works; its name comes from the file name.
+Data: BFCL v4 files (JSONL despite the ``.json`` suffix). ``BFCL_v4_<category>.json`` holds questions
+``{"id", "question", "function"}`` (``question``: a list of turns, each a list of chat messages; ``function``:
+the function specs) and ``possible_answer/BFCL_v4_<category>.json`` holds ``{"id", "ground_truth"}`` (one
+``{func: {param: acceptable values}}`` per expected call). Irrelevance categories have no answer file (no call
+is expected). Any category in this format works; its name comes from the file name.
 
 Standalone checker (``minitron eval-fc``)::
 
@@ -27,6 +28,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -235,6 +237,8 @@ def build_requests(data_dir: str | Path, limit: int | None = None,
 
     ``categories`` picks categories by name (``simple``, ``java`` and ``javascript`` are aliases of BFCL's
     ``simple_python``, ``simple_java``, ``simple_javascript``); ``limit`` caps the questions per category.
+    Without ``categories``, files in another format (BFCL's multi-turn and agentic ones) are skipped with a
+    warning; named explicitly, they are an error.
     """
     files = category_files(data_dir)
     wanted = list(files) if not categories else [ALIASES.get(c, c) for c in categories]
@@ -243,19 +247,32 @@ def build_requests(data_dir: str | Path, limit: int | None = None,
         raise BFCLError(f"unknown BFCL categories {unknown} in {data_dir}; available: {', '.join(files)}")
     requests = []
     for cat in wanted:
-        qfile, afile = files[cat]
-        answers = load_answers(afile, qfile) if afile else {}
-        if afile is None and "irrelevance" not in cat:
-            raise BFCLError(f"{qfile} has no possible_answer/{qfile.name}: only irrelevance categories may lack one")
-        for q in read_jsonl(qfile)[: limit if limit else None]:
-            if afile and q["id"] not in answers:
-                raise BFCLError(f"{q['id']}: no ground truth in {afile}")
-            turns = q["question"]
-            messages = turns[0] if turns and isinstance(turns[0], list) else turns
-            requests.append({"id": q["id"], "category": cat, "messages": copy.deepcopy(messages),
-                             "tools": to_openai_tools(q["function"], cat), "question": q,
-                             "ground_truth": answers.get(q["id"])})
+        try:
+            requests += _category_requests(cat, *files[cat], limit)
+        except BFCLError as e:
+            if categories:
+                raise
+            warnings.warn(f"skipping BFCL category {cat}: {e}", stacklevel=2)
     return requests
+
+
+def _category_requests(cat: str, qfile: Path, afile: Path | None, limit: int | None) -> list[dict]:
+    """The requests of one category; BFCLError when its files are not single-turn AST-checkable BFCL."""
+    if afile is None and "relevance" not in cat:
+        raise BFCLError(f"{qfile} has no possible_answer/{qfile.name}: only (ir)relevance categories may lack one")
+    answers = load_answers(afile, qfile) if afile else {}
+    out = []
+    for q in read_jsonl(qfile)[: limit if limit else None]:
+        turns, gt = q.get("question") or [], answers.get(q["id"])
+        if afile and gt is None:
+            raise BFCLError(f"{q['id']}: no ground truth in {afile}")
+        if len(turns) != 1 or not isinstance(turns[0], list):
+            raise BFCLError(f"{q['id']}: only single-turn questions are supported (got {len(turns)} turns)")
+        if gt is not None and not all(isinstance(c, dict) and len(c) == 1 for c in gt):
+            raise BFCLError(f"{q['id']}: ground truth is not a list of {{func: {{param: values}}}} calls")
+        out.append({"id": q["id"], "category": cat, "messages": copy.deepcopy(turns[0]),
+                    "tools": to_openai_tools(q["function"], cat), "question": q, "ground_truth": gt})
+    return out
 
 
 def score_outputs(requests: list[dict], texts: list[str]) -> dict[str, Any]:

@@ -171,6 +171,9 @@ def name_matches(predicted: str, expected: str) -> bool:
 
 def check_call(call: dict, gt_call: dict, functions: list[dict], language: str) -> None:
     """Raise Mismatch unless ``call`` ({"name", "arguments"}) matches ``gt_call`` ({name: {param: [...]}})."""
+    if not (isinstance(gt_call, dict) and len(gt_call) == 1 and isinstance(next(iter(gt_call.values())), dict)):
+        raise Mismatch("unsupported_ground_truth", f"ground truth {gt_call!r:.200} is not {{func: {{param: [...]}}}} "
+                       "(multi-turn and agentic BFCL categories are not AST-checked)")
     ((gt_name, gt_params),) = gt_call.items()
     if not name_matches(call["name"], gt_name):
         raise Mismatch("wrong_func_name", f"function {call['name']!r} is not {gt_name!r}")
@@ -244,14 +247,14 @@ def check(question: dict, ground_truth: list[dict] | None, calls: list[dict] | N
     irrelevance category) means no call is expected. A ``relevance`` category only needs some call.
     """
     calls = calls or []
+    if "relevance" in category and "irrelevance" not in category:
+        return Verdict(bool(calls), "" if calls else f"expected a function call ({decode_error or 'none'})",
+                       "" if calls else "relevance:no_call")
     if "irrelevance" in category or ground_truth is None:
         if calls:
             return Verdict(False, f"expected no function call, got {[c['name'] for c in calls]}",
                            "irrelevance:called")
         return Verdict(True)
-    if "relevance" in category:
-        return Verdict(bool(calls), "" if calls else f"expected a function call ({decode_error or 'none'})",
-                       "" if calls else "relevance:no_call")
     if decode_error is not None:
         return Verdict(False, f"output could not be decoded: {decode_error}", "decode_error")
     return check_calls(calls, ground_truth, question.get("function") or [], language_of(category))

@@ -20,8 +20,11 @@ type, like BFCL's type converters, and leave a value they cannot read as the ori
 from __future__ import annotations
 
 import ast
+import io
 import json
+import keyword
 import re
+import tokenize
 from typing import Any
 
 from minitron.chat_format import IM_END, parse_tool_calls
@@ -55,13 +58,22 @@ def decode_output(text: str | None) -> list[dict[str, Any]]:
         try:
             return normalize_calls(json.loads(body))
         except json.JSONDecodeError:
-            pass  # maybe python-call syntax: [f(a=1)]
+            lines = [ln for ln in body.splitlines() if ln.strip()]
+            if len(lines) > 1 and all(ln.lstrip()[:1] == "{" for ln in lines):
+                return normalize_calls([_json_line(ln) for ln in lines])  # one JSON call per line
     try:
         return _python_calls(body)
     except DecodeError:
         if body[:1] in "[{" or _CALL_START_RE.match(body):
             raise
         return []  # prose: no function call
+
+
+def _json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DecodeError(f"not a JSON function call: {line[:200]!r}") from e
 
 
 def normalize_calls(obj: Any) -> list[dict[str, Any]]:
@@ -101,6 +113,7 @@ def _one_call(item: Any) -> dict[str, Any]:
 
 def _python_calls(body: str) -> list[dict[str, Any]]:
     """``f(a=1)`` or ``[f(a=1), g(b=2)]`` (a tuple works too) -> calls."""
+    body, renamed = _rename_keyword_args(body)
     try:
         tree = ast.parse(body, mode="eval").body
     except SyntaxError as e:
@@ -115,8 +128,31 @@ def _python_calls(body: str) -> list[dict[str, Any]]:
             raise DecodeError(f"{name}: positional arguments cannot be matched to parameters; use name=value")
         if any(kw.arg is None for kw in node.keywords):
             raise DecodeError(f"{name}: **kwargs cannot be checked; pass each argument by name")
-        calls.append({"name": name, "arguments": {kw.arg: _ast_value(kw.value) for kw in node.keywords}})
+        args = {renamed.get(kw.arg, kw.arg): _ast_value(kw.value) for kw in node.keywords}
+        calls.append({"name": name, "arguments": args})
     return calls
+
+
+def _rename_keyword_args(body: str) -> tuple[str, dict[str, str]]:
+    """Argument names that are python keywords (Java's ``from=``, ``class=``) -> placeholders python can parse."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(body).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return body, {}
+    lines = body.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    renamed, edits = {}, []
+    for prev, tok, nxt in zip(tokens, tokens[1:], tokens[2:]):
+        if (tok.type == tokenize.NAME and keyword.iskeyword(tok.string) and prev.string in ("(", ",")
+                and nxt.string == "="):
+            alias = f"_kw_{tok.string}_"
+            renamed[alias] = tok.string
+            edits.append((starts[tok.start[0] - 1] + tok.start[1], len(tok.string), alias))
+    for offset, length, alias in reversed(edits):
+        body = body[:offset] + alias + body[offset + length:]
+    return body, renamed
 
 
 def _dotted_name(node: ast.AST) -> str:
@@ -144,6 +180,7 @@ def _ast_value(node: ast.AST) -> Any:
 _INT = r"[-+]?\d+"
 _FLOAT = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _OPEN, _CLOSE = "([{", ")]}"
+_UNTYPED = (None, "any", "Any", "Object")  # element types read as untyped literals
 
 
 def split_top(s: str, sep: str = ",") -> list[str]:
@@ -245,7 +282,7 @@ def _java_collection(s: str, kind: type, item_type: str | None = None) -> Any:
         groups = {k: v for k, v in m.groupdict().items() if v is not None}
         if "empty" in groups:
             return kind()
-        elem = (lambda e: convert_java(e, item_type)) if item_type else java_value
+        elem = (lambda e: convert_java(e, item_type)) if item_type not in _UNTYPED else java_value
         if "items" in groups:
             return [elem(e) for e in split_top(groups["items"])]
         calls = [_method_args(stmt) for stmt in split_top(groups.get("adds", groups.get("puts", "")), ";")]
@@ -313,7 +350,7 @@ def _js_collection(s: str, kind: type, item_type: str | None = None) -> Any:
         m = re.fullmatch(r"\[(.*)\]|new\s+Array\s*\((.*)\)", s, re.S)
         if not m:
             return None
-        elem = (lambda e: convert_js(e, item_type)) if item_type else js_value
+        elem = (lambda e: convert_js(e, item_type)) if item_type not in _UNTYPED else js_value
         return [elem(e) for e in split_top(m.group(1) if m.group(1) is not None else m.group(2))]
     m = re.fullmatch(r"\{(.*)\}", s, re.S)
     if not m:
