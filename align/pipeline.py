@@ -65,8 +65,9 @@ class AlignConfig:
 
     def __post_init__(self):
         for name in ("stages", "sft_data", "sft_eval_data", "pref_data", "pref_eval_data"):
-            # `--sft-eval-data ""` or `none` means "no source": hold out rows of the training data instead
-            setattr(self, name, [v for v in getattr(self, name) if v and v.lower() not in ("none", "null")])
+            # `--stages sft,dpo` arrives as one item; `--sft-eval-data ""` or `none` means "no source"
+            items = [v.strip() for item in getattr(self, name) for v in str(item).split(",")]
+            setattr(self, name, [v for v in items if v and v.lower() not in ("none", "null")])
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
             raise ConfigError(f"unknown stage(s) {bad or self.stages}: --stages takes a subset of {','.join(STAGES)}")

@@ -110,6 +110,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         if tp is str:
             return str(value)
+    except ConfigError:
+        raise  # a nested section's own validation message already names the fix
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key}: cannot read {value!r} as {_type_name(tp)}") from e
     return value
