@@ -303,6 +303,9 @@ GT = [{"geo.distance": {"origin": ["New York, NY", "NYC"], "destination": ["Bost
     ({"origin": "NYC", "destination": "Boston", "stops": [2, 1]}, False),  # list order matters
     ({"origin": "NYC", "destination": "Boston", "stops": [1.0, 2]}, False),  # element type
     ({"origin": "NYC", "destination": "Boston", "unit": "mi"}, False),
+    ({"origin": "NYC", "destination": "Boston", "unit": "", "stops": []}, True),  # explicit "" / [] = left out (BFCL)
+    ({"origin": "NYC", "destination": "Boston", "precision": ""}, False),  # but "" is no float
+    ({"origin": "New\tYork NY", "destination": "Boston"}, False),  # only spaces are ignored, as BFCL
     ({"origin": "NYC", "destination": "Boston", "precision": "1.0"}, False),  # wrong type
     ({"origin": "NYC"}, False),  # missing required
     ({"origin": "NYC", "destination": "Boston", "zz": 1}, False),  # unexpected parameter
