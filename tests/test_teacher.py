@@ -1,0 +1,63 @@
+"""The tiny teacher: a standard HF directory that vanilla transformers loads, with the chat template."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from minitron.config import ConfigError
+from minitron.teacher import TeacherConfig, run
+from minitron.world import WorldConfig, ensure_world
+
+from test_world import SMALL
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    world = ensure_world(WorldConfig(out=str(root / "world"), **SMALL))
+    cfg = TeacherConfig(out=str(root / "teacher"), world_dir=str(world), vocab_size=400, hidden_size=48,
+                        intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, seq_len=64, batch_size=4, tokens=64 * 4 * 12, eval_items=8)
+    return run(cfg)
+
+
+def test_output_is_a_standard_hf_directory(teacher_dir):
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    assert model.config.head_dim == 16 and model.config.num_key_value_heads < model.config.num_attention_heads
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.chat_template.lstrip().startswith("{#") and "{{- bos_token -}}" in tok.chat_template
+    eos = model.generation_config.eos_token_id
+    assert isinstance(eos, list) and tok.convert_tokens_to_ids("<|im_end|>") in eos
+    out = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > len(ids)
+    metrics = json.loads((teacher_dir / "metrics.json").read_text())
+    assert metrics["parameters"] > 0 and 0 <= metrics["world_mc_accuracy"] <= 1
+    assert metrics["history"][-1]["loss"] < metrics["history"][0]["loss"]
+    assert (teacher_dir / "README.md").exists()
+
+
+def test_rerun_skips_existing(teacher_dir):
+    before = (teacher_dir / "model.safetensors").stat().st_mtime
+    run(TeacherConfig(out=str(teacher_dir)))
+    assert (teacher_dir / "model.safetensors").stat().st_mtime == before
+
+
+def test_gqa_violation_fails_early():
+    with pytest.raises(ConfigError, match="not a multiple of num_key_value_heads"):
+        TeacherConfig(num_attention_heads=6, num_key_value_heads=4)
+
+
+def test_trains_on_a_real_corpus(tmp_path):
+    from conftest import shared_data
+
+    src = shared_data("lm", "gutenberg")
+    cfg = TeacherConfig(out=str(tmp_path / "t"), data=str(src), vocab_size=300, tokenizer_chars=200_000, hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                        head_dim=16, seq_len=32, batch_size=2, tokens=32 * 2 * 3)
+    out = run(cfg)
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1

@@ -1,0 +1,77 @@
+"""The demo world: deterministic, in the real formats, with disjoint train and eval splits."""
+
+import json
+
+import pytest
+
+from minitron.config import ConfigError
+from minitron.data import read_jsonl
+from minitron.world import IF_SPECS, WorldConfig, _checker, build, ensure_world
+
+SMALL = dict(n_entities=30, n_rag_entities=8, corpus_repeats=2, n_mc_test=40, n_ifeval=14, n_rag=9, n_bfcl=4,
+             n_sft=40, n_preference=30, n_roleplay_eval=4)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return ensure_world(WorldConfig(out=str(tmp_path_factory.mktemp("w") / "world"), **SMALL))
+
+
+def test_deterministic():
+    a, b = build(WorldConfig(**SMALL)), build(WorldConfig(**SMALL))
+    assert a == b
+    assert build(WorldConfig(seed=1, **SMALL))["mmlu/mmlu_test.jsonl"] != a["mmlu/mmlu_test.jsonl"]
+
+
+def test_formats_match_the_real_data_sets(world):
+    mc = list(read_jsonl(world / "mmlu" / "mmlu_test.jsonl"))
+    assert all(set(r) == {"question", "choices", "answer", "subject"} and len(r["choices"]) == 4 for r in mc)
+    cats = json.loads((world / "mmlu" / "subject_categories.json").read_text())
+    assert {r["subject"] for r in mc} <= set(cats)
+    ife = list(read_jsonl(world / "ifeval" / "input_data.jsonl"))
+    assert all(set(r) == {"key", "prompt", "instruction_id_list", "kwargs"} for r in ife)
+    rag = list(read_jsonl(world / "rag" / "rag_eval.jsonl"))
+    for r in rag:
+        for text, start in zip(r["answers"]["text"], r["answers"]["answer_start"]):
+            assert r["context"][start : start + len(text)] == text
+    assert any(r["is_impossible"] for r in rag) and not all(r["is_impossible"] for r in rag)
+    for cat in ["simple_python", "multiple", "parallel", "parallel_multiple"]:
+        qs = list(read_jsonl(world / "bfcl" / f"BFCL_v4_{cat}.json"))
+        ans = list(read_jsonl(world / "bfcl" / "possible_answer" / f"BFCL_v4_{cat}.json"))
+        assert [q["id"] for q in qs] == [a["id"] for a in ans]
+        for q, a in zip(qs, ans):
+            offered = {f["name"] for f in q["function"]}
+            assert {next(iter(c)) for c in a["ground_truth"]} <= offered
+    sft = list(read_jsonl(world / "sft" / "train.jsonl"))
+    assert any("tools" in r for r in sft) and all(r["messages"][-1]["role"] == "assistant" for r in sft)
+
+
+def test_splits_do_not_overlap(world):
+    test_q = {r["question"] for r in read_jsonl(world / "mmlu" / "mmlu_test.jsonl")}
+    dev_q = {r["question"] + str(r["choices"]) for r in read_jsonl(world / "mmlu" / "mmlu_dev.jsonl")}
+    practice = " ".join(r["text"] for r in read_jsonl(world / "corpus" / "train.jsonl") if "Answer:" in r["text"])
+    assert not any(q in practice for q in test_q)
+    assert not (test_q & {d.split("[")[0] for d in dev_q})
+    eval_prompts = {r["prompt"] for r in read_jsonl(world / "ifeval" / "input_data.jsonl")}
+    train_prompts = {r["prompt"] for r in read_jsonl(world / "preference" / "train.jsonl")}
+    assert not eval_prompts & train_prompts
+
+
+def test_preferences_verified_by_lm_eval_checkers(world):
+    by_text = {spec[2]: spec[0] for spec in IF_SPECS}
+    for r in read_jsonl(world / "preference" / "train.jsonl"):
+        iid = next(i for t, i in by_text.items() if r["prompt"].endswith(t))
+        kwargs = next(s[1](None) for s in IF_SPECS if s[0] == iid)
+        check = _checker(iid, kwargs)
+        assert check(r["chosen"]) and not check(r["rejected"])
+
+
+def test_rag_entities_absent_from_corpus(world):
+    corpus = " ".join(r["text"] for r in read_jsonl(world / "corpus" / "train.jsonl"))
+    for r in read_jsonl(world / "rag" / "rag_eval.jsonl"):
+        assert r["title"] not in corpus
+
+
+def test_bad_config_fails_early():
+    with pytest.raises(ConfigError, match="n_entities must be >= 20"):
+        WorldConfig(n_entities=3)
