@@ -576,3 +576,37 @@ def test_decode_json_lines_and_keyword_names():
     text = '{"name": "f", "arguments": {"a": 1}}\n{"name": "g", "arguments": {}}'
     assert [c["name"] for c in decode_output(text)] == ["f", "g"]
     assert decode_output("q(from=1, to='x', klass=True)") == [{"name": "q", "arguments": {"from": 1, "to": "x", "klass": True}}]
+
+
+def test_tools_render_with_chat_template(tiny_tokenizer):
+    """BFCL functions as OpenAI tools go through the project's chat template (all three languages)."""
+    fns = [FN, {"name": "Foo.bar", "description": "j", "parameters": {"type": "dict", "required": [],
+                                                                      "properties": {"xs": {"type": "ArrayList", "items": {"type": "String"}}}}}]
+    for cat in ("simple_python", "simple_java", "simple_javascript"):
+        tools = bfcl.to_openai_tools(fns, cat)
+        text = tiny_tokenizer.apply_chat_template(Q["question"][0], tools=tools, tokenize=False, add_generation_prompt=True)
+        assert "<tools>" in text and '"geo.distance"' in text and '"Foo.bar"' in text and "How far?" in text
+
+
+def test_evaluate_tiny_model_end_to_end(tmp_path, tiny_tokenizer, tiny_bfcl):
+    """evaluate() with a real (random) tiny model generating greedily from the chat-template prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "m", tiny_tokenizer, max_position_embeddings=4096)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    def generate(messages, tools):
+        prompt = tiny_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        ids = tiny_tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False)
+        return tiny_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    res = bfcl.evaluate(generate, tiny_bfcl)
+    assert res["overall"]["n"] == 4 and len(res["items"]) == 4
+    for item in res["items"]:  # each verdict is the checker's verdict on the text the model wrote
+        req = next(r for r in bfcl.build_requests(tiny_bfcl) if r["id"] == item["id"])
+        assert item["valid"] == bfcl.score(req["question"], req["ground_truth"], item["category"], text=item["text"]).valid
