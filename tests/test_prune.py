@@ -1,0 +1,213 @@
+"""Width/depth pruning on tiny random models: exactness against masked/skipped originals, GQA, tied embeddings,
+impossible targets, and every supported family pruning into a directory that reloads cleanly."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import TINY_TEXT, make_tiny_model_dir
+from minitron.config import MinitronError, load_config
+from minitron.importance import load_scores, skipping
+from minitron.prune import PruneConfig, PruneTargetError, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in TINY_TEXT))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_tokenizer) -> torch.Tensor:
+    return torch.tensor([tiny_tokenizer(TINY_TEXT[0] + " " + TINY_TEXT[5])["input_ids"][:40]])
+
+
+def prune(src: Path, out: Path, calib: Path | None = None, **kw) -> Path:
+    return run(PruneConfig(model=str(src), out=str(out), calib=str(calib) if calib else None, calib_samples=6,
+                           calib_seq_len=32, batch_size=3, **kw))
+
+
+def load(path: Path):
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    return model.eval()
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_identity_prune_reproduces_logits(tiny_model_dir, tmp_path, ids):
+    out = prune(tiny_model_dir, tmp_path / "same", hidden_size=64, num_hidden_layers=4)  # the source's own shape
+    torch.testing.assert_close(logits(load(out), ids), logits(load(tiny_model_dir), ids))
+
+
+def masked_reference(src: Path, scores_dir: Path):
+    """The original model with the pruned heads/neurons/channels zeroed (plan read back from the output)."""
+    from minitron.adapters import Layout
+    from minitron.prune import make_plan
+
+    model = load(src)
+    scores, _ = load_scores(scores_dir / "importance")
+    cfg = json.loads((scores_dir / "config.json").read_text())
+    src_l = Layout.from_config(model.config)
+    plan = make_plan(scores, src_l, src_l.replace(**{k: cfg[k] for k in ("hidden_size", "intermediate_size",
+                     "num_attention_heads", "num_key_value_heads")}), [])
+    H, Hp, hd = src_l.hidden_size, cfg["hidden_size"], src_l.head_dim
+    cut = torch.ones(H, dtype=torch.bool)
+    cut[plan.hidden] = False
+    # RMSNorm divides by the RMS over H channels; the pruned model by the RMS over H' (same sum of squares).
+    scale = math.sqrt(Hp / H)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, cut] = 0
+        for norm in [model.model.norm] + [m for l in model.model.layers for m in (l.input_layernorm, l.post_attention_layernorm)]:
+            norm.weight.mul_(scale)
+            norm.weight[cut] = 0
+        for i, layer in enumerate(model.model.layers):
+            heads = torch.ones(src_l.num_attention_heads, dtype=torch.bool)
+            heads[plan.heads[i]] = False
+            layer.self_attn.o_proj.weight.view(H, -1, hd)[:, heads] = 0
+            neurons = torch.ones(src_l.intermediate_size, dtype=torch.bool)
+            neurons[plan.neurons[i]] = False
+            layer.mlp.down_proj.weight[:, neurons] = 0
+            layer.self_attn.o_proj.weight[cut] = 0  # nothing is written into pruned residual channels
+            layer.mlp.down_proj.weight[cut] = 0
+    return model, plan
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_width_prune_equals_masked_original(tmp_path, tiny_tokenizer, calib, ids, arch):
+    src = make_tiny_model_dir(tmp_path / "src", tiny_tokenizer, arch=arch, rms_norm_eps=1e-12)
+    out = prune(src, tmp_path / "w", calib, hidden_size=40, intermediate_size=72, num_attention_heads=2)
+    ref, plan = masked_reference(src, out)
+    assert len(plan.hidden) == 40 and plan.hidden.tolist() != list(range(40))  # a real selection
+    torch.testing.assert_close(logits(load(out), ids), logits(ref, ids), atol=2e-5, rtol=1e-4)
+
+
+def test_depth_prune_equals_skipped_layers(tiny_model_dir, tmp_path, ids):
+    out = prune(tiny_model_dir, tmp_path / "d", layers_to_drop=[1, 2])
+    orig = load(tiny_model_dir)
+    from minitron.adapters import get_adapter
+
+    with skipping(orig, get_adapter(orig.config), frozenset({1, 2})):
+        expected = logits(orig, ids)
+    pruned = load(out)
+    assert pruned.config.num_hidden_layers == 2
+    torch.testing.assert_close(logits(pruned, ids), expected)
+
+
+def test_depth_by_metric_uses_scores(tiny_model_dir, tmp_path, calib):
+    out = prune(tiny_model_dir, tmp_path / "d", calib, num_hidden_layers=2, depth_metric="lm_loss")
+    scores, _ = load_scores(out / "importance")
+    expected = sorted(scores["layer.lm_loss"].argsort()[:2].tolist())
+    assert json.loads((out / "metrics.json").read_text())["dropped_layers"] == expected
+
+
+def test_gqa_preserved(tiny_model_dir, tmp_path, calib):
+    out = prune(tiny_model_dir, tmp_path / "h", calib, num_attention_heads=2)
+    cfg = load(out).config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 2, 16)
+    assert json.loads((out / "config.json").read_text())["head_dim"] == 16  # explicit in the saved config
+    out = prune(tiny_model_dir, tmp_path / "kv", calib, num_key_value_heads=1)  # drop a whole KV group
+    model = load(out)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 1)
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
+
+
+def test_tied_embeddings_stay_tied(tmp_path, tiny_tokenizer, calib):
+    src = make_tiny_model_dir(tmp_path / "tied", tiny_tokenizer, tie_word_embeddings=True)
+    out = prune(src, tmp_path / "w", calib, hidden_size=32)
+    model = load(out)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.lm_head.weight.shape[1] == 32
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(hidden_size=128), "hidden_size=128 is larger than the source's 64"),
+    (dict(num_hidden_layers=9), "num_hidden_layers=9 is larger"),
+    (dict(num_attention_heads=3), "breaks the GQA grouping"),
+    (dict(num_attention_heads=4, num_key_value_heads=1), "the source has only 2 per group"),
+    (dict(intermediate_size=0), "must be >= 1"),
+    (dict(params=1000), "no width-only shape meets params=1000"),
+    (dict(params=1e9), "larger than the source"),
+    (dict(layers_to_drop=[0, 7]), "indices must be in 0..3"),
+    (dict(hidden_size=32, calib=None), "pass --calib DATA"),
+])
+def test_impossible_targets_fail_and_leave_nothing(tiny_model_dir, tmp_path, calib, kw, message):
+    kw = {"calib": calib, **kw}
+    with pytest.raises(MinitronError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        prune(tiny_model_dir, tmp_path / "out", **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(tiny_model_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MinitronError, match="--force"):
+        prune(tiny_model_dir, tmp_path / "out", num_hidden_layers=3, layers_to_drop=[0])
+    prune(tiny_model_dir, tmp_path / "out", layers_to_drop=[0], force=True)
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_every_family_prunes_and_reloads(tmp_path, tiny_tokenizer, calib, arch):
+    src = make_tiny_model_dir(tmp_path / "src", tiny_tokenizer, arch=arch)
+    out = prune(src, tmp_path / "out", calib, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                max_shard_size="100KB")
+    model = load(out)
+    assert (model.config.hidden_size, model.config.intermediate_size, model.config.num_hidden_layers) == (48, 96, 3)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    src_cfg = json.loads((src / "config.json").read_text())
+    out_cfg = json.loads((out / "config.json").read_text())
+    for key in ("rope_parameters", "rope_scaling", "rms_norm_eps", "vocab_size"):
+        assert out_cfg.get(key) == src_cfg.get(key)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert isinstance(gen["eos_token_id"], list) and len(gen["eos_token_id"]) == 2
+    card = (out / "README.md").read_text()
+    for field in ("source", "target", "importance method", "calibration data", "parameters"):
+        assert f"| {field} |" in card
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in card
+
+
+def test_cached_scores_give_the_same_model(tiny_model_dir, tmp_path, calib):
+    a = prune(tiny_model_dir, tmp_path / "a", calib, hidden_size=40, num_hidden_layers=3)
+    b = prune(tiny_model_dir, tmp_path / "b", scores=str(a / "importance"), hidden_size=40, num_hidden_layers=3)
+    for name, t in load(a).state_dict().items():
+        torch.testing.assert_close(load(b).state_dict()[name], t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["llama31-8b-4b-width", "llama31-8b-4b-depth", "demo-width", "demo-depth"])
+def test_shipped_targets_parse(name):
+    path = ROOT / "configs" / "prune" / f"{name}.yaml"
+    assert path.read_text().startswith("#")  # comment header
+    cfg = load_config(PruneConfig, path, section="prune")
+    from minitron.prune import requested_shape
+
+    assert requested_shape(PruneConfig(target=str(path)))
+    assert cfg.depth_metric in ("block_importance", "lm_loss", "mc_block")
+
+
+def test_paper_shapes_parameter_counts():
+    from transformers import LlamaConfig
+
+    from minitron.adapters import Layout
+
+    src = Layout.from_config(LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                         head_dim=128, model_type="llama"))
+    assert src.num_params() == 8_030_261_248  # Llama-3.1-8B
+    assert round(src.replace(hidden_size=3072, intermediate_size=9216).num_params() / 1e9, 1) == 4.5
+    assert round(src.replace(num_hidden_layers=16).num_params() / 1e9, 1) == 4.5
