@@ -34,7 +34,7 @@ class DecodeError(ValueError):
     """Model output that tries to call a function but cannot be read as a call."""
 
 
-_FENCE_RE = re.compile(r"^```[\w-]*\s*\n?(.*?)\n?```$", re.S)
+_FENCE_RE = re.compile(r"```[\w-]*[ \t]*\n?(.*?)\n?```", re.S)  # a markdown code block, anywhere
 _CALL_START_RE = re.compile(r"^\[?\s*[A-Za-z_][\w.]*\s*\(")
 
 
@@ -51,7 +51,7 @@ def decode_output(text: str | None) -> list[dict[str, Any]]:
         except (ValueError, TypeError) as e:  # json errors are ValueErrors too
             raise DecodeError(str(e)) from e
     body = text.replace(IM_END, "").strip()
-    fence = _FENCE_RE.match(body)
+    fence = _FENCE_RE.search(body)
     if fence:
         body = fence.group(1).strip()
     if body[:1] in "[{":
@@ -70,6 +70,7 @@ def decode_output(text: str | None) -> list[dict[str, Any]]:
 
 
 def _json_line(line: str) -> Any:
+    """One line of a one-call-per-line JSON output."""
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
@@ -90,6 +91,7 @@ def normalize_calls(obj: Any) -> list[dict[str, Any]]:
 
 
 def _one_call(item: Any) -> dict[str, Any]:
+    """One call in any of the accepted shapes -> ``{"name", "arguments"}`` (DecodeError otherwise)."""
     if not isinstance(item, dict):
         raise DecodeError(f"a function call must be an object, got {type(item).__name__}: {item!r:.200}")
     if isinstance(item.get("function"), dict):
@@ -143,6 +145,7 @@ def _rename_keyword_args(body: str) -> tuple[str, dict[str, str]]:
     starts = [0]
     for line in lines:
         starts.append(starts[-1] + len(line))
+    # Tokens give exact positions outside string literals; edit the text there, from the end backwards.
     renamed, edits = {}, []
     for prev, tok, nxt in zip(tokens, tokens[1:], tokens[2:]):
         if (tok.type == tokenize.NAME and keyword.iskeyword(tok.string) and prev.string in ("(", ",")
@@ -156,6 +159,7 @@ def _rename_keyword_args(body: str) -> tuple[str, dict[str, str]]:
 
 
 def _dotted_name(node: ast.AST) -> str:
+    """``math.factorial`` from the call's ``func`` node (names and attribute chains only)."""
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Attribute):
@@ -168,7 +172,10 @@ def _ast_value(node: ast.AST) -> Any:
     if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
         return [_ast_value(e) for e in node.elts]
     if isinstance(node, ast.Dict) and None not in node.keys:
-        return {_ast_value(k): _ast_value(v) for k, v in zip(node.keys, node.values)}
+        try:
+            return {_ast_value(k): _ast_value(v) for k, v in zip(node.keys, node.values)}
+        except TypeError:  # an unhashable key such as a list
+            return ast.unparse(node)
     try:
         return ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
@@ -177,6 +184,7 @@ def _ast_value(node: ast.AST) -> Any:
 
 # ---------------------------------------------------------------- Java / JavaScript literals
 
+# Numeric literals; Java adds L (long), f/d (float/double) suffixes, JavaScript n (BigInt).
 _INT = r"[-+]?\d+"
 _FLOAT = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _OPEN, _CLOSE = "([{", ")]}"
@@ -250,13 +258,14 @@ def java_value(s: str) -> Any:
         return int(s.rstrip("lL"))
     if re.fullmatch(_FLOAT + "[fFdD]?", s):
         return float(s.rstrip("fFdD"))
-    for kind in (list, dict):
+    for kind in (dict, list):  # dict first: a JSON object would also pass for a bare {..} array initializer
         value = _java_collection(s, kind)
         if value is not None:
             return value
     return s
 
 
+# The ways a Java model writes a collection; each pattern's named group says how to read the inside.
 _JAVA_NEW = r"new\s+[\w.]+\s*(?:<[^(){}]*>)?\s*"
 _JAVA_LIST_PATTERNS = [
     _JAVA_NEW + r"(?:\[\s*\]\s*)+\{(?P<items>.*)\}",  # new int[]{1, 2} / new String[][]{{..}}
@@ -296,6 +305,7 @@ def _java_collection(s: str, kind: type, item_type: str | None = None) -> Any:
 
 
 def _method_args(stmt: str) -> list[str] | None:
+    """The argument sources of ``add(x)`` / ``put(k, v)`` in a double-brace initializer, or None."""
     m = re.fullmatch(r"(?:this\.)?\w+\s*\((.*)\)", stmt.strip(), re.S)
     return split_top(m.group(1)) if m else None
 
@@ -346,7 +356,7 @@ def js_value(s: str) -> Any:
 def _js_collection(s: str, kind: type, item_type: str | None = None) -> Any:
     """A JavaScript array literal (``[..]``, ``new Array(..)``) or object literal -> list/dict, or None."""
     s = s.strip()
-    if kind is list:
+    if kind is list:  # [a, b] or new Array(a, b)
         m = re.fullmatch(r"\[(.*)\]|new\s+Array\s*\((.*)\)", s, re.S)
         if not m:
             return None
@@ -355,7 +365,7 @@ def _js_collection(s: str, kind: type, item_type: str | None = None) -> Any:
     m = re.fullmatch(r"\{(.*)\}", s, re.S)
     if not m:
         return None
-    out = {}
+    out = {}  # {key: value, 'key': value, "key": value}; values are read untyped
     for pair in split_top(m.group(1)):
         key_val = split_top(pair, ":")
         if len(key_val) != 2:

@@ -416,6 +416,7 @@ def test_decode_three_syntaxes():
     assert decode_output('[{"math.factorial": {"n": 5}}]') == one  # BFCL's shape
     assert decode_output("math.factorial(n=5)") == one
     assert decode_output('```python\n[math.factorial(n=5), g(s="x", l=(1, 2), d={"k": True})]\n```') == two
+    assert decode_output('Sure, here it is:\n```json\n{"name": "math.factorial", "arguments": {"n": 5}}\n```\nDone.') == one
     assert decode_output("f(x=my_var, y=np.pi * 2)") == [{"name": "f", "arguments": {"x": "my_var", "y": "np.pi * 2"}}]
 
 
