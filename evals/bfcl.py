@@ -141,24 +141,26 @@ def load_answers(path: str | Path | None, questions: str | Path) -> dict[str, li
 # ---------------------------------------------------------------- tools
 
 
-def to_openai_tools(functions: list[dict], category: str = "simple_python", underscore_names: bool = False) -> list[dict]:
+def to_openai_tools(functions: list[dict], category: str = "simple_python", underscore_names: bool = False,
+                    hints: bool = True) -> list[dict]:
     """BFCL function specs -> OpenAI tools ``{"type": "function", "function": {...}}``, as BFCL's FC mode does.
 
     Types are mapped to JSON schema (``dict`` -> ``object``, ``float`` -> ``number``, ``tuple`` -> ``array``);
     Java and JavaScript parameters become strings "in string representation" of their declared type, with the
-    type named in the description; each description gets BFCL's language hint. ``underscore_names`` replaces
-    ``.`` in names by ``_`` (OpenAI's name rule; the checker accepts both spellings).
+    type named in the description. ``hints`` adds BFCL's description notes (the language hint on each
+    function, "This is a float type value." on floats); leave them out for a model fine-tuned on plain tool
+    schemas. ``underscore_names`` replaces ``.`` in names by ``_`` (OpenAI's name rule; the checker accepts both).
     """
     language = language_of(category)
     tools = []
     for spec in copy.deepcopy(functions):
-        spec["description"] = spec.get("description", "") + LANGUAGE_HINTS[language]
+        spec["description"] = spec.get("description", "") + (LANGUAGE_HINTS[language] if hints else "")
         params = spec.setdefault("parameters", {})
         params["type"] = "object"
         props = params.setdefault("properties", {})
         if language != "python":
             _stringify_params(props, language)
-        _cast_types(props)
+        _cast_types(props, hints)
         if underscore_names:
             spec["name"] = spec["name"].replace(".", "_")
         tools.append({"type": "function", "function": spec})
@@ -182,17 +184,18 @@ def _stringify_params(props: dict, language: str) -> None:
         p["description"], p["type"] = desc, "string"
 
 
-def _cast_types(props: dict) -> None:
+def _cast_types(props: dict, hints: bool = True) -> None:
     """BFCL types -> JSON-schema types, recursively through ``properties`` and ``items``."""
     for p in props.values():
         tp = p.get("type", "string")
-        if tp == "float":
+        if tp == "float" and hints:
             p["format"] = "float"
+            p["description"] = p.get("description", "") + " This is a float type value."
         p["type"] = OPENAPI_TYPES.get(tp, "string")
         if isinstance(p.get("properties"), dict):
-            _cast_types(p["properties"])
+            _cast_types(p["properties"], hints)
         if isinstance(p.get("items"), dict):
-            _cast_types({"items": p["items"]})
+            _cast_types({"items": p["items"]}, hints)
 
 
 # ---------------------------------------------------------------- scoring
@@ -232,12 +235,12 @@ def summarize(records: Iterable[dict]) -> dict[str, Any]:
 
 
 def build_requests(data_dir: str | Path, limit: int | None = None,
-                   categories: Iterable[str] | None = None) -> list[dict]:
+                   categories: Iterable[str] | None = None, hints: bool = True) -> list[dict]:
     """One request per question: ``{"id", "category", "messages", "tools", "question", "ground_truth"}``.
 
     ``categories`` picks categories by name (``simple``, ``java`` and ``javascript`` are aliases of BFCL's
-    ``simple_python``, ``simple_java``, ``simple_javascript``); ``limit`` caps the questions per category.
-    Without ``categories``, files in another format (BFCL's multi-turn and agentic ones) are skipped with a
+    ``simple_python``, ``simple_java``, ``simple_javascript``); ``limit`` caps the questions per category;
+    ``hints``: see ``to_openai_tools``. Without ``categories``, files in another format (BFCL's multi-turn and agentic ones) are skipped with a
     warning; named explicitly, they are an error.
     """
     files = category_files(data_dir)
@@ -248,7 +251,7 @@ def build_requests(data_dir: str | Path, limit: int | None = None,
     requests = []
     for cat in wanted:
         try:
-            requests += _category_requests(cat, *files[cat], limit)
+            requests += _category_requests(cat, *files[cat], limit, hints)
         except BFCLError as e:
             if categories:
                 raise
@@ -256,7 +259,7 @@ def build_requests(data_dir: str | Path, limit: int | None = None,
     return requests
 
 
-def _category_requests(cat: str, qfile: Path, afile: Path | None, limit: int | None) -> list[dict]:
+def _category_requests(cat: str, qfile: Path, afile: Path | None, limit: int | None, hints: bool) -> list[dict]:
     """The requests of one category; BFCLError when its files are not single-turn AST-checkable BFCL."""
     if afile is None and "relevance" not in cat:
         raise BFCLError(f"{qfile} has no possible_answer/{qfile.name}: only (ir)relevance categories may lack one")
@@ -271,7 +274,7 @@ def _category_requests(cat: str, qfile: Path, afile: Path | None, limit: int | N
         if gt is not None and not all(isinstance(c, dict) and len(c) == 1 for c in gt):
             raise BFCLError(f"{q['id']}: ground truth is not a list of {{func: {{param: values}}}} calls")
         out.append({"id": q["id"], "category": cat, "messages": copy.deepcopy(turns[0]),
-                    "tools": to_openai_tools(q["function"], cat), "question": q, "ground_truth": gt})
+                    "tools": to_openai_tools(q["function"], cat, hints=hints), "question": q, "ground_truth": gt})
     return out
 
 
@@ -286,14 +289,14 @@ def score_outputs(requests: list[dict], texts: list[str]) -> dict[str, Any]:
 
 
 def evaluate(generate_fn: Callable[[list[dict], list[dict]], str], data_dir: str | Path,
-             limit: int | None = None, categories: Iterable[str] | None = None) -> dict[str, Any]:
+             limit: int | None = None, categories: Iterable[str] | None = None, hints: bool = True) -> dict[str, Any]:
     """BFCL on a model: ``generate_fn(messages, tools) -> raw assistant text`` for each question.
 
     Returns ``{"categories": {cat: {"accuracy", "n", "correct", "stderr"}}, "overall": {...},
     "macro_accuracy", "version", "items": [{"id", "category", "text", "valid", "error", "error_type"}]}``.
     A harness that batches generation can call ``build_requests`` and ``score_outputs`` itself.
     """
-    requests = build_requests(data_dir, limit, categories)
+    requests = build_requests(data_dir, limit, categories, hints)
     texts = [generate_fn(r["messages"], r["tools"]) for r in tqdm(requests, desc="bfcl", unit="q")]
     return score_outputs(requests, texts)
 

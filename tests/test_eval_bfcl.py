@@ -512,6 +512,9 @@ def test_openai_tools():
     assert f["parameters"]["properties"]["precision"]["type"] == "number"
     assert f["parameters"]["properties"]["opts"]["properties"]["fast"]["type"] == "boolean"
     assert FN["parameters"]["type"] == "dict"  # the input is not modified
+    assert f["description"].endswith("Python 3 syntax.") and "float type" in f["parameters"]["properties"]["precision"]["description"]
+    (plain,) = bfcl.to_openai_tools([FN], "simple_python", hints=False)
+    assert plain["function"]["description"] == FN["description"] and "format" not in plain["function"]["parameters"]["properties"]["precision"]
     (jt,) = bfcl.to_openai_tools([FN], "simple_java", underscore_names=True)
     assert jt["function"]["name"] == "geo_distance"
     assert all(p["type"] == "string" for p in jt["function"]["parameters"]["properties"].values())
