@@ -98,7 +98,7 @@ def java_literal(v, schema: dict) -> str:
         return f"{v}L"
     if tp == "float":
         return f"{v}f"
-    if tp == "char":
+    if tp == "char" and isinstance(v, str):
         return f"'{v}'"
     if tp in ("Array", "ArrayList") and isinstance(v, list):
         elems = [java_literal(e, {"type": item}) if item not in (None, "any") else java_untyped(e) for e in v]
@@ -124,7 +124,7 @@ def js_literal(v, schema: dict) -> str:
         return v
     if tp == "Bigint":
         return f"{v}n"
-    if tp == "String":
+    if tp == "String" and isinstance(v, str):
         return "'" + v.replace("'", "\\'") + "'"
     return js_untyped(v)
 
@@ -274,6 +274,9 @@ def test_shared_corruptions_rejected(shared_bfcl, capsys):
                 r[0] += not v.valid
                 r[1] += 1
                 assert not v.valid, f"{cat} {q['id']}: corruption {kind} accepted: {calls}"
+                if language_of(cat) != "python":  # the same corruption written as Java/JavaScript source
+                    src = source_literal_calls(q, calls, cat)
+                    assert not bfcl.score(q, gt, cat, calls=src).valid, f"{cat} {q['id']}: {kind} accepted: {src}"
     assert set(rates) >= {"wrong_name", "missing_required", "extra_param", "wrong_type", "value_outside", "missing_call"}
     with capsys.disabled():
         print("\nrejection rates:", {k: f"{a}/{n}" for k, (a, n) in sorted(rates.items())})
@@ -474,7 +477,7 @@ def test_cli_end_to_end(tiny_bfcl, tmp_path):
     verdicts = tmp_path / "v.jsonl"
     res = run_cli("--questions", str(tiny_bfcl), "--predictions", str(preds), "--verdicts", str(verdicts))
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.stdout[res.stdout.index("{"):res.stdout.rindex("}") + 1])
+    summary = json.loads(res.stdout)  # stdout holds only the JSON (logs go to stderr)
     v = [json.loads(line) for line in verdicts.read_text().splitlines()]
     assert [x["id"] for x in v] == ["my_parallel_0", "custom_0", "custom_0", "irrelevance_0", "my_parallel_0", "custom_0"]
     assert [x["valid"] for x in v] == [True, True, False, True, False, True]
@@ -614,3 +617,13 @@ def test_evaluate_tiny_model_end_to_end(tmp_path, tiny_tokenizer, tiny_bfcl):
     for item in res["items"]:  # each verdict is the checker's verdict on the text the model wrote
         req = next(r for r in bfcl.build_requests(tiny_bfcl) if r["id"] == item["id"])
         assert item["valid"] == bfcl.score(req["question"], req["ground_truth"], item["category"], text=item["text"]).valid
+
+
+def test_cli_category_from_id_prefix(tmp_path):
+    """Files not named BFCL_v4_<category>.json: the category comes from the id prefix."""
+    q = write_jsonl(tmp_path / "questions.jsonl", [{**Q, "id": "live_multiple_7-2-1"}])
+    a = write_jsonl(tmp_path / "answers.jsonl", [{"id": "live_multiple_7-2-1", "ground_truth": GT}])
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": "live_multiple_7-2-1", "text": "geo.distance(origin='NYC', destination='Boston')"}])
+    res = run_cli("--questions", str(q), "--answers", str(a), "--predictions", str(preds))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["categories"] == {"live_multiple": {"accuracy": 1.0, "n": 1, "correct": 1, "stderr": 0.0}}
