@@ -1,0 +1,83 @@
+"""Teacher correction: briefly fine-tune the teacher with the LM loss on the distillation data (Minitron).
+
+The original pre-training data is usually unavailable, so the teacher is first adapted to the data the
+student will be distilled on (the paper: ~100B tokens at 1/5 of the peak LR). Same data module, trainer,
+checkpoints and ``--resume`` as ``minitron distill``; the LM loss is the chunked CE of ``minitron.kd_loss``.
+
+    minitron correct --model runs/demo/teacher --data runs/demo/world/corpus --tokens 1000000 \\
+        --out runs/demo/teacher-corrected
+
+``reinitialised_copy`` makes the "same shape from random init" baselines that this stage then trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from minitron.config import ConfigError, arg, save_resolved
+from minitron.distill import KDModule, _load, already_done, train_rows, val_rows
+from minitron.io import atomic_dir, write_model_card
+from minitron.trainer import Task, TrainArgs, make_accelerator, train
+
+
+@dataclasses.dataclass
+class CorrectConfig(TrainArgs):
+    model: str = arg(None, "model directory to fine-tune (the teacher)")
+    out: str = arg("runs/demo/teacher-corrected", "output directory (standard HF dir)")
+    lr: float = arg(2e-5, "peak learning rate (paper: 1/5 of the pre-training peak)")
+    min_lr: float = arg(2e-6, "final learning rate of the cosine schedule")
+    chunk: int | None = arg(None, "CE loss tokens per chunk (default: ~64 MiB of logits per chunk)")
+
+    def __post_init__(self) -> None:
+        self.validate_train()
+        if not self.model:
+            raise ConfigError("--model is required (the teacher directory to correct)")
+
+
+def run(cfg: CorrectConfig) -> Path:
+    """Fine-tune ``cfg.model`` with the LM loss for ``cfg.tokens`` tokens; write ``cfg.out``."""
+    out = Path(cfg.out)
+    if already_done(cfg, out):
+        return out
+    accel = make_accelerator(cfg)
+    torch.manual_seed(cfg.seed)
+    model, tok = _load(cfg.model)
+    data = {"input_ids": train_rows(cfg, tok)}
+    v = val_rows(cfg, tok)
+    module = KDModule(model, kd_weight=0.0, ce_weight=1.0, chunk=cfg.chunk)
+
+    def save(mod: KDModule, tmp: Path, summary: dict) -> None:
+        mod.student.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        save_resolved(cfg, tmp)
+        ce = summary.get("final_val_ce")
+        write_model_card(tmp, f"{Path(cfg.model).name} (corrected)", {
+            "source": cfg.model, "data": cfg.data, "tokens": f"{summary['tokens']:,}",
+            "loss": "LM cross-entropy (teacher correction)",
+            "schedule": f"lr {cfg.lr} -> {cfg.min_lr} cosine, batch {cfg.batch_size} x {cfg.seq_len} tokens",
+            "final train CE": f"{summary.get('final_train_ce', float('nan')):.4f}",
+            "final validation CE": f"{ce:.4f}" if ce is not None else "-"})
+
+    task = Task(module, lambda b: {"input_ids": b["input_ids"]}, save, metric_names=("loss", "ce"))
+    train(cfg, task, data, {"input_ids": v} if v is not None else None, out, accel)
+    return out
+
+
+def reinitialised_copy(src: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """The architecture of ``src`` with fresh random weights (same tokenizer and generation config) at ``out``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(src)
+    except OSError:
+        pass
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        write_model_card(tmp, f"{Path(src).name} (random init)", {"architecture of": str(src), "seed": seed})
+    return Path(out)
