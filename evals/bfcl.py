@@ -177,7 +177,8 @@ def _stringify_params(props: dict, language: str) -> None:
         else:
             desc += f" This is {lang} {tp} type parameter in string representation."
         if "items" in p:
-            desc += f" The list elements are of type {p.pop('items').get('type')}; they are not in string representation."
+            item = p.pop("items").get("type")
+            desc += f" The list elements are of type {item}; they are not in string representation."
         if "properties" in p:
             desc += (" The dictionary entries have the following schema; they are not in string representation. "
                      + json.dumps(p.pop("properties")))
@@ -240,8 +241,8 @@ def build_requests(data_dir: str | Path, limit: int | None = None,
 
     ``categories`` picks categories by name (``simple``, ``java`` and ``javascript`` are aliases of BFCL's
     ``simple_python``, ``simple_java``, ``simple_javascript``); ``limit`` caps the questions per category;
-    ``hints``: see ``to_openai_tools``. Without ``categories``, files in another format (BFCL's multi-turn and agentic ones) are skipped with a
-    warning; named explicitly, they are an error.
+    ``hints``: see ``to_openai_tools``. Without ``categories``, files in another format (BFCL's multi-turn
+    and agentic ones) are skipped with a warning; named explicitly, they are an error.
     """
     files = category_files(data_dir)
     wanted = list(files) if not categories else [ALIASES.get(c, c) for c in categories]
@@ -309,9 +310,9 @@ class CheckConfig:
     """Check a predictions file against BFCL questions and possible answers (``minitron eval-fc``)."""
 
     questions: str | None = arg(None, "BFCL question file (BFCL_v4_<category>.json) or a directory of them")
-    answers: str | None = arg(None, "possible-answer file or directory (default: possible_answer/ beside the questions)")
-    predictions: str | None = arg(None, 'JSONL: {"id", "calls": [{"func": {"arg": value}}]} or {"id", "text": "raw output"}')
-    verdicts: str | None = arg(None, 'write one {"id", "valid", "error"} JSONL line per prediction here, in input order')
+    answers: str | None = arg(None, "possible-answer file or directory (default: possible_answer/ beside them)")
+    predictions: str | None = arg(None, 'JSONL: {"id", "calls": [{"func": {"arg": value}}]} or {"id", "text"}')
+    verdicts: str | None = arg(None, 'write one {"id", "valid", "error"} JSONL line per prediction, in input order')
 
     def __post_init__(self) -> None:
         for name in ("questions", "predictions"):
@@ -331,7 +332,7 @@ def check_predictions(questions: dict, answers: dict, predictions: list[dict]) -
             raise BFCLError(f"prediction {n}: id {p['id']!r} is not in the question files")
         category, q = questions[p["id"]]
         gt = answers.get(p["id"])
-        if gt is None and "irrelevance" not in category and "relevance" not in category:
+        if gt is None and "relevance" not in category:  # (ir)relevance questions have no ground truth
             raise BFCLError(f"prediction {n}: no ground truth for {p['id']!r}; pass --answers")
         v = score(q, gt, category, text=p.get("text"), calls=p.get("calls"))
         records.append({"id": p["id"], "category": category, "valid": v.valid, "error": v.error,
