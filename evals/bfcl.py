@@ -295,7 +295,8 @@ def evaluate(generate_fn: Callable[[list[dict], list[dict]], str], data_dir: str
 
     Returns ``{"categories": {cat: {"accuracy", "n", "correct", "stderr"}}, "overall": {...},
     "macro_accuracy", "version", "items": [{"id", "category", "text", "valid", "error", "error_type"}]}``.
-    A harness that batches generation can call ``build_requests`` and ``score_outputs`` itself.
+    ``hints=False`` drops BFCL's description notes from the tools (see ``to_openai_tools``). A harness that
+    batches or caches generation can call ``build_requests`` and ``score_outputs`` itself.
     """
     requests = build_requests(data_dir, limit, categories, hints)
     texts = [generate_fn(r["messages"], r["tools"]) for r in tqdm(requests, desc="bfcl", unit="q")]
