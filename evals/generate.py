@@ -191,8 +191,11 @@ class EndpointBackend:
 class Generator:
     """The interface every task uses: batched, cached and with progress bars, over one backend."""
 
-    def __init__(self, backend: HFBackend | EndpointBackend, cache: ItemCache | None = None, batch_size: int = 16):
-        self.backend, self.cache, self.batch_size = backend, cache, batch_size
+    def __init__(self, backend: HFBackend | EndpointBackend, cache: ItemCache | None = None, batch_size: int = 16,
+                 score_bos: bool = True):
+        # score_bos: put one BOS before scored contexts (the project's models see BOS at every document start;
+        # lm-eval's HFLM adds one only when the tokenizer does, which the project tokenizer does not).
+        self.backend, self.cache, self.batch_size, self.score_bos = backend, cache, batch_size, score_bos
         self.tokenizer = backend.tokenizer
         self.name = backend.name
         self._fp = backend.fingerprint()
@@ -220,8 +223,8 @@ class Generator:
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        whole = self._encode(context + continuation, bos=True)
-        ctx = self._encode(context, bos=True)
+        whole = self._encode(context + continuation, bos=self.score_bos)
+        ctx = self._encode(context, bos=self.score_bos)
         return ctx, whole[len(ctx):]
 
     # ---- cached, batched calls ----
@@ -263,7 +266,7 @@ class Generator:
         return self.complete([self.render_chat(c) for c in convs], max_new_tokens, stop, desc, bos=False)
 
     def loglikelihood(self, pairs: list[tuple[str, str]], desc: str = "score") -> list[tuple[float, bool]]:
-        """``(log p(continuation | context), is_greedy)`` per pair; the context gets one BOS in front."""
+        """``(log p(continuation | context), is_greedy)`` per pair (one BOS in front when ``score_bos``)."""
         enc = [list(self.encode_pair(c, x)) for c, x in pairs]
         outs = self._cached("ll", enc, {}, self.backend.score, desc)
         return [(float(lp), bool(g)) for lp, g in outs]
@@ -319,3 +322,22 @@ class LMEvalAdapter(_lm_base()):  # type: ignore[misc]
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
         return self.gen.tokenizer.apply_chat_template(chat_history, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
+
+
+def run_lm_eval(gen: Generator, tasks: list[str], include_path: str | os.PathLike | None, limit: int | None,
+                num_fewshot: int | None = None, chat: bool = False, max_gen_toks: int | None = None) -> dict:
+    """Run lm-eval ``tasks`` (from ``include_path`` only, or the built-ins when None) on ``gen``.
+
+    Returns lm-eval's per-item samples, ``{task: [sample, ...]}``; scoring is left to the caller.
+    """
+    import logging
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    tm = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_path is None)
+    out = lm_eval.simple_evaluate(model=LMEvalAdapter(gen, max_gen_toks), tasks=tasks, num_fewshot=num_fewshot,
+                                  limit=limit, task_manager=tm, log_samples=True, bootstrap_iters=0,
+                                  apply_chat_template=chat, fewshot_as_multiturn=False, verbosity="WARNING")
+    return out["samples"]

@@ -1,0 +1,265 @@
+"""``minitron eval``: score models on MMLU, IFEval, RAG, function calling (BFCL) and roleplay, the same way
+in-process or through a served endpoint, into one table with plots.
+
+Usage::
+
+    minitron eval --model runs/demo/teacher --model runs/demo/width/distilled --suite demo --out runs/demo/eval
+    minitron eval --endpoint http://127.0.0.1:8000 --suite mmlu,ifeval --limit 20 --out runs/eval-served
+    minitron eval --config configs/eval/full.yaml --model runs/demo/teacher --limit 10
+
+Suites: ``demo`` (the demo world's data under ``runs/demo/world``, small default limits: four tiny models in a
+few minutes on two cores), ``full`` (``../shared/data``), or a comma list of tasks (``mmlu,ifeval,rag,bfcl,
+roleplay``) on the demo world's data. Any task's data can be pointed elsewhere (``--mmlu-data DIR`` ...).
+``--limit N`` caps the items per task (per MMLU subject and per BFCL category, as lm-eval does for groups).
+
+Outputs in ``--out``: ``results.json`` (every metric with n and standard error), ``report.md`` (one row per model,
+with parameter counts), ``plots/*.png`` (a bar chart per metric, and the stage progression), ``items/<model>/
+<task>.jsonl`` (per-item records) and ``cache/`` (every generation and score, so an interrupted run resumes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from evals.cache import ItemCache
+from evals.generate import EndpointBackend, EvalError, Generator, HFBackend
+from evals.report import HEADLINE, count_params, mean_metric, metric_columns, write_report
+from minitron.config import ConfigError, arg, to_dict
+from minitron.io import write_text
+
+TASKS = ("mmlu", "ifeval", "rag", "bfcl", "roleplay")
+WORLD, SHARED = "runs/demo/world", "../shared/data"
+# suite -> (data per task, default item limit per task, default generation lengths)
+SUITES: dict[str, dict[str, Any]] = {
+    "demo": {"data": {"mmlu": f"{WORLD}/mmlu", "ifeval": f"{WORLD}/ifeval", "rag": f"{WORLD}/rag",
+                      "bfcl": f"{WORLD}/bfcl", "roleplay": f"{WORLD}/sft/roleplay_eval.jsonl"},
+             "limit": {"mmlu": 8, "ifeval": 24, "rag": 24, "bfcl": 5, "roleplay": 16},
+             "ifeval_max_new_tokens": 64, "judge_model": "runs/demo/aligned/rm"},
+    "full": {"data": {"mmlu": f"{SHARED}/mmlu", "ifeval": f"{SHARED}/ifeval", "rag": f"{SHARED}/rag",
+                      "bfcl": f"{SHARED}/bfcl", "roleplay": f"{SHARED}/sft/gpteacher_roleplay.jsonl"},
+             "limit": {}, "ifeval_max_new_tokens": 1280, "judge_model": None},
+}
+console = Console(stderr=True)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluate model dirs (or one endpoint) on a suite of tasks; write JSON, Markdown and plots."""
+
+    model: list[str] = arg([], "model dirs, in stage order (teacher, pruned, distilled, aligned); repeat --model")
+    names: list[str] = arg([], "display names of the models (default: their paths below a common parent)")
+    endpoint: str | None = arg(None, "OpenAI-compatible server URL to evaluate instead of --model dirs")
+    endpoint_model: str | None = arg(None, "model id on the endpoint (default: the first one it serves)")
+    tokenizer: str | None = arg(None, "tokenizer dir for --endpoint (default: the served model id when it is a dir)")
+    suite: str = arg("demo", "demo | full | comma list of tasks (mmlu,ifeval,rag,bfcl,roleplay)")
+    out: str = arg("runs/demo/eval", "output folder (results.json, report.md, plots/, items/, cache/)")
+    limit: int | None = arg(None, "items per task (per MMLU subject / BFCL category); default: the suite's")
+    mmlu_data: str | None = arg(None, "MMLU data dir (mmlu_{test,dev}.jsonl, subject_categories.json) or 'hub'")
+    ifeval_data: str | None = arg(None, "IFEval dir with input_data.jsonl")
+    rag_data: str | None = arg(None, "RAG data: SQuAD 2.0 / NQ-open JSONL file or dir")
+    bfcl_data: str | None = arg(None, "BFCL dir (BFCL_v4_<category>.json + possible_answer/)")
+    roleplay_data: str | None = arg(None, "GPTeacher roleplay JSONL (instruction, input, output)")
+    batch_size: int = arg(16, "prompts per generation / scoring batch")
+    num_fewshot: int = arg(5, "MMLU shots")
+    ifeval_max_new_tokens: int | None = arg(None, "IFEval reply length cap (default: demo 64, full 1280 as lm-eval)")
+    rag_top_k: int = arg(3, "passages retrieved into the RAG prompt")
+    rag_retriever: str = arg("bm25", "bm25 | dense")
+    rag_dense_model: str | None = arg(None, "encoder dir for dense retrieval (default: the evaluated model)")
+    rag_max_new_tokens: int = arg(32, "RAG answer length cap")
+    bfcl_max_new_tokens: int = arg(128, "function-calling reply length cap")
+    roleplay_max_new_tokens: int = arg(96, "roleplay reply length cap")
+    roleplay_baseline: str = arg("first", "first (the first model) | reference (the data's outputs) | a model dir")
+    judge_endpoint: str | None = arg(None, "OpenAI-compatible judge for roleplay (pairwise, both orders)")
+    judge_endpoint_model: str | None = arg(None, "model id of the judge endpoint")
+    judge_model: str | None = arg(None, "reward model dir as the offline roleplay judge (demo: runs/demo/aligned/rm)")
+    device: str | None = arg(None, "cpu | cuda (default: cuda when available)")
+    plots: bool = arg(True, "write PNG plots")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            self.model = [self.model]
+        if bool(self.model) == bool(self.endpoint):
+            raise ConfigError("pass either --model DIR (repeatable) or --endpoint URL")
+        if self.names and len(self.names) != len(self.model):
+            raise ConfigError(f"--names has {len(self.names)} entries for {len(self.model)} models")
+        bad = [t for t in self.tasks() if t not in TASKS]
+        if bad:
+            raise ConfigError(f"unknown tasks {bad}: --suite is demo, full or a comma list of {', '.join(TASKS)}")
+        if self.rag_retriever not in ("bm25", "dense"):
+            raise ConfigError("--rag-retriever is bm25 or dense")
+        for m in self.model:
+            if not Path(m, "config.json").exists():
+                raise ConfigError(f"--model {m}: not a model directory (no config.json)")
+
+    def tasks(self) -> list[str]:
+        return list(TASKS) if self.suite in SUITES else [t.strip() for t in self.suite.split(",") if t.strip()]
+
+    def preset(self) -> dict[str, Any]:
+        return SUITES.get(self.suite, SUITES["demo"])
+
+    def data(self, task: str) -> str:
+        return getattr(self, f"{task}_data") or self.preset()["data"][task]
+
+    def task_limit(self, task: str) -> int | None:
+        return self.limit if self.limit is not None else self.preset()["limit"].get(task)
+
+
+def default_names(paths: list[str]) -> list[str]:
+    """Short unique names: each path relative to the models' common parent (``width/distilled``)."""
+    resolved = [Path(p).resolve() for p in paths]
+    if len(resolved) == 1:
+        return [resolved[0].name]
+    common = Path(os.path.commonpath(resolved))
+    names = [str(p.relative_to(common)) or p.name for p in resolved]
+    return names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names)]
+
+
+def make_generator(cfg: EvalConfig, model: str | None, cache_dir: Path) -> Generator:
+    """An in-process generator for ``model`` (or the endpoint when None), with its own cache file."""
+    if model is None:
+        backend: Any = EndpointBackend(cfg.endpoint, cfg.endpoint_model, cfg.tokenizer)
+    else:
+        backend = HFBackend(model, device=cfg.device)
+    tmp = Generator(backend, None)
+    cache = ItemCache(cache_dir / f"{backend.name}-{tmp._fp[:12]}.sqlite")
+    return Generator(backend, cache, cfg.batch_size)
+
+
+def _bfcl(gen: Generator, data: str, limit: int | None, max_new_tokens: int) -> dict[str, Any]:
+    """BFCL through evals.bfcl: its requests and checker, our batched, cached generation."""
+    from evals import bfcl
+
+    requests = bfcl.build_requests(data, limit)
+    texts = gen.chat([{"messages": r["messages"], "tools": r["tools"]} for r in requests],
+                     max_new_tokens=max_new_tokens, desc="bfcl")
+    res = bfcl.score_outputs(requests, texts)
+    metrics = {"accuracy": mean_metric([float(i["valid"]) for i in res["items"]])}
+    cats = {}
+    for cat in res["categories"]:
+        cats[cat] = mean_metric([float(i["valid"]) for i in res["items"] if i["category"] == cat])
+        metrics[f"acc_{cat}"] = cats[cat]
+    se = sum(c["stderr"] ** 2 for c in cats.values()) ** 0.5 / max(len(cats), 1)
+    metrics["macro_accuracy"] = {"value": res["macro_accuracy"], "stderr": se, "n": len(res["items"])}
+    return {"metrics": metrics, "items": res["items"]}
+
+
+def run_task(task: str, gen: Generator, cfg: EvalConfig, work: Path, baseline: Any) -> dict[str, Any]:
+    """One task on one model: ``{"metrics", "items", "note"?}``."""
+    from evals import ifeval, mmlu, rag, roleplay
+
+    data, limit = cfg.data(task), cfg.task_limit(task)
+    if task == "mmlu":
+        return mmlu.evaluate(gen, data, limit, work / "tasks", cfg.num_fewshot)
+    if task == "ifeval":
+        n = cfg.ifeval_max_new_tokens or cfg.preset()["ifeval_max_new_tokens"]
+        return ifeval.evaluate(gen, data, limit, work / "tasks", n)
+    if task == "rag":
+        return rag.evaluate(gen, data, limit, cfg.rag_top_k, cfg.rag_retriever, cfg.rag_dense_model,
+                            cfg.rag_max_new_tokens)
+    if task == "bfcl":
+        return _bfcl(gen, data, limit, cfg.bfcl_max_new_tokens)
+    judge_model = cfg.judge_model or cfg.preset().get("judge_model")
+    judge = None
+    if cfg.judge_endpoint:
+        judge = Generator(EndpointBackend(cfg.judge_endpoint, cfg.judge_endpoint_model), ItemCache(work / "cache" / "judge.sqlite"))
+    elif not (judge_model and Path(judge_model, "config.json").exists()):
+        return {"metrics": {}, "items": [], "note": f"skipped: no judge (no --judge-endpoint, no reward model at {judge_model})"}
+    base = baseline(gen)
+    try:
+        return roleplay.evaluate(gen, data, limit, base, judge, None if judge else judge_model,
+                                 cfg.roleplay_max_new_tokens)
+    finally:
+        if isinstance(base, Generator) and base is not gen:
+            base.cache.close()
+
+
+def _check_data(cfg: EvalConfig) -> None:
+    """Fail before any model loads when a task's data is missing."""
+    for task in cfg.tasks():
+        d = cfg.data(task)
+        if d != "hub" and not Path(d).exists():
+            hint = "run `minitron world` first" if d.startswith(WORLD) else f"pass --{task}-data PATH"
+            raise EvalError(f"{task}: data not found at {d} ({hint})")
+
+
+def evaluate_model(cfg: EvalConfig, name: str, model: str | None, out: Path, baseline: Any) -> dict[str, Any]:
+    """Every task on one model (finished requests come back from the model's cache)."""
+    gen = make_generator(cfg, model, out / "cache")
+    entry = {"name": name, "path": model or cfg.endpoint, "params": count_params(model or getattr(gen.backend, "path", None)),
+             "tasks": {}}
+    for task in cfg.tasks():
+        t0 = time.time()
+        console.log(f"[bold]{name}[/bold]: {task} ({cfg.data(task)}, limit {cfg.task_limit(task)})")
+        res = run_task(task, gen, cfg, out, baseline)
+        with open(_items_path(out, name, task), "w") as fh:
+            for it in res.get("items", []):
+                fh.write(json.dumps(it, default=str) + "\n")
+        entry["tasks"][task] = {"metrics": res["metrics"], "seconds": round(time.time() - t0, 1),
+                                "data": cfg.data(task), "limit": cfg.task_limit(task), "note": res.get("note", "")}
+        console.log(f"{name} {task}: " + ", ".join(f"{k}={v['value']:.3f}" for k, v in res["metrics"].items())
+                    + f" ({entry['tasks'][task]['seconds']} s)")
+    console.log(f"{name}: {len(gen.cache)} cached requests ({gen.cache.hits} reused)")
+    gen.cache.close()
+    return entry
+
+
+def _items_path(out: Path, name: str, task: str) -> Path:
+    p = out / "items" / name.replace("/", "__").replace(" ", "_") / f"{task}.jsonl"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """The headline table on the console."""
+    cols = metric_columns(results, headline_only=True)
+    table = Table(title=f"eval suite {results['suite']} (%, ± s.e.)")
+    for c in ["model", "params"] + [f"{t} {n}" for t, n in cols]:
+        table.add_column(c)
+    for m in results["models"]:
+        cells = []
+        for t, n in cols:
+            v = m["tasks"].get(t, {}).get("metrics", {}).get(n)
+            cells.append(f"{100 * v['value']:.1f}±{100 * v['stderr']:.1f}" if v and v.get("n") else "–")
+        table.add_row(m["name"], f"{m['params'] / 1e6:.2f}M" if m.get("params") else "n/a", *cells)
+    Console(width=max(Console().width, 160)).print(table)
+
+
+def run(cfg: EvalConfig) -> Path:
+    """Evaluate every model on every task of the suite; write results.json, report.md and plots."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _check_data(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.resolved.json", json.dumps(to_dict(cfg), indent=2))
+    models: list[str | None] = list(cfg.model) or [None]
+    names = cfg.names or (default_names(cfg.model) if cfg.model else [cfg.endpoint_model or "endpoint"])
+    baseline_spec = cfg.roleplay_baseline
+    if baseline_spec == "first":
+        baseline_spec = "reference" if len(models) == 1 else models[0]
+
+    def baseline(gen: Generator) -> Any:  # built on demand; its replies come from its per-model cache
+        if baseline_spec == "reference":
+            return "reference"
+        same = getattr(gen.backend, "path", None) is not None and Path(gen.backend.path).resolve() == Path(baseline_spec).resolve()
+        return gen if same else make_generator(cfg, baseline_spec, out / "cache")
+
+    t0 = time.time()
+    results: dict[str, Any] = {"suite": cfg.suite, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "config": to_dict(cfg), "headline": HEADLINE, "models": []}
+    for name, model in zip(names, models):
+        results["models"].append(evaluate_model(cfg, name, model, out, baseline))
+        gc.collect()
+    results["seconds"] = round(time.time() - t0, 1)
+    write_report(results, out, plots=cfg.plots)
+    print_table(results)
+    console.log(f"eval done in {results['seconds']} s: {out / 'report.md'}")
+    return out
