@@ -114,7 +114,8 @@ def _block_topk(s, ids, lp, y, tau, kd_w, ce_w, want_grad, scratch):
     log_q_tail = z_tail.log() - zs.log()
     p_k = lp.exp()
     p_tail = (1.0 - p_k.sum(-1)).clamp_min(0.0)
-    tail_term = torch.where(p_tail > 0, p_tail * log_q_tail, torch.zeros_like(p_tail))
+    has_tail = (p_tail > 0) & (z_tail > 0)  # k = vocab: no tail on either side
+    tail_term = torch.where(has_tail, p_tail * log_q_tail, torch.zeros_like(p_tail))
     kl = (p_k * (lp - log_q_k)).sum(-1) + torch.xlogy(p_tail, p_tail) - tail_term
     ce1 = ce_w != 0 and tau != 1.0
     z1 = (_softmax_into(c, s, tau) + torch.exp(s_k * tau).sum(-1)) if ce1 else zs

@@ -227,7 +227,6 @@ def train(cfg: TrainArgs, task: Task, data: dict[str, torch.Tensor], val: dict[s
     if accel.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, state["step"])
-    last_ckpt = ckpts[-1] if cfg.resume and ckpts else None
     stop = steps if cfg.max_steps is None else min(steps, cfg.max_steps)
     rows_per_rank = cfg.batch_size // world
     tokens_per_step = cfg.batch_size * seq_len
@@ -252,10 +251,7 @@ def train(cfg: TrainArgs, task: Task, data: dict[str, torch.Tensor], val: dict[s
             stats.append(_micro_step(task, module, batch, scale, accel, sync))
         sums = _reduce_stats(stats, accel)
         if not math.isfinite(sums["loss"]):
-            optimizer.zero_grad(set_to_none=True)
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            raise TrainingDiverged(f"loss is {sums['loss']} at step {step} (lr {lr:.3g}); {where}. Lower --lr, "
-                                   f"raise --warmup-steps or set --grad-clip, then rerun with --resume")
+            _diverged(run_dir, step, lr, sums["loss"], accel)
         if cfg.grad_clip > 0:
             accel.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -271,8 +267,22 @@ def train(cfg: TrainArgs, task: Task, data: dict[str, torch.Tensor], val: dict[s
                                       or step + 1 == stop):
             _append_jsonl(metrics_path, rec)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (step + 1 == stop < steps):
-            last_ckpt = _save(run_dir, accel, module, optimizer, state, cfg.keep_checkpoints)
+            _save(run_dir, accel, module, optimizer, state, cfg.keep_checkpoints)
     return _finish(cfg, task, module, val, out, run_dir, accel, state, steps, stop)
+
+
+def _diverged(run_dir: Path, step: int, lr: float, loss: float, accel) -> None:
+    """Raise TrainingDiverged. Checkpoints holding the weights that produced the bad loss (step >= ``step``)
+    are renamed ``diverged-step-N`` so that ``--resume`` starts from the last good one."""
+    good = []
+    for ck in _checkpoints(run_dir):
+        if int(ck.name.split("-")[1]) < step:
+            good.append(ck)
+        elif accel.is_main_process:
+            os.replace(ck, ck.with_name("diverged-" + ck.name))
+    where = f"the last good checkpoint is {good[-1]}" if good else "no good checkpoint was written"
+    raise TrainingDiverged(f"loss is {loss} at step {step + 1} (lr {lr:.3g}); {where} . Lower --lr, raise "
+                           f"--warmup-steps or set --grad-clip, then rerun with --resume")
 
 
 def _save(run_dir, accel, module, optimizer, state, keep) -> Path:
