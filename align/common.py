@@ -55,6 +55,7 @@ class StageContext:
     max_length: int = 512
     lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
     started: dict[str, float] = dataclasses.field(default_factory=dict)  # stage -> perf_counter at its start
+    callbacks: list[Any] = dataclasses.field(default_factory=list)  # extra transformers TrainerCallbacks
 
     def work_dir(self, stage: str) -> Path:
         return self.out / ".work" / stage

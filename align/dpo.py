@@ -52,7 +52,7 @@ def train(ctx: StageContext, args: DPOArgs, model_dir: str | Path, train_pairs: 
     ref = measured_once(ctx, "dpo", "margins", lambda: margins(model, tok, eval_pairs).tolist())
     config = trl_args(DPOConfig, args, ctx, "dpo", beta=args.beta, loss_type=list(args.loss_type))
     trainer = DPOTrainer(model=model, args=config, train_dataset=to_dataset(train_pairs), processing_class=tok,
-                         peft_config=peft_config(ctx.lora))
+                         peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
     resume = last_checkpoint(ctx, "dpo")
     trainer.train(resume_from_checkpoint=resume)
     after = margins(trainer.model, tok, eval_pairs)

@@ -52,7 +52,7 @@ def train(ctx: StageContext, args: RMArgs, model_dir: str | Path, train_pairs: l
     before = measured_once(ctx, "rm", "pairwise", lambda: pairwise_accuracy(rm.eval(), tok, eval_pairs))
     config = trl_args(RewardConfig, args, ctx, "rm", center_rewards_coefficient=args.center_rewards)
     trainer = RewardTrainer(model=rm, args=config, train_dataset=to_dataset(train_pairs), processing_class=tok,
-                            peft_config=peft_config(ctx.lora, "SEQ_CLS"))
+                            peft_config=peft_config(ctx.lora, "SEQ_CLS"), callbacks=ctx.callbacks or None)
     resume = last_checkpoint(ctx, "rm")
     trainer.train(resume_from_checkpoint=resume)
     after = pairwise_accuracy(trainer.model.eval(), tok, eval_pairs)

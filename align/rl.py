@@ -80,7 +80,7 @@ def train(ctx: StageContext, args: RLArgs, model_dir: str | Path, rm_dir: str | 
     cls = RLOOTrainer if args.algo == "rloo" else GRPOTrainer
     trainer = cls(model=policy, reward_funcs=[rm], args=_config(args, ctx),
                   train_dataset=to_dataset([{"prompt": p} for p in prompts]), processing_class=tok,
-                  reward_processing_classes=[rm_tok], peft_config=peft_config(ctx.lora))
+                  reward_processing_classes=[rm_tok], peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
     resume = last_checkpoint(ctx, "rl")
     trainer.train(resume_from_checkpoint=resume)
     after = _measure(trainer.model, tok, rm, rm_tok, eval_prompts, args, ctx.seed)

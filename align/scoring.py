@@ -95,7 +95,7 @@ def sample(model: Any, tok: Any, prompts: list[list[dict]], max_new_tokens: int,
         ids, mask = _pad(rows, tok.pad_token_id, left=True)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
                              temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                             pad_token_id=tok.pad_token_id, use_cache=True)
+                             top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, use_cache=True)
         for p, r, g in zip(batch, rows, gen[:, ids.shape[1]:].tolist()):
             cut = next((i + 1 for i, t in enumerate(g) if t in stops), len(g))  # keep the stop token, drop padding
             text = tok.decode([t for t in g[:cut] if t not in stops], skip_special_tokens=True).strip()

@@ -38,7 +38,7 @@ def train(ctx: StageContext, args: SFTArgs, model_dir: str | Path, train_rows: l
                       dataset_num_proc=None)
     trainer = SFTTrainer(model=model, args=config, train_dataset=to_dataset(train_rows),
                          eval_dataset=to_dataset(eval_rows), processing_class=tok,
-                         peft_config=peft_config(ctx.lora))
+                         peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
     resume = last_checkpoint(ctx, "sft")
     before = measured_once(ctx, "sft", "eval_loss", lambda: trainer.evaluate()["eval_loss"])
     trainer.train(resume_from_checkpoint=resume)
