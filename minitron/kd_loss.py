@@ -28,8 +28,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Elementwise work is done ROW_BLOCK token rows at a time in reused scratch buffers (a few MiB).
-ROW_BLOCK = 16
+# Elementwise work is done a block of token rows at a time in reused scratch buffers of about
+# BLOCK_ELEMS fp32 values each (8 MiB): big enough that per-op overhead vanishes, small enough to stay cheap.
+BLOCK_ELEMS = 2**21
+
+
+def row_block(vocab: int) -> int:
+    """Token rows per elementwise block."""
+    return max(8, BLOCK_ELEMS // vocab)
 # Target size of one [chunk, vocab] fp32 logits buffer (two are alive: student and teacher).
 CHUNK_BYTES = 64 * 2**20
 
@@ -52,8 +58,8 @@ def _logits_into(buf: torch.Tensor, h: torch.Tensor, w: torch.Tensor, inv_tau: f
 
 
 def _scratch(n: int, vocab: int, device) -> list[torch.Tensor]:
-    """Three reusable [ROW_BLOCK, vocab] fp32 buffers for the elementwise work of one row block."""
-    return [torch.empty(min(n, ROW_BLOCK), vocab, dtype=torch.float32, device=device) for _ in range(3)]
+    """Three reusable [row_block, vocab] fp32 buffers for the elementwise work of one row block."""
+    return [torch.empty(min(n, row_block(vocab)), vocab, dtype=torch.float32, device=device) for _ in range(3)]
 
 
 def _softmax_into(buf: torch.Tensor, x: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
@@ -162,8 +168,10 @@ class FusedKDFunction(torch.autograd.Function):
                 h = h_s[a:b].detach()
                 s = _logits_into(s_buf, h, w_s_c, 1.0 / tau)
                 t = _logits_into(t_buf, h_t[a:b].detach(), w_t_c, 1.0 / tau) if h_t is not None else None
-                for i in range(0, b - a, ROW_BLOCK):
-                    j, rows = min(i + ROW_BLOCK, b - a), slice(a + i, a + min(i + ROW_BLOCK, b - a))
+                rb = row_block(vocab)
+                for i in range(0, b - a, rb):
+                    j = min(i + rb, b - a)
+                    rows = slice(a + i, a + j)
                     if t is not None:
                         kl, ce = _block_full(s[i:j], t[i:j], targets[rows], tau, kd_w, ce_w, want_h or want_w, scratch)
                     else:
