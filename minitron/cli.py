@@ -118,7 +118,8 @@ def run_stage(name: str, target: str, short: str, args: list[str]) -> Any:
     cls, fn = resolve(target)
     try:
         config_path, overrides = parse_overrides(args, cls)
-        cfg = load_config(cls, config_path, section=name.replace("-", "_"), overrides=overrides)
+        section = None if getattr(cls, "RECIPE", False) else name.replace("-", "_")
+        cfg = load_config(cls, config_path, section=section, overrides=overrides)
         if dataclasses.is_dataclass(cfg):
             console.log(f"[bold]{name}[/bold] config: {to_dict(cfg)}")
         return fn(cfg)

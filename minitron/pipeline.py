@@ -1,0 +1,262 @@
+"""``minitron run``: a whole pipeline from one recipe file.
+
+    world -> teacher (or a given model) -> [teacher correction] -> prune each student (width, depth)
+    -> distill each student -> [same shape from scratch at equal tokens] -> align one student -> evals
+    -> report (runs/demo/report.md + plots)
+
+A recipe is a YAML file whose top-level keys are the fields below; each stage section holds overrides of
+that stage's config (``teacher:`` is TeacherConfig, ``prune:`` PruneConfig, ...). A finished stage is
+skipped on re-run (its output directory exists: every stage writes atomically); ``--force`` redoes all.
+``rounds:`` chains prune + distill rounds, each round's distilled student becoming the next teacher.
+
+    minitron run --config configs/demo.yaml            # make demo
+    minitron run --config configs/llama31-minitron-4b.yaml --dry-run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from minitron.config import ConfigError, arg, from_dict, read_yaml, save_resolved
+from minitron.io import write_json
+
+STAGE_NAMES = ["world", "teacher", "correct", "prune", "distill", "scratch", "align", "eval", "report"]
+
+
+@dataclass
+class PipelineConfig:
+    RECIPE: ClassVar[bool] = True  # the CLI loads the whole file, not a section
+
+    out: str = arg("runs/demo", "root of every stage's output")
+    data: str = arg("world", "corpus for correction, calibration and distillation: 'world' or a path / datasets name")
+    teacher_model: str | None = arg(None, "use this model (dir or hub name) as the teacher instead of training one")
+    world: dict = arg({}, "WorldConfig overrides (demo world)")
+    teacher: dict = arg({}, "TeacherConfig overrides (tiny teacher)")
+    correct: dict | None = arg(None, "CorrectConfig overrides; None skips teacher correction")
+    prune: dict = arg({}, "PruneConfig overrides shared by every student")
+    students: dict = arg({}, "student name -> PruneConfig overrides (target shape), e.g. width / depth")
+    distill: dict = arg({}, "DistillConfig overrides shared by every student")
+    scratch: dict | None = arg(None, "CorrectConfig overrides to train each student shape from random init "
+                                     "at the distillation token budget (None = skip)")
+    rounds: list[dict] = arg([], "progressive rounds after the first: each {students, prune, distill, teacher_from}")
+    align_config: str | None = arg(None, "align recipe file (configs/align/...)")
+    align: dict = arg({}, "AlignConfig overrides")
+    align_student: str = arg("width", "which distilled student to align")
+    eval_config: str | None = arg(None, "eval recipe file (configs/eval/...)")
+    eval: dict = arg({}, "EvalConfig overrides")
+    stages: list[str] = arg(list(STAGE_NAMES), f"stages to run: {', '.join(STAGE_NAMES)}")
+    force: bool = arg(False, "redo finished stages")
+    dry_run: bool = arg(False, "validate every stage's config, shapes and data without loading weights")
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGE_NAMES]
+        if unknown:
+            raise ConfigError(f"unknown stage {unknown[0]!r}; valid stages: {', '.join(STAGE_NAMES)}")
+        names = set(self.students) | {f"r{i + 2}-{k}" for i, r in enumerate(self.rounds) for k in r.get("students", {})}
+        if self.students and self.align_student not in names and "align" in self.stages:
+            raise ConfigError(f"align_student={self.align_student!r} is not one of the students {sorted(names)}")
+
+
+@dataclass
+class Paths:
+    """Where every stage of one pipeline writes."""
+
+    root: Path
+
+    def __getattr__(self, name: str) -> Path:  # world, teacher, corrected, eval, ...
+        return self.root / name
+
+    def student(self, kind: str, name: str, round_: int = 0) -> Path:
+        return self.root / (kind if round_ == 0 else f"round{round_ + 1}") / (name if round_ == 0 else f"{kind}-{name}")
+
+
+def _stage_config(target: str, base: dict, *overrides: dict) -> Any:
+    """Build a stage's config from ``module:Class`` with later dicts overriding earlier ones."""
+    import importlib
+
+    module, cls_name = target.split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    merged: dict = {}
+    for d in (base, *overrides):
+        merged.update({k: v for k, v in (d or {}).items()})
+    return from_dict(cls, merged)
+
+
+def _file_section(path: str | None, section: str) -> dict:
+    if not path:
+        return {}
+    raw = read_yaml(path)
+    return dict(raw.get(section, raw)) if isinstance(raw.get(section, raw), dict) else {}
+
+
+class Pipeline:
+    """Runs the stages of one recipe in order; each stage is skipped when its output exists."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.paths = Paths(Path(cfg.out))
+        self.timings: dict[str, float] = {}
+        self.students: dict[str, dict[str, Path]] = {}
+
+    def want(self, stage: str) -> bool:
+        return stage in self.cfg.stages
+
+    def timed(self, name: str, fn, *args) -> Any:
+        t = time.time()
+        result = fn(*args)
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.time() - t, 1)
+        return result
+
+    # ------------------------------------------------------------------ data and teacher
+    def corpus(self) -> str:
+        if self.cfg.data != "world":
+            return self.cfg.data
+        return str(self.paths.world / "corpus")
+
+    def make_world(self) -> None:
+        from minitron.world import WorldConfig, ensure_world
+
+        cfg = _stage_config("minitron.world:WorldConfig", self.cfg.world, {"out": str(self.paths.world),
+                                                                           "force": self.cfg.force})
+        self.timed("world", ensure_world, cfg)
+
+    def make_teacher(self) -> Path:
+        if self.cfg.teacher_model:
+            return Path(self.cfg.teacher_model) if Path(self.cfg.teacher_model).exists() else self.cfg.teacher_model
+        from minitron import teacher
+
+        cfg = _stage_config("minitron.teacher:TeacherConfig", self.cfg.teacher,
+                            {"out": str(self.paths.teacher), "world_dir": str(self.paths.world), "force": self.cfg.force})
+        return self.timed("teacher", teacher.run, cfg)
+
+    def make_corrected(self, teacher: Path) -> Path:
+        from minitron import correct
+
+        cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()}, self.cfg.correct,
+                            {"model": str(teacher), "out": str(self.paths.corrected), "force": self.cfg.force})
+        return self.timed("correct", correct.run, cfg)
+
+    # ------------------------------------------------------------------ students
+    def make_students(self, teacher: Path, students: dict, prune: dict, distill: dict, round_: int) -> dict:
+        from minitron import distill as distill_mod
+        from minitron import prune as prune_mod
+
+        made = {}
+        for name, target in students.items():
+            pruned, distilled = self.paths.student("pruned", name, round_), self.paths.student("distilled", name, round_)
+            if self.want("prune"):
+                pcfg = _stage_config("minitron.prune:PruneConfig", {"calib": self.corpus()}, prune, target,
+                                     {"model": str(teacher), "out": str(pruned), "force": self.cfg.force})
+                if not pruned.exists() or self.cfg.force:
+                    self.timed(f"prune", prune_mod.run, pcfg)
+            if self.want("distill"):
+                dcfg = _stage_config("minitron.distill:DistillConfig", {"data": self.corpus()}, distill,
+                                     {"teacher": str(teacher), "student": str(pruned), "out": str(distilled),
+                                      "force": self.cfg.force})
+                self.timed("distill", distill_mod.run, dcfg)
+            made[name] = {"pruned": pruned, "distilled": distilled}
+        return made
+
+    def make_scratch(self, distill: dict) -> None:
+        """The same student shapes trained from random init with the distillation token budget (LM loss)."""
+        from minitron.correct import CorrectConfig, run as correct_run
+
+        for name, paths in self.students.items():
+            out = self.paths.scratch / name
+            init = reinitialised_copy(paths["pruned"], self.paths.scratch / f".{name}-init")
+            cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()},
+                                {k: v for k, v in distill.items() if k in _fields(CorrectConfig)}, self.cfg.scratch,
+                                {"model": str(init), "out": str(out), "force": self.cfg.force})
+            self.timed("scratch", correct_run, cfg)
+            paths["scratch"] = out
+
+    # ------------------------------------------------------------------ align, eval, report
+    def make_aligned(self) -> Path:
+        from align import pipeline as align_pipeline
+
+        student = self.students[self.cfg.align_student]["distilled"]
+        cfg = _stage_config("align.pipeline:AlignConfig", _file_section(self.cfg.align_config, "align"), self.cfg.align,
+                            {"model": str(student), "out": str(self.paths.aligned), "force": self.cfg.force})
+        return self.timed("align", align_pipeline.run, cfg)
+
+    def models(self) -> dict[str, Path]:
+        """Every model of the run, in story order: label -> directory."""
+        out: dict[str, Path] = {"teacher": self.paths.teacher if not self.cfg.teacher_model else Path(self.cfg.teacher_model)}
+        if self.paths.corrected.exists():
+            out["teacher (corrected)"] = self.paths.corrected
+        for name, p in self.students.items():
+            for kind in ("pruned", "scratch", "distilled"):
+                if kind in p and Path(p[kind]).exists():
+                    out[f"{name} {kind}"] = Path(p[kind])
+        final = self.paths.aligned / "final"
+        if final.exists():
+            out["aligned"] = final.resolve()
+        return out
+
+    def make_eval(self) -> Any:
+        from evals import harness
+
+        labels = self.models()
+        cfg = _stage_config("evals.harness:EvalConfig", _file_section(self.cfg.eval_config, "eval"), self.cfg.eval,
+                            {"model": [str(p) for p in labels.values()], "out": str(self.paths.eval)})
+        return self.timed("eval", harness.run, cfg)
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        if self.want("world") and cfg.data == "world":
+            self.make_world()
+        teacher = self.make_teacher() if self.want("teacher") or cfg.teacher_model else self.paths.teacher
+        if cfg.correct is not None and self.want("correct"):
+            teacher = self.make_corrected(Path(teacher))
+        self.students = self.make_students(Path(teacher), cfg.students, cfg.prune, cfg.distill, 0)
+        for i, rnd in enumerate(cfg.rounds, start=1):
+            prev = self.students[rnd.get("teacher_from", cfg.align_student)]["distilled"]
+            made = self.make_students(prev, rnd["students"], {**cfg.prune, **rnd.get("prune", {})},
+                                      {**cfg.distill, **rnd.get("distill", {})}, i)
+            self.students.update({f"r{i + 1}-{k}": v for k, v in made.items()})
+        if cfg.scratch is not None and self.want("scratch"):
+            self.make_scratch(cfg.distill)
+        if self.want("align") and cfg.align_config is not None:
+            self.make_aligned()
+        if self.want("eval") and cfg.eval_config is not None:
+            self.make_eval()
+        if self.want("report"):
+            from minitron.report import write_report
+
+            return write_report(self.paths.root, self.models(), self.timings, world_dir=self.paths.world)
+        return self.paths.root
+
+
+def reinitialised_copy(model_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A copy of ``model_dir`` (same config and tokenizer) with freshly initialised weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from minitron.io import save_model_dir
+
+    if out.exists():
+        return out
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    return save_model_dir(model, AutoTokenizer.from_pretrained(model_dir), out,
+                          card={"source": f"random init with the shape of {model_dir}"}, title="from-scratch baseline")
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def run(cfg: PipelineConfig) -> Path:
+    """Run (or, with ``dry_run``, validate) the recipe."""
+    if cfg.dry_run:
+        from minitron.dry_run import validate
+
+        return validate(cfg)
+    out = Pipeline(cfg).run()
+    save_resolved(cfg, cfg.out, "pipeline.resolved.yaml")
+    return out
