@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "importance": ("minitron.importance:ImportanceConfig:run", "Score heads, neurons, channels and layers from activations (saved for many targets)."),
     "prune": ("minitron.prune:PruneConfig:run", "Width and/or depth pruning to a target shape or parameter budget."),
     "distill": ("minitron.distill:DistillConfig:run", "Logit knowledge distillation from the teacher into the pruned student."),
+    "teacher-logits": ("minitron.teacher_logits:TeacherLogitsConfig:run", "Precompute the teacher's top-k log-probs for offline distillation."),
     "align": ("align.pipeline:AlignConfig:run", "SFT -> reward model -> DPO -> RL (RLOO/GRPO) with TRL."),
     "eval": ("evals.harness:EvalConfig:run", "MMLU, IFEval, RAG, function calling and roleplay: JSON, Markdown table, plots."),
     "eval-fc": ("evals.bfcl:CheckConfig:run", "BFCL-style AST checker on a predictions file (standalone)."),

@@ -154,3 +154,23 @@ def test_correct_lowers_lm_loss(pair, tmp_path):
     assert recs[-1]["ce"] < recs[0]["ce"]
     fresh = reinitialised_copy(teacher, tmp_path / "fresh")
     assert (fresh / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("path,target,extra", [
+    ("configs/distill/demo.yaml", "minitron.distill:DistillConfig", {"student": "s"}),
+    ("configs/distill/llama31-minitron-4b.yaml", "minitron.distill:DistillConfig",
+     {"student": "s", "teacher": "t", "data": "d"}),
+    ("configs/correct/demo.yaml", "minitron.correct:CorrectConfig", {}),
+    ("configs/bench/reproduce.yaml", "minitron.bench.reproduce:ReproduceConfig", {}),
+])
+def test_recipes_parse(path, target, extra):
+    """Every recipe of this stage loads into its dataclass and opens with a comment header."""
+    from minitron.cli import resolve
+    from minitron.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / path).read_text().startswith("# ")
+    cls, _ = resolve(target + ":run")
+    cfg = load_config(cls, root / path, section=None, overrides=extra)
+    if hasattr(cfg, "lr") and "llama31" in path:
+        assert (cfg.lr, cfg.min_lr, cfg.tau, cfg.alpha) == (1e-4, 1e-5, 1.0, 0.0)
