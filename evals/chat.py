@@ -1,0 +1,204 @@
+"""Interactive terminal chat with an OpenAI-compatible server (``minitron chat`` / ``make chat``).
+
+    minitron serve --model runs/demo/aligned          # terminal 1
+    minitron chat --endpoint http://127.0.0.1:8000/v1 # terminal 2
+
+Replies stream token by token and the whole history is sent each turn. Commands:
+
+    /system TEXT     set the system prompt (kept across /reset)
+    /reset           forget the conversation
+    /tools FILE.json offer these tools (a JSON list of OpenAI tools or bare function schemas); /tools off
+    /extra JSON      extra request fields, vLLM extensions included (e.g. {"top_k": 20}); /extra off
+    /save FILE       write the conversation (system, tools, messages) as JSON
+    /help, /quit     (end of input quits too)
+
+When the model calls tools, each call is shown and you type its result, which goes back as a ``tool`` turn;
+the model then answers again (at most ``MAX_TOOL_ROUNDS`` calls per message). ``--tool-choice required``
+asks for a call on the first reply of each turn; follow-up replies use ``auto``. An untrained model can be
+made to call a tool with ``/extra {"structured_outputs": {"regex": "<tool_call>...</tool_call>"}}``.
+Input is read line by line from stdin, so a session can be scripted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from evals.client import OpenAIClient, merge_deltas
+from minitron.config import ConfigError, MinitronError, arg
+from minitron.io import write_json
+
+HELP = "commands: /system TEXT, /reset, /tools FILE.json | off, /extra JSON | off, /save FILE, /help, /quit"
+MAX_TOOL_ROUNDS = 3  # tool call -> result -> reply cycles per user message
+
+
+@dataclass
+class ChatConfig:
+    """``minitron chat``: talk to a served model from the terminal."""
+
+    endpoint: str = arg("http://127.0.0.1:8000/v1", "server URL (with or without /v1)")
+    model: str | None = arg(None, "model name on the server (default: the first it serves)")
+    api_key: str | None = arg(None, "bearer key, if the server was started with --api-key")
+    system: str | None = arg(None, "initial system prompt")
+    tools: str | None = arg(None, "JSON file of tools to offer from the start (like /tools FILE)")
+    tool_choice: str = arg("auto", "auto | required | none: tool choice for the first reply of each turn")
+    max_tokens: int = arg(256, "maximum tokens per reply")
+    temperature: float = arg(0.7, "sampling temperature (0 = greedy)")
+    stream: bool = arg(True, "stream tokens as they are generated")
+    extra: dict = arg({}, "extra JSON fields for every request (vLLM extensions such as top_k, structured_outputs)")
+
+    def __post_init__(self) -> None:
+        if self.tool_choice not in ("auto", "required", "none"):
+            raise ConfigError(f"--tool-choice {self.tool_choice!r}: use auto, required or none")
+        if self.max_tokens < 1:
+            raise ConfigError("--max-tokens must be at least 1")
+
+
+def load_tools(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON list of tools; bare function schemas (``{"name", "parameters"}``) are wrapped."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"tools file not found: {p}")
+    try:
+        tools = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p} is not JSON: {e}") from None
+    tools = tools if isinstance(tools, list) else [tools]
+    out = []
+    for t in tools:
+        if not isinstance(t, dict) or "name" not in t.get("function", t):
+            raise ConfigError(f"{p}: each tool needs a name (OpenAI tool or function schema): {t!r:.200}")
+        out.append(t if "function" in t else {"type": "function", "function": t})
+    return out
+
+
+class ChatSession:
+    """The conversation state and the command loop; reads ``inp`` line by line and writes to ``out``."""
+
+    def __init__(self, cfg: ChatConfig, inp: TextIO = sys.stdin, out: TextIO = sys.stdout):
+        self.cfg, self.inp, self.out = cfg, inp, out
+        self.client = OpenAIClient(cfg.endpoint, api_key=cfg.api_key, model=cfg.model)
+        self.system = cfg.system
+        self.tools = load_tools(cfg.tools) if cfg.tools else []
+        self.messages: list[dict[str, Any]] = []
+        self.extra = dict(cfg.extra)
+
+    def say(self, text: str = "", end: str = "\n") -> None:
+        self.out.write(text + end)
+        self.out.flush()
+
+    def read(self, prompt: str) -> str | None:
+        """One line of input (None at end of input)."""
+        self.say(prompt, end="")
+        line = self.inp.readline()
+        return None if line == "" else line.rstrip("\n")
+
+    def conversation(self) -> list[dict[str, Any]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means quit."""
+        name, _, rest = line.partition(" ")
+        rest = rest.strip()
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/system":
+            self.system = rest or None
+            self.say(f"[system prompt {'set' if rest else 'cleared'}]")
+        elif name == "/reset":
+            self.messages = []
+            self.say("[conversation reset]")
+        elif name == "/tools":
+            self.tools = [] if rest in ("", "off") else load_tools(rest)
+            self.say(f"[tools: {', '.join(t['function']['name'] for t in self.tools) or 'none'}]")
+        elif name == "/extra":
+            try:
+                extra = {} if rest in ("", "off") else json.loads(rest)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"/extra needs a JSON object: {e}") from None
+            if not isinstance(extra, dict):
+                raise ConfigError("/extra needs a JSON object, e.g. {\"top_k\": 20}")
+            self.extra = extra
+            self.say(f"[extra request fields: {json.dumps(extra) if extra else 'none'}]")
+        elif name == "/save":
+            if not rest:
+                raise ConfigError("/save needs a file name")
+            write_json(rest, {"endpoint": self.cfg.endpoint, "model": self.client.model, "system": self.system,
+                              "tools": self.tools, "messages": self.messages})
+            self.say(f"[saved {len(self.messages)} messages to {rest}]")
+        else:
+            self.say(HELP)
+        return True
+
+    def reply(self, tool_choice: str) -> dict[str, Any]:
+        """One assistant message, streamed to the terminal as it arrives."""
+        kw = dict(self.extra, max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature)
+        tools = self.tools or None
+        self.say("assistant> ", end="")
+        if not self.cfg.stream:
+            message = self.client.chat(self.conversation(), tools, tool_choice if tools else None, **kw)
+            message = message["choices"][0]["message"]
+            self.say(message.get("content") or "", end="")
+        else:
+            deltas = []
+            for choice in self.client.chat_stream(self.conversation(), tools, tool_choice if tools else None, **kw):
+                deltas.append(choice)
+                self.say((choice.get("delta") or {}).get("content") or "", end="")
+            message = merge_deltas(deltas)
+        self.say()
+        keep = {"role": "assistant", "content": message.get("content") or ""}
+        if message.get("tool_calls"):
+            keep["tool_calls"] = [{"id": c.get("id"), "type": "function", "function": c["function"]}
+                                  for c in message["tool_calls"]]
+        return keep
+
+    def turn(self, text: str) -> bool:
+        """Send a user message; answer tool calls with typed results until a plain reply. False at end of input."""
+        self.messages.append({"role": "user", "content": text})
+        choice = self.cfg.tool_choice
+        for _ in range(MAX_TOOL_ROUNDS):
+            message = self.reply(choice)
+            self.messages.append(message)
+            if not message.get("tool_calls"):
+                return True
+            for call in message["tool_calls"]:
+                fn = call["function"]
+                self.say(f"[tool call] {fn['name']}({fn['arguments']})")
+                result = self.read(f"result of {fn['name']}> ")
+                if result is None:
+                    return False
+                self.messages.append({"role": "tool", "tool_call_id": call.get("id"), "content": result})
+            choice = "auto"  # a forced call only opens the turn; the model answers the results freely
+        self.say(f"[stopped after {MAX_TOOL_ROUNDS} tool rounds]")
+        return True
+
+    def loop(self) -> None:
+        """Read commands and messages until /quit or end of input (the model name is asked first: a missing
+        server fails here, naming the endpoint)."""
+        self.say(f"chatting with {self.client.model} at {self.client.base} ({HELP})")
+        while True:
+            line = self.read("you> ")
+            if line is None:
+                self.say()
+                return
+            if not line.strip():
+                continue
+            try:
+                going = self.command(line.strip()) if line.startswith("/") else self.turn(line)
+            except MinitronError as e:  # a bad /tools file or a refused request: report, keep chatting
+                self.say(f"[error] {e}")
+                going = True
+            if not going:
+                return
+
+
+def run(cfg: ChatConfig) -> None:
+    """Chat on stdin/stdout until /quit or end of input."""
+    session = ChatSession(cfg)
+    try:
+        session.loop()
+    except KeyboardInterrupt:
+        session.say()
