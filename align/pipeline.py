@@ -8,13 +8,15 @@ Each stage writes a standard HF directory under OUT (``sft/``, ``rm/`` (a sequen
 with ``metrics.json`` and a model card; a finished stage is skipped (``--force`` redoes it) and an interrupted one
 resumes from its last checkpoint in ``OUT/.work/``. Stage inputs chain: SFT <- model; RM and DPO <- SFT (or the
 model when there is none); RL <- DPO (else SFT, else the model) with the reward model ``OUT/rm``.
-``OUT/report.md`` holds the per-stage table; with ``--eval-suite demo`` the eval harness runs on every output.
+``OUT/final`` links to the last policy (rl, else dpo, else sft; ``--final dpo`` picks one); ``OUT/report.md`` holds
+the per-stage table; with ``--eval-suite demo`` the eval harness runs on every output.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ class AlignConfig:
     max_length: int = arg(512, "token limit of a training sequence (prompt + answer)")
     seed: int = arg(0, "random seed (data split, training, sampling)")
     force: bool = arg(False, "redo stages whose output already exists")
+    final: str = arg("last", "which policy OUT/final points to: last (rl, else dpo, else sft) or a stage name")
     eval_suite: str | None = arg(None, "run evals.harness with this suite on the model and every stage output")
     eval_limit: int | None = arg(None, "examples per eval task (with eval_suite)")
     lora: LoraArgs = _section(LoraArgs, "LoRA for every stage (merged on export)")
@@ -73,6 +76,8 @@ class AlignConfig:
             raise ConfigError(f"unknown stage(s) {bad or self.stages}: --stages takes a subset of {','.join(STAGES)}")
         if self.eval_rows < 1 or self.max_length < 32:
             raise ConfigError("eval_rows must be >= 1 and max_length >= 32")
+        if self.final not in ("last", "sft", "dpo", "rl"):
+            raise ConfigError(f"final must be last, sft, dpo or rl (got {self.final!r})")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1 (got {self.max_steps})")
 
@@ -140,6 +145,19 @@ def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, base: Path, data
                  [p["prompt"] for p in eval_pairs][: cfg.rl.eval_prompts], info)
 
 
+def link_final(out: Path, final: str) -> Path | None:
+    """Point ``OUT/final`` (a relative symlink, replaced atomically) at the chosen finished policy stage."""
+    order = ("rl", "dpo", "sft") if final == "last" else (final,)
+    stage = next((s for s in order if _done(out, s)), None)
+    if stage is None:
+        return None
+    tmp = out / f".final.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(stage, target_is_directory=True)
+    os.replace(tmp, out / "final")
+    return out / "final"
+
+
 def run_evals(cfg: AlignConfig, models: list[Path]) -> Any:
     """Run the eval suite (evals.harness, when installed) on the base model and every stage output."""
     if importlib.util.find_spec("evals.harness") is None:
@@ -165,8 +183,9 @@ def run(cfg: AlignConfig) -> Path:
             print(f"[align] {stage}: {out / stage} is complete, skipping (--force redoes it)")
             continue
         print(f"[align] {stage}: training")
-        ctx.started[stage] = time.perf_counter()
+        ctx.started[stage] = (time.perf_counter(), time.process_time())
         _run_stage(cfg, ctx, stage, base, data)
+    link_final(out, cfg.final)
     evals = None
     if cfg.eval_suite:
         evals = run_evals(cfg, [base] + [out / s for s in ("sft", "dpo", "rl") if _done(out, s)])

@@ -36,13 +36,13 @@ def _num(v: Any) -> str:
 
 def table(metrics: dict[str, dict[str, Any]]) -> str:
     """The per-stage Markdown table."""
-    lines = ["| stage | measured on held-out data | before | after | also | steps | seconds |",
+    lines = ["| stage | measured on held-out data | before | after | also | steps | seconds (wall / CPU) |",
              "|---|---|---|---|---|---|---|"]
     for stage, m in metrics.items():
         what, k0, k1, extra = HEADLINE[stage]
         also = ", ".join(f"{k} {_num(m.get(k))}" for k in extra)
         lines.append(f"| {stage} | {what} | {_num(m.get(k0))} | {_num(m.get(k1))} | {also} | {m.get('steps')} "
-                     f"| {_num(m.get('seconds'))} |")
+                     f"| {m.get('seconds')} / {m.get('cpu_seconds')} |")
     return "\n".join(lines)
 
 

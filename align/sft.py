@@ -34,8 +34,9 @@ def train(ctx: StageContext, args: SFTArgs, model_dir: str | Path, train_rows: l
 
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tok)
+    # Tool-schema conversations are ~5x longer than plain ones: batching by length saves most of the padding.
     config = trl_args(SFTConfig, args, ctx, "sft", completion_only_loss=True, packing=False,
-                      dataset_num_proc=None)
+                      train_sampling_strategy="group_by_length")
     trainer = SFTTrainer(model=model, args=config, train_dataset=to_dataset(train_rows),
                          eval_dataset=to_dataset(eval_rows), processing_class=tok,
                          peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)

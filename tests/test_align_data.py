@@ -120,6 +120,8 @@ def test_recipes_parse_against_align_config():
     assert demo.sft_eval_data == [] and demo.model == "latest:runs/demo/distilled"
     with pytest.raises(ConfigError, match="subset of sft,rm,dpo,rl"):
         AlignConfig(stages=["sft", "ppo"])
+    with pytest.raises(ConfigError, match="final must be"):
+        AlignConfig(final="rm")
     with pytest.raises(ConfigError, match="rl.algo"):
         load_config(AlignConfig, None, overrides={"rl.algo": "ppo"})
 

@@ -110,6 +110,7 @@ def test_report_and_skip_finished_stages(aligned, capsys):
     cfg, _, out = aligned
     report = (out / "report.md").read_text()
     assert all(f"| {s} |" in report for s in ("sft", "rm", "dpo", "rl")) and (out / "report.png").exists()
+    assert (out / "final").resolve() == (out / "rl").resolve()  # OUT/final: the last policy stage
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary["stages"]) == {"sft", "rm", "dpo", "rl"} and "history" not in summary["stages"]["sft"]
     stamp = (out / "sft" / "model.safetensors").stat().st_mtime_ns
