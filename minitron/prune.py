@@ -69,6 +69,7 @@ class PruneConfig:
     batch_agg: str = arg("l2", "importance aggregation over the batch: l2, mean, var")
     mode: str = arg("auto", "importance driver: whole, layers (one decoder layer in memory), auto")
     batch_size: int = arg(8, "sequences per calibration forward")
+    dtype: str = arg("float32", "importance compute dtype: float32, or bfloat16 (about 3x faster on CPUs with avx512_bf16)")
     max_shard_size: str = arg("2GB", "largest output safetensors shard (e.g. 5GB, 500MB)")
     force: bool = arg(False, "overwrite an existing output directory")
 
@@ -350,7 +351,8 @@ def get_scores(cfg: PruneConfig, src: Layout, target: Target) -> tuple[dict, dic
     icfg = ImportanceConfig(model=cfg.model, calib=cfg.calib, calib_samples=cfg.calib_samples,
                             calib_seq_len=cfg.calib_seq_len, seed=cfg.seed, seq_agg=cfg.seq_agg,
                             batch_agg=cfg.batch_agg, layer_metrics=metrics, mc_data=cfg.mc_data,
-                            mc_block=n_drop if "mc_block" in metrics else 0, mode=cfg.mode, batch_size=cfg.batch_size)
+                            mc_block=n_drop if "mc_block" in metrics else 0, mode=cfg.mode, batch_size=cfg.batch_size,
+                            dtype=cfg.dtype)
     return compute_scores(icfg)
 
 
