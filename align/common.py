@@ -111,9 +111,10 @@ def load_tokenizer(path: str | Path) -> Any:
 def prepare_model(model: Any, tok: Any) -> Any:
     """Match the embeddings to the tokenizer (new template tokens) and stop generation at end of turn."""
     if model.get_input_embeddings().weight.shape[0] < len(tok):
+        # install_chat_template added <|im_start|>/<|im_end|>/tool tokens to a tokenizer that had no template
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
-    model.config.use_cache = True
+    model.config.use_cache = True  # TRL saves use_cache=false; generation (HF, vLLM) wants the KV cache
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = stop_token_ids(tok)
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -136,6 +137,7 @@ def save_stage(model: Any, tok: Any, ctx: StageContext, stage: str, metrics: dic
     metrics["seconds"] = round(time.perf_counter() - wall, 1)
     metrics["cpu_seconds"] = round(time.process_time() - cpu, 1)  # all threads: ~2x the wall time on 2 idle cores
     with atomic_dir(out) as tmp:
+        # LoRA: adapter to tmp/adapter, then the merged weights; the next stage loads a plain model either way
         model = merge_for_export(model, tmp)
         prepare_model(model, tok)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -148,6 +150,7 @@ def save_stage(model: Any, tok: Any, ctx: StageContext, stage: str, metrics: dic
                 "parameters": f"{count_parameters(model):,}", "LoRA": "merged (adapter/)" if ctx.lora.enabled else "no",
                 **{k: _fmt(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         write_model_card(tmp, title, card, notes)
+    # The checkpoints were only the resume point; the finished output makes them dead weight.
     shutil.rmtree(ctx.work_dir(stage), ignore_errors=True)
     return out
 

@@ -87,7 +87,7 @@ def load_rows(sources: list[str], split: str, convert: Callable[[dict], list[dic
                 if len(stats.errors) < 5:
                     stats.errors.append(msg)
                 continue
-            out.extend(examples)
+            out.extend(examples)  # one row can give several examples (one per assistant turn)
             if limit is not None and len(out) >= limit:
                 stats.examples = limit
                 return out[:limit], stats
@@ -98,7 +98,7 @@ def load_rows(sources: list[str], split: str, convert: Callable[[dict], list[dic
 def holdout(rows: list[dict], n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
     """A reproducible (train, eval) split taking ``n_eval`` random rows out (at least one row stays for training)."""
     idx = list(range(len(rows)))
-    random.Random(seed).shuffle(idx)
+    random.Random(seed).shuffle(idx)  # files are often sorted by source or topic: hold out a random sample
     n_eval = max(0, min(n_eval, len(rows) - 1))
     held = set(idx[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]

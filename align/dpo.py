@@ -49,6 +49,7 @@ def train(ctx: StageContext, args: DPOArgs, model_dir: str | Path, train_pairs: 
 
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tok)
+    # Before training the policy is the reference, so these margins are also the reference's (for the implicit reward).
     ref = measured_once(ctx, "dpo", "margins", lambda: margins(model, tok, eval_pairs).tolist())
     config = trl_args(DPOConfig, args, ctx, "dpo", beta=args.beta, loss_type=list(args.loss_type))
     trainer = DPOTrainer(model=model, args=config, train_dataset=to_dataset(train_pairs), processing_class=tok,

@@ -98,6 +98,7 @@ def resolve_model(spec: str) -> Path:
 
 def _load(cfg: AlignConfig, train_src: list[str], eval_src: list[str], convert: Any) -> tuple[list, list, dict]:
     """(train, eval, stats): eval from its own sources, else held out of the training rows."""
+    # With a row cap, read just enough rows for the cap plus a possible hold-out (large real sets stream).
     rows, stats = D.load_rows(train_src, "train", convert, cfg.skip_bad_rows,
                               None if cfg.max_train_rows is None else cfg.max_train_rows + cfg.eval_rows)
     if eval_src:
@@ -140,6 +141,7 @@ def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, base: Path, data
         if not _done(out, "rm"):
             raise MinitronError(f"the RL stage needs a reward model in {out / 'rm'}: run the rm stage first "
                                 "(--stages rm,rl)")
+        # RL needs prompts only: the preference prompts, so the RM scores answers to the questions it was trained on
         prompts = [p["prompt"] for p in train_pairs]
         rl.train(ctx, cfg.rl, _input(out, base, "dpo", "sft"), out / "rm", prompts,
                  [p["prompt"] for p in eval_pairs][: cfg.rl.eval_prompts], info)
@@ -175,8 +177,8 @@ def run(cfg: AlignConfig) -> Path:
     out = Path(cfg.out)
     save_resolved(cfg, out, "align.resolved.yaml")
     ctx = StageContext(out=out, seed=cfg.seed, max_steps=cfg.max_steps, max_length=cfg.max_length, lora=cfg.lora)
-    data: dict[str, Any] = {}
-    for stage in STAGES:
+    data: dict[str, Any] = {}  # loaded once: RM, DPO and RL share the preference data
+    for stage in STAGES:  # always in pipeline order, whatever the order of --stages
         if stage not in cfg.stages:
             continue
         if _done(out, stage) and not cfg.force:

@@ -53,6 +53,7 @@ def _config(args: RLArgs, ctx: StageContext) -> Any:
     from trl import GRPOConfig, RLOOConfig
 
     cls = RLOOConfig if args.algo == "rloo" else GRPOConfig
+    # TRL counts completions, not prompts, in a batch: it must be a multiple of num_generations.
     extra = {"loss_type": "grpo"} if args.algo == "grpo" else {}
     return trl_args(cls, args, ctx, "rl", per_device_train_batch_size=args.batch_size * args.num_generations,
                     num_generations=args.num_generations, max_completion_length=args.max_completion_length,
@@ -74,7 +75,7 @@ def train(ctx: StageContext, args: RLArgs, model_dir: str | Path, rm_dir: str | 
 
     tok, rm_tok = load_tokenizer(model_dir), load_tokenizer(rm_dir)
     policy, rm = load_causal_lm(model_dir, tok), load_reward_model(rm_dir, rm_tok).eval()
-    ref = copy.deepcopy(policy).eval()
+    ref = copy.deepcopy(policy).eval()  # frozen start policy, for our KL estimate (TRL keeps its own)
     before = measured_once(ctx, "rl", "sampled", lambda: {
         k: v for k, v in _measure(policy, tok, rm, rm_tok, eval_prompts, args, ctx.seed).items() if k != "_samples"})
     cls = RLOOTrainer if args.algo == "rloo" else GRPOTrainer

