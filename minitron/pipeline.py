@@ -163,16 +163,18 @@ class Pipeline:
 
     def make_scratch(self, distill: dict) -> None:
         """The same student shapes trained from random init with the distillation token budget (LM loss)."""
-        from minitron.correct import CorrectConfig, run as correct_run
+        from minitron.correct import CorrectConfig, reinitialised_copy, run as correct_run
 
         for name, paths in self.students.items():
             out = self.paths.scratch / name
+            paths["scratch"] = out
+            if (out / "metrics.json").exists() and not self.cfg.force:
+                continue
             init = reinitialised_copy(paths["pruned"], self.paths.scratch / f".{name}-init")
             cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()},
                                 {k: v for k, v in distill.items() if k in _fields(CorrectConfig)}, self.cfg.scratch,
                                 {"model": str(init), "out": str(out), "force": self.cfg.force})
             self.timed("scratch", correct_run, cfg)
-            paths["scratch"] = out
 
     # ------------------------------------------------------------------ align, eval, report
     def make_aligned(self) -> Path:
@@ -229,22 +231,6 @@ class Pipeline:
 
             return write_report(self.paths.root, self.models(), self.timings, world_dir=self.paths.world)
         return self.paths.root
-
-
-def reinitialised_copy(model_dir: Path, out: Path, seed: int = 0) -> Path:
-    """A copy of ``model_dir`` (same config and tokenizer) with freshly initialised weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from minitron.io import save_model_dir
-
-    if out.exists():
-        return out
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    return save_model_dir(model, AutoTokenizer.from_pretrained(model_dir), out,
-                          card={"source": f"random init with the shape of {model_dir}"}, title="from-scratch baseline")
 
 
 def _fields(cls: type) -> set[str]:

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
-
 from minitron.config import ConfigError, arg, save_resolved
-from minitron.data import iter_texts, packed_sequences, read_jsonl
-from minitron.io import count_parameters, is_model_dir, save_model_dir, write_json
+from minitron.data import iter_texts, read_jsonl
+from minitron.io import count_parameters, is_model_dir, read_json, save_model_dir, write_json, write_model_card
 
 WORLD = "world"
 
@@ -46,7 +45,7 @@ class TeacherConfig:
     batch_size: int = arg(16, "sequences per step")
     tokens: int = arg(1_600_000, "training tokens (sets the number of steps)")
     max_steps: int | None = arg(None, "cap on steps (smoke runs)")
-    time_budget_s: float | None = arg(None, "stop early after this many seconds")
+    save_every: int = arg(50, "checkpoint every N steps (an interrupted run resumes from the last one)")
     lr: float = arg(2e-3, "peak learning rate (cosine to 10% after warmup)")
     warmup_steps: int = arg(30, "linear warmup steps")
     weight_decay: float = arg(0.1, "AdamW weight decay")
@@ -107,50 +106,6 @@ def build_model(cfg: TeacherConfig, tokenizer: Any) -> torch.nn.Module:
     return model
 
 
-def lr_at(step: int, total: int, cfg: TeacherConfig) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def train(model: torch.nn.Module, rows: torch.Tensor, cfg: TeacherConfig) -> list[dict[str, float]]:
-    """Plain next-token training over shuffled packed rows; returns the logged history."""
-    total = cfg.tokens // (cfg.batch_size * cfg.seq_len)
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = itertools.chain.from_iterable(torch.randperm(len(rows), generator=g).tolist() for _ in itertools.count())
-    history, start = [], time.time()
-    model.train()
-    bar = tqdm(range(total), desc="teacher", unit="step")
-    for step in bar:
-        batch = rows[[next(order) for _ in range(cfg.batch_size)]]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, cfg)
-        loss = model(input_ids=batch, labels=batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        elapsed = time.time() - start
-        tok_s = (step + 1) * cfg.batch_size * cfg.seq_len / elapsed
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:.0f}")
-        if step % 10 == 0 or step == total - 1:
-            history.append({"step": step, "loss": loss.item(), "lr": lr_at(step, total, cfg), "tokens_per_s": tok_s})
-        if cfg.time_budget_s is not None and elapsed > cfg.time_budget_s:
-            break
-    model.eval()
-    return history
-
-
 @torch.no_grad()
 def eval_loss(model: torch.nn.Module, rows: torch.Tensor, batch_size: int = 16) -> float:
     """Mean next-token loss over packed rows."""
@@ -197,40 +152,48 @@ def _continuation_logprob(model: torch.nn.Module, tokenizer: Any, context: str, 
 
 
 def run(cfg: TeacherConfig) -> Path:
-    """Train tokenizer + teacher and save them as a standard HF model directory."""
+    """Train tokenizer + teacher and save them as a standard HF model directory.
+
+    The weights are trained by the shared LM trainer (``minitron.correct``: the LM loss from a random
+    initialisation), so the teacher checkpoints every ``save_every`` steps and an interrupted run resumes.
+    """
+    from minitron.correct import CorrectConfig, run as train_lm
+
     out = Path(cfg.out)
-    if is_model_dir(out) and not cfg.force:
+    if is_model_dir(out) and (out / "metrics.json").exists() and not cfg.force:
         print(f"teacher exists at {out} (pass --force to retrain)")
         return out
     torch.manual_seed(cfg.seed)
     source = corpus_source(cfg)
     t0 = time.time()
-    tokenizer = build_tokenizer(source, cfg)
-    rows = packed_sequences(source, tokenizer, cfg.seq_len, max_tokens=cfg.tokens, text_field=cfg.text_field)
-    try:
-        val = packed_sequences(source, tokenizer, cfg.seq_len, max_tokens=64 * cfg.seq_len, split="validation",
-                               text_field=cfg.text_field)
-    except Exception:  # no validation split: hold out the last rows
-        rows, val = rows[: -max(1, len(rows) // 20)], rows[-max(1, len(rows) // 20):]
-    model = build_model(cfg, tokenizer)
-    t_train = time.time()
-    history = train(model, rows, cfg)
-    train_s = time.time() - t_train
-    metrics: dict[str, Any] = {
-        "parameters": count_parameters(model), "train_seconds": round(train_s, 1),
-        "total_seconds": round(time.time() - t0, 1), "steps": history[-1]["step"] + 1,
-        "train_tokens": (history[-1]["step"] + 1) * cfg.batch_size * cfg.seq_len,
-        "final_train_loss": history[-1]["loss"], "validation_loss": eval_loss(model, val), "data": cfg.data,
-    }
+    init = out.with_name(f".{out.name}-init")
+    if not is_model_dir(init) or cfg.force:
+        tokenizer = build_tokenizer(source, cfg)
+        save_model_dir(build_model(cfg, tokenizer), tokenizer, init, card={"init": "random"}, title="teacher init")
+    run_dir = out.with_name(out.name + ".run")
+    train_lm(CorrectConfig(
+        model=str(init), out=str(out), data=source, text_field=cfg.text_field, tokens=cfg.tokens, seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=cfg.seed, max_steps=cfg.max_steps,
+        save_every=cfg.save_every, resume=run_dir.exists() and not cfg.force, force=True))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    trained = read_json(out / "metrics.json")
+    metrics: dict[str, Any] = {"parameters": count_parameters(model), "total_seconds": round(time.time() - t0, 1),
+                               "data": cfg.data, **trained}
     mc_file = Path(cfg.world_dir) / "mmlu" / "mmlu_test.jsonl"
     if cfg.data == WORLD and cfg.eval_items > 0 and mc_file.exists():
         metrics.update(fact_accuracy(model, tokenizer, mc_file, cfg.eval_items))
     card = {"architecture": "LlamaForCausalLM (trained from scratch)", "data": cfg.data,
-            **{k: metrics[k] for k in ("parameters", "train_tokens", "train_seconds", "validation_loss")}}
+            "parameters": f"{metrics['parameters']:,}", "train tokens": f"{trained['tokens']:,}",
+            "train seconds": trained["train_time_s"], "validation loss": f"{trained.get('final_val_ce', float('nan')):.4f}"}
     if "world_mc_accuracy" in metrics:
         card["world MC accuracy (chance 25%)"] = f"{metrics['world_mc_accuracy']:.3f}"
-    save_model_dir(model, tokenizer, out, card=card, title="minitron demo teacher")
-    write_json(out / "metrics.json", {**metrics, "history": history})
+    write_model_card(out, "minitron demo teacher", card)
+    write_json(out / "metrics.json", metrics)
     save_resolved(cfg, out)
-    print({k: v for k, v in metrics.items() if k != "history"})
+    shutil.rmtree(init, ignore_errors=True)
+    print({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
     return out

@@ -37,7 +37,10 @@ def test_output_is_a_standard_hf_directory(teacher_dir):
     assert out.shape[1] > len(ids)
     metrics = json.loads((teacher_dir / "metrics.json").read_text())
     assert metrics["parameters"] > 0 and 0 <= metrics["world_mc_accuracy"] <= 1
-    assert metrics["history"][-1]["loss"] < metrics["history"][0]["loss"]
+    history = [json.loads(line) for line in (teacher_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < losses[0]
+    assert (teacher_dir / "loss_curve.png").exists()
     assert (teacher_dir / "README.md").exists()
 
 
@@ -45,6 +48,22 @@ def test_rerun_skips_existing(teacher_dir):
     before = (teacher_dir / "model.safetensors").stat().st_mtime
     run(TeacherConfig(out=str(teacher_dir)))
     assert (teacher_dir / "model.safetensors").stat().st_mtime == before
+
+
+def test_interrupted_training_resumes(tmp_path, teacher_dir):
+    """A run stopped after 2 steps continues from its checkpoint to the same weights as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    world = teacher_dir.parent / "world"
+    base = dict(world_dir=str(world), vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, seq_len=32, batch_size=2, tokens=32 * 2 * 4,
+                eval_items=0, save_every=1)
+    full = run(TeacherConfig(out=str(tmp_path / "full"), **base))
+    run(TeacherConfig(out=str(tmp_path / "cut"), max_steps=2, **base))  # "interrupted": stops at step 2
+    (tmp_path / "cut" / "metrics.json").unlink()  # an unfinished run has no final metrics
+    resumed = run(TeacherConfig(out=str(tmp_path / "cut"), **base))
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k]) for k in a)
 
 
 def test_gqa_violation_fails_early():
