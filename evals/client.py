@@ -62,7 +62,7 @@ class OpenAIClient:
         try:
             resp = self.session.request(method, url, json=body, timeout=self.timeout, stream=stream)
         except requests.RequestException as e:
-            raise ClientError(f"cannot reach {url}: {e} (is the server running? `minitron serve --model DIR`)") from None
+            raise ClientError(f"cannot reach {url}: {e} (is a server running? `minitron serve --model DIR`)") from None
         if resp.status_code != 200:
             try:
                 detail = resp.json().get("error", resp.json())

@@ -216,7 +216,8 @@ class VLLMServer:
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        raise ServeError(f"vLLM did not answer {self.url}/health within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+        raise ServeError(f"vLLM did not answer {self.url}/health within {self.startup_timeout:.0f} s:\n"
+                         + self.log_tail())
 
     def _track_pids(self) -> None:
         """Remember every process of the server (to verify they are all gone after stop)."""

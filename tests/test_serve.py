@@ -13,6 +13,12 @@ import json
 import shutil
 import socket
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import psutil
 import pytest
 import torch
@@ -251,3 +257,117 @@ def test_stop_leaves_no_process(server):
                  if p.pid in pids and p.create_time() == pids[p.pid] and p.info["status"] != psutil.STATUS_ZOMBIE]
     assert leftovers == []  # (exited children may stay zombies until init reaps them: not running)
     assert not OpenAIClient(server.url).health()
+
+
+# --- the `minitron serve` command ----------------------------------------------------------------------
+
+def _minitron(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "minitron.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), **kw)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_cli_busy_port_and_public_host_warning(serve_dir):
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = _minitron("serve", "--model", str(serve_dir), "--port", str(port), "--host", "0.0.0.0")
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "WARNING: binding to 0.0.0.0" in err and f"port {port} on 0.0.0.0 is not available" in err
+
+
+def _wait_for_curl(proc: subprocess.Popen, timeout: float = 400) -> str:
+    """Read the command's stdout until it prints the ready-to-paste curl (the server is up then)."""
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if line.strip().startswith("curl "):
+            return "".join(seen)
+    raise AssertionError(f"no curl line; stdout: {''.join(seen)[-2000:]}; stderr: {proc.stderr.read()[-3000:]}")
+
+
+def _server_processes(proc: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_cli_serve_then_ctrl_c(serve_dir):
+    port = __import__("evals.serve", fromlist=["free_port"]).free_port()
+    proc = _minitron("serve", "--model", str(serve_dir), "--port", str(port), "--api-key", "k3y")
+    banner = _wait_for_curl(proc)
+    assert f"http://127.0.0.1:{port}/v1" in banner and "Bearer k3y" in banner
+    children = _server_processes(proc)
+    reply = OpenAIClient(f"http://127.0.0.1:{port}/v1", api_key="k3y").chat(
+        [{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+    assert reply["usage"]["completion_tokens"] == 4
+    with pytest.raises(ClientError, match="HTTP 401"):  # the key is enforced
+        OpenAIClient(f"http://127.0.0.1:{port}/v1", api_key="wrong", model="x").chat([{"role": "user", "content": "x"}])
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert "no server process left" in err
+    assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    check_port("127.0.0.1", port)  # free again
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_cli_exits_nonzero_with_logs_when_vllm_dies(serve_dir):
+    port = __import__("evals.serve", fromlist=["free_port"]).free_port()
+    proc = _minitron("serve", "--model", str(serve_dir), "--port", str(port))
+    _wait_for_curl(proc)
+    engine = [c for c in _server_processes(proc) if "EngineCore" in " ".join(c.cmdline()) + c.name()]
+    assert engine, [c.cmdline() for c in _server_processes(proc)]
+    children = _server_processes(proc)
+    engine[0].kill()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "vLLM exited with code" in err and "EngineCore" in err  # vLLM's own last log lines are shown
+    assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+# --- the serving benchmark ----------------------------------------------------------------------------
+
+def test_bench_helpers(tmp_path, tiny_tokenizer):
+    from evals.bench_serve import BenchServeConfig, count_parameters, markdown, ratio
+
+    d = make_tiny_model_dir(tmp_path / "m", tiny_tokenizer, head_dim=32)
+    from transformers import AutoModelForCausalLM
+
+    assert count_parameters(d) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d).parameters())
+    level = {"requests_per_s": 1.0, "mean_latency_s": 0.1}
+    results = {"teacher": {"levels": {"c8": {**level, "output_tokens_per_s": 100.0}}},
+               "width": {"levels": {"c8": {**level, "output_tokens_per_s": 180.0}}}}
+    assert ratio(results, "width", "c8") == 1.8 and ratio(results, "depth", "c8") is None
+    with pytest.raises(Exception, match="teacher directory not found"):
+        BenchServeConfig(teacher=str(tmp_path / "none"))
+    results["teacher"].update(parameters=10, dir="t")
+    results["width"].update(parameters=5, dir="w")
+    table = markdown({"device": "cpu", "max_tokens": 8, "repeats": 1, "models": results,
+                      "throughput_ratio_width_c8": 1.8, "throughput_ratio_depth_c8": None})
+    assert "| width | 5 | 8 | " in table and "throughput_ratio_width_c8 = 1.8" in table
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_bench_serve_runs_end_to_end(serve_dir, tmp_path, capsys):
+    from evals.bench_serve import BenchServeConfig, run
+
+    cfg = BenchServeConfig(teacher=str(serve_dir), width=str(serve_dir), depth=str(tmp_path / "absent"),
+                           concurrency=[1, 2], requests=2, max_tokens=8, warmup=1, repeats=1, out=str(tmp_path / "b"))
+    result = run(cfg)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
+    assert result["skipped"] == {"depth": str(tmp_path / "absent")}
+    assert result["models"]["teacher"]["levels"]["c2"]["output_tokens"] == 2 * 2 * 8  # ignore_eos: exact counts
+    assert result["throughput_ratio_width_c8"] is None  # no c8 level here
+    assert (tmp_path / "b" / "serve.json").exists() and (tmp_path / "b" / "serve.md").exists()
