@@ -1,0 +1,71 @@
+"""IFEval offline: the project's punkt_tab, lm-eval's checkers on known replies, and the task end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evals import ifeval
+from evals.generate import Generator, HFBackend
+
+ROWS = [
+    {"key": 1, "prompt": "Describe a fox. Do not use any commas in your response.",
+     "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+    {"key": 2, "prompt": "Answer in fewer than 3 sentences: where is Oslo?",
+     "instruction_id_list": ["length_constraints:number_sentences"],
+     "kwargs": [{"num_sentences": 3, "relation": "less than"}]},
+    {"key": 3, "prompt": "Write about bread in all lowercase letters, and end with 'any other questions?'.",
+     "instruction_id_list": ["change_case:english_lowercase", "startend:end_checker"],
+     "kwargs": [{}, {"end_phrase": "any other questions?"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ifeval")
+    (folder / "input_data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def punkt(tmp_path_factory, data):
+    """A punkt_tab trained here (small text budget), found through NLTK_DATA."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINITRON_CACHE", str(tmp_path_factory.mktemp("minitron_cache")))
+    root = ifeval.ensure_punkt(data / "input_data.jsonl", max_chars=300_000)
+    yield root
+    mp.undo()
+
+
+def test_punkt_tab_is_trained_and_found(punkt):
+    import nltk
+
+    found = Path(str(nltk.data.find("tokenizers/punkt_tab/english/")))  # ours, or one installed beforehand
+    files = sorted(p.name for p in found.iterdir())
+    assert files == ["abbrev_types.txt", "collocations.tab", "ortho_context.tab", "sent_starters.txt"]
+    assert nltk.sent_tokenize("Mr. Smith went to Oslo. He saw a fox! Did it run? Yes.") == [
+        "Mr. Smith went to Oslo.", "He saw a fox!", "Did it run?", "Yes."]
+
+
+def test_lm_eval_checkers_on_known_replies(punkt):
+    """lm-eval's own process_results (sentence counting uses punkt) accepts good replies and rejects bad ones."""
+    from lm_eval.tasks.ifeval.utils import process_results
+
+    good = ["A quick red fox runs.", "Oslo is in Norway. It is cold.", "bread is warm. any other questions?"]
+    bad = ["A red, quick fox.", "Oslo. Is. In. Norway.", "Bread is warm."]
+    for row, g, b in zip(ROWS, good, bad):
+        assert process_results(row, [g])["prompt_level_strict_acc"] is True
+        assert process_results(row, [b])["prompt_level_strict_acc"] is False
+
+
+def test_ifeval_end_to_end(punkt, data, tiny_model_dir, tmp_path):
+    """Prompts through the chat template; four metrics with n (prompts or instructions) and stderr."""
+    res = ifeval.evaluate(Generator(HFBackend(tiny_model_dir), None), data, None, tmp_path, max_new_tokens=16)
+    m = res["metrics"]
+    assert set(m) == set(ifeval.METRICS)
+    assert m["prompt_level_strict_acc"]["n"] == 3 and m["inst_level_strict_acc"]["n"] == 4
+    assert all(0 <= v["value"] <= 1 and v["stderr"] >= 0 for v in m.values())
+    assert [i["id"] for i in res["items"]] == [1, 2, 3] and all(isinstance(i["response"], str) for i in res["items"])
+    assert "hit max_new_tokens=16" in res["note"]  # a random model never ends its reply
