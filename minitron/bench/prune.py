@@ -3,7 +3,7 @@
 Prints one JSON object. Always (about a minute):
 - ``importance_overhead_ratio``: the importance pass (hooks accumulating head/neuron/channel/block statistics in
   place) / the plain forward of the same backbone on the same batch (a random 57M-parameter Llama, 8 x 256 tokens;
-  medians of interleaved repeats, in CPU seconds of this process: other jobs on a shared machine inflate wall
+  minimum of interleaved repeats, in CPU seconds of this process: other jobs on a shared machine inflate wall
   time at random; ``..._wall`` is the wall-clock ratio). ``..._vs_full_forward`` divides by the full forward with the LM head instead;
 - parameter counts of Llama-3.1-8B and its 4B-width / 4B-depth shapes, and their forward tokens/s relative to the
   8B shape: one decoder layer of each shape and the LM head are timed on the same tokens (random weights) and
@@ -51,7 +51,7 @@ class BenchPruneConfig:
     calib_samples: int = arg(32, "8b scale: calibration sequences")
     calib_seq_len: int = arg(512, "8b scale: tokens per calibration sequence")
     dtype: str = arg("bfloat16", "compute dtype of the importance pass and the tokens/s timing")
-    repeats: int = arg(3, "repeats of each timed forward (medians)")
+    repeats: int = arg(5, "repeats of each timed forward (the minimum is kept)")
     workdir: str | None = arg(None, "8b scale: where the 16 GB checkpoint goes (default: a temp dir, removed after)")
     out: str | None = arg(None, "also write the JSON here")
 
@@ -101,7 +101,7 @@ def importance_overhead(repeats: int) -> dict[str, float]:
             t["hooked_wall"].append(_median_time(plain, 1))
             for h in handles:
                 h.remove()
-    m = {k: statistics.median(v) for k, v in t.items()}
+    m = {k: min(v) for k, v in t.items()}  # the least disturbed run of each (noise here is +-20%)
     return {"importance_overhead_ratio": round(m["hooked"] / m["plain"], 4),
             "importance_overhead_ratio_wall": round(m["hooked_wall"] / m["plain_wall"], 4),
             "importance_overhead_ratio_vs_full_forward": round(m["hooked"] / m["full"], 4),
@@ -109,46 +109,55 @@ def importance_overhead(repeats: int) -> dict[str, float]:
             "overhead_model_params": sum(x.numel() for x in model.parameters()), "overhead_tokens": ids.numel()}
 
 
+def _random_layer(cfg: Any, dtype: torch.dtype) -> tuple[Any, torch.Tensor]:
+    """One decoder layer and an LM head of ``cfg``'s shape with N(0, 0.02) weights (no slow default init)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(cfg, 0).to(dtype)
+    layer = layer.to_empty(device="cpu").eval()
+    for p in layer.parameters():
+        p.data.normal_(0, 0.02)
+    return layer, torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype).normal_(0, 0.02)
+
+
 def shape_report(dtype: torch.dtype, repeats: int, tokens: int = 64) -> dict[str, Any]:
-    """Parameter counts of the 8B / 4B-width / 4B-depth shapes and their estimated forward tokens/s."""
+    """Parameter counts of the 8B / 4B-width / 4B-depth shapes and their estimated forward tokens/s.
+
+    A forward is ``layers x t(one decoder layer) + t(LM head)`` on 1 x ``tokens`` tokens; both hidden sizes are
+    timed in alternation and the minimum over repeats is kept (the least disturbed run on a shared machine).
+    """
     from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from minitron.adapters import Layout
 
-    base = LlamaConfig(**LLAMA31_8B)
-    shapes = {"8b": {}, "4b_width": WIDTH_4B, "4b_depth": DEPTH_4B}
-    out: dict[str, Any] = {}
-    times: dict[int, tuple[float, float]] = {}
-    for name, shape in shapes.items():
-        cfg = LlamaConfig(**{**LLAMA31_8B, **shape})
+    torch.manual_seed(0)
+    cfgs = {name: LlamaConfig(**{**LLAMA31_8B, **shape})
+            for name, shape in (("8b", {}), ("4b_width", WIDTH_4B), ("4b_depth", DEPTH_4B))}
+    parts, times = {}, {}
+    for cfg in cfgs.values():
         cfg._attn_implementation = "sdpa"
-        out[f"params_{name}"] = Layout.from_config(cfg).num_params()
-        H = cfg.hidden_size
-        if H not in times:
-            torch.manual_seed(0)
-            with torch.device("meta"):  # skip the slow default init: random N(0, 0.02) weights are enough
-                layer = LlamaDecoderLayer(cfg, 0).to(dtype)
-            layer = layer.to_empty(device="cpu").eval()
-            for p in layer.parameters():
-                p.data.normal_(0, 0.02)
-            x = torch.randn(1, tokens, H, dtype=dtype)
+        if cfg.hidden_size not in parts:
+            x = torch.randn(1, tokens, cfg.hidden_size, dtype=dtype)
             pos = torch.arange(tokens)[None]
-            pe = LlamaRotaryEmbedding(cfg)(x, pos)
-            head = torch.empty(cfg.vocab_size, H, dtype=dtype).normal_(0, 0.02)
-            with torch.inference_mode():
-                layer(x, position_embeddings=pe, position_ids=pos)
-                t_layer = _median_time(lambda: layer(x, position_embeddings=pe, position_ids=pos), repeats,
-                                       time.process_time)
-                t_head = _median_time(lambda: x[0] @ head.T, repeats, time.process_time)
-            times[H] = (t_layer, t_head)
-            del layer, head
-        t_layer, t_head = times[H]
+            parts[cfg.hidden_size] = (*_random_layer(cfg, dtype), x, pos, LlamaRotaryEmbedding(cfg)(x, pos))
+            times[cfg.hidden_size] = ([], [])
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first round warms up
+            for hidden, (layer, head, x, pos, pe) in parts.items():
+                times[hidden][0].append(_median_time(lambda: layer(x, position_embeddings=pe, position_ids=pos), 1,
+                                                     time.process_time))
+                times[hidden][1].append(_median_time(lambda: x[0] @ head.T, 1, time.process_time))
+    out: dict[str, Any] = {}
+    for name, cfg in cfgs.items():
+        t_layer, t_head = (min(t[1:]) for t in times[cfg.hidden_size])
+        out[f"params_{name}"] = Layout.from_config(cfg).num_params()
         out[f"forward_tokens_per_s_{name}"] = round(tokens / (cfg.num_hidden_layers * t_layer + t_head), 2)
     for name in ("4b_width", "4b_depth"):
         out[f"forward_tokens_per_s_ratio_{name}"] = round(out[f"forward_tokens_per_s_{name}"] / out["forward_tokens_per_s_8b"], 3)
     out["forward_timing"] = (f"1 x {tokens} tokens, {str(dtype).replace('torch.', '')}, layers x one layer + lm_head, "
-                             "CPU seconds of this process")
+                             f"min CPU seconds of {repeats} alternating repeats")
     return out
 
 
@@ -253,10 +262,12 @@ def bench_8b(cfg: BenchPruneConfig) -> dict[str, Any]:
         corpus = _synthetic_corpus(root / "corpus.jsonl")
         train_bpe((json.loads(line)["text"] for line in open(corpus)), vocab_size=1024).save_pretrained(src)
         res: dict[str, Any] = {"write_8b_checkpoint_seconds": round(time.perf_counter() - t, 1)}
+        print(f"wrote {src} in {res['write_8b_checkpoint_seconds']} s", file=sys.stderr, flush=True)
         base = dict(model=str(src), calib=str(corpus), calib_samples=cfg.calib_samples,
                     calib_seq_len=cfg.calib_seq_len, mode="layers", batch_size=4, dtype=cfg.dtype, max_shard_size="5GB")
         for name, shape in (("width", WIDTH_4B), ("depth", {**DEPTH_4B, "depth_metric": "block_importance"})):
             r = _prune_in_fresh_process({**base, **shape, "out": str(root / f"4b-{name}")})
+            print(f"prune 8b -> 4b {name}: {r}", file=sys.stderr, flush=True)
             res[f"prune_8b_{name}_seconds"] = r["seconds"]
             res[f"prune_8b_{name}_peak_rss_gib"] = r["peak_rss_gib"]
             res["prune_8b_setup_rss_gib"] = r["setup_rss_gib"]
@@ -273,10 +284,10 @@ def run(cfg: BenchPruneConfig) -> dict[str, Any]:
     """Run the benchmark; print and return one JSON object."""
     dtype = getattr(torch, cfg.dtype)
     result: dict[str, Any] = {"bench": "prune", "scale": cfg.scale, "threads": torch.get_num_threads()}
+    if cfg.scale == "8b":  # first: the long part, before the small timings add their own noise
+        result.update(bench_8b(cfg))
     result.update(importance_overhead(cfg.repeats))
     result.update(shape_report(dtype, cfg.repeats))
-    if cfg.scale == "8b":
-        result.update(bench_8b(cfg))
     print(json.dumps(result))
     if cfg.out:
         from minitron.io import write_json
