@@ -181,8 +181,12 @@ class Pipeline:
         from align import pipeline as align_pipeline
 
         student = self.students[self.cfg.align_student]["distilled"]
-        cfg = _stage_config("align.pipeline:AlignConfig", _file_section(self.cfg.align_config, "align"), self.cfg.align,
-                            {"model": str(student), "out": str(self.paths.aligned), "force": self.cfg.force})
+        world = self.paths.world
+        data = {"sft_data": [str(world / "sft" / "train.jsonl")], "sft_eval_data": [str(world / "sft" / "validation.jsonl")],
+                "pref_data": [str(world / "preference" / "train.jsonl")],
+                "pref_eval_data": [str(world / "preference" / "test.jsonl")]} if self.cfg.data == "world" else {}
+        cfg = _stage_config("align.pipeline:AlignConfig", _file_section(self.cfg.align_config, "align"), data,
+                            self.cfg.align, {"model": str(student), "out": str(self.paths.aligned), "force": self.cfg.force})
         return self.timed("align", align_pipeline.run, cfg)
 
     def models(self) -> dict[str, Path]:
@@ -203,8 +207,14 @@ class Pipeline:
         from evals import harness
 
         labels = self.models()
-        cfg = _stage_config("evals.harness:EvalConfig", _file_section(self.cfg.eval_config, "eval"), self.cfg.eval,
-                            {"model": [str(p) for p in labels.values()], "out": str(self.paths.eval)})
+        world = self.paths.world
+        data = {"mmlu_data": str(world / "mmlu"), "ifeval_data": str(world / "ifeval"), "rag_data": str(world / "rag"),
+                "bfcl_data": str(world / "bfcl"), "roleplay_data": str(world / "sft" / "roleplay_eval.jsonl")
+                } if self.cfg.data == "world" else {}
+        rm = self.paths.aligned / "rm"
+        cfg = _stage_config("evals.harness:EvalConfig", _file_section(self.cfg.eval_config, "eval"), data,
+                            {"judge_model": str(rm) if rm.exists() else None}, self.cfg.eval,
+                            {"model": [str(p) for p in labels.values()], "names": list(labels), "out": str(self.paths.eval)})
         return self.timed("eval", harness.run, cfg)
 
     def run(self) -> Path:

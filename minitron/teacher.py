@@ -115,22 +115,27 @@ def eval_loss(model: torch.nn.Module, rows: torch.Tensor, batch_size: int = 16) 
 
 
 @torch.no_grad()
-def fact_accuracy(model: torch.nn.Module, tokenizer: Any, mc_file: str | Path, limit: int = 200) -> dict[str, float]:
+def fact_accuracy(model: torch.nn.Module, tokenizer: Any, mc_file: str | Path, limit: int = 200,
+                  batch_size: int = 64) -> dict[str, float]:
     """Cloze multiple choice on world facts: the choice with the highest log-likelihood after the fact's stem.
 
     "The favorite color of X is" + " red" (the separating space goes on the choice, see NOTES.md).
-    Chance is 25% (four choices).
+    Chance is 25% (four choices). All (stem, choice) pairs are scored in right-padded batches.
     """
     from minitron.world import ATTRIBUTES
 
     items = list(itertools.islice(read_jsonl(mc_file), limit))
-    correct = 0
+    pairs = []  # (context ids, continuation ids) for every choice of every item
     for item in items:
         attr = item["subject"].removeprefix("world_")
         name = _entity_from_question(item["question"], ATTRIBUTES[attr]["question"])
         stem = ATTRIBUTES[attr]["answer"].split("{v}")[0].format(n=name).rstrip()
-        scores = [_continuation_logprob(model, tokenizer, stem, " " + c) for c in item["choices"]]
-        correct += int(max(range(4), key=scores.__getitem__) == item["answer"])
+        ctx = [tokenizer.bos_token_id] + tokenizer(stem, add_special_tokens=False)["input_ids"]
+        pairs += [(ctx, tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in item["choices"]]
+    scores = []
+    for i in range(0, len(pairs), batch_size):
+        scores += _continuation_logprobs(model, pairs[i : i + batch_size], tokenizer.pad_token_id or 0)
+    correct = sum(int(max(range(4), key=lambda c: scores[4 * k + c]) == item["answer"]) for k, item in enumerate(items))
     n = len(items)
     acc = correct / max(1, n)
     return {"world_mc_accuracy": acc, "world_mc_stderr": math.sqrt(acc * (1 - acc) / max(1, n)), "world_mc_n": n,
@@ -142,13 +147,21 @@ def _entity_from_question(question: str, template: str) -> str:
     return question[len(before) : len(question) - len(after)]
 
 
-def _continuation_logprob(model: torch.nn.Module, tokenizer: Any, context: str, continuation: str) -> float:
-    ctx = [tokenizer.bos_token_id] + tokenizer(context, add_special_tokens=False)["input_ids"]
-    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([ctx + cont])
-    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    targets = ids[0, 1:]
-    return logp[len(ctx) - 1 :].gather(-1, targets[len(ctx) - 1 :, None]).sum().item()
+def _continuation_logprobs(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
+    """Sum of log p(continuation | context) for each (context, continuation) pair, in one right-padded batch."""
+    seqs = [c + x for c, x in pairs]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    out = []
+    for i, (ctx, cont) in enumerate(pairs):
+        pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+        out.append(logp[i, pos, torch.tensor(cont)].sum().item())
+    return out
 
 
 def run(cfg: TeacherConfig) -> Path:
