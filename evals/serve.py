@@ -144,7 +144,9 @@ class VLLMServer:
         self.max_model_len = max_model_len or min(int(self.config.get("max_position_embeddings", 2048)), 2048)
         self.kv_cache_gb, self.extra_args = kv_cache_gb, list(extra_args or [])
         self.echo_logs, self.startup_timeout = echo_logs, startup_timeout
-        self.name = self.model_dir.name  # served model name (the full path is accepted too)
+        # Served names: the absolute path first (what /v1/models lists first, so clients such as
+        # `minitron eval --endpoint` find the tokenizer there), the directory name as a short alias for curl.
+        self.name = self.model_dir.name
         self.proc: subprocess.Popen | None = None
         self.pids: dict[int, float] = {}  # pid -> create_time (a reused pid is not ours)
         self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
@@ -160,7 +162,7 @@ class VLLMServer:
     def command(self, template_path: Path) -> list[str]:
         """The vLLM command line (CPU settings from NOTES.md, or vLLM's defaults on a GPU)."""
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-               "--served-model-name", self.name, str(self.model_dir), "--host", self.host, "--port", str(self.port),
+               "--served-model-name", str(self.model_dir), self.name, "--host", self.host, "--port", str(self.port),
                "--max-model-len", str(self.max_model_len), "--chat-template", str(template_path),
                "--enable-auto-tool-choice", "--tool-call-parser", TOOL_PARSER]
         if self.cpu:
