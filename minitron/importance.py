@@ -75,6 +75,20 @@ class ImportanceConfig:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint I/O
+def resolve_model(name: str | None) -> str:
+    """A local model directory for ``name``: the path itself, or a hub snapshot (config, safetensors, tokenizer)."""
+    if name and (Path(name) / "config.json").exists():
+        return str(name)
+    if not name or Path(name).exists() or name.startswith((".", "/")):
+        raise ConfigError(f"--model must be a HF model directory with config.json or a hub name (got {name!r})")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
+    except Exception as e:  # offline, unknown repo, gated model...
+        raise MinitronError(f"{name}: not a local directory and not downloadable from the hub ({e})") from e
+
+
 class ShardedCheckpoint:
     """Read single tensors from a (sharded) safetensors checkpoint with plain file reads (no mmap).
 
@@ -139,6 +153,8 @@ class Stat:
     """Running sums of per-sample values ([B, C] -> sums over B), reduced over the batch at the end."""
 
     def __init__(self, size: int):
+        # float64 sums: thousands of batches of bf16-derived values must not lose the small differences that
+        # rank units; the sums are [C], tiny next to the activations.
         self.s1 = torch.zeros(size, dtype=torch.float64)
         self.s2 = torch.zeros(size, dtype=torch.float64)
         self.n = 0
@@ -150,6 +166,7 @@ class Stat:
         self.n += v.shape[0]
 
     def result(self, how: str) -> torch.Tensor:
+        """[C]: sqrt(sum v^2) (l2), mean, or variance of the per-sample values."""
         if how == "l2":
             return self.s2.sqrt().float()
         mean = self.s1 / max(self.n, 1)
@@ -172,19 +189,21 @@ class Collector:
         """Hook layer ``i`` (its index in the source model); returns the handles."""
         hd, nh = self.lay.head_dim, self.lay.num_attention_heads
 
+        # Every hook reduces its activation to [B, C] at once (one pass over [B, S, C]) and adds it to float64
+        # sums: nothing of size S is kept, so the cost is a few memory passes per layer next to its GEMMs.
         def heads(_m, args):
             if self.active:
-                x = args[0]
+                x = args[0]  # o_proj input [B, S, heads * head_dim]: per-head outputs before mixing
                 self.heads[i].add(seq_reduce(x.view(*x.shape[:2], nh, hd).norm(dim=-1), self.agg))
 
-        def neurons(_m, args):
+        def neurons(_m, args):  # down_proj input [B, S, I]: act(gate) * up, one value per neuron
             if self.active:
                 self.neurons[i].add(seq_reduce(args[0], self.agg))
 
         def norm(j):
             return lambda _m, _a, out: self.norms[j].add(seq_reduce(out, self.agg)) if self.active else None
 
-        def block(_m, args, kwargs, out):
+        def block(_m, args, kwargs, out):  # the layer's own input/output: pre-final-norm, as BI needs (NOTES)
             if self.active:
                 x = args[0] if args else kwargs["hidden_states"]
                 y = out[0] if isinstance(out, tuple) else out
@@ -229,7 +248,7 @@ class Stream:
     def finish(self, h: torch.Tensor, rows: slice, head: torch.Tensor | None) -> None:
         """Consume the final-norm output ``h`` [b, S, H] of rows ``rows``."""
         if self.kind == "calib" and head is None:
-            return
+            return  # width scores only: skip the LM head (about 40% of a calibration forward, see NOTES)
         ids = self.ids[rows]
         lp = token_logprobs(h, ids, head)
         if self.kind == "mc":
@@ -394,6 +413,8 @@ class LayerLoader:
 def run_layers(loader: LayerLoader, streams: list[Stream], col: Collector, bs: int, want_head: bool) -> None:
     """Layer-by-layer driver: one decoder layer in memory, every stream's activations carried between layers."""
     ad, n_layers = loader.ad, loader.config.num_hidden_layers
+    # Memory: one layer's weights + one [N, S, H] activation per stream (the calibration stream, plus one per
+    # dropped-layer / dropped-block variant when lm_loss / mc_block are asked for) + one micro-batch's temporaries.
     emb = loader.tensor(ad.embed)
     hs = {st.name: F.embedding(st.ids, emb) for st in streams}  # [N, S, H] per stream
     del emb
@@ -436,8 +457,7 @@ def compute_scores(cfg: ImportanceConfig) -> tuple[dict[str, torch.Tensor], dict
     """Run the calibration pass; returns (score tensors, metadata)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if not cfg.model or not Path(cfg.model).is_dir():
-        raise ConfigError(f"--model must be a local model directory (got {cfg.model!r})")
+    cfg.model = resolve_model(cfg.model)
     if not cfg.calib:
         raise ConfigError("importance needs calibration data: pass --calib DATA (a corpus file/dir or datasets name)")
     config = AutoConfig.from_pretrained(cfg.model)

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from minitron.adapters import Adapter, Layout, get_adapter, pruned_config
 from minitron.config import ConfigError, MinitronError, arg, read_yaml, save_resolved
-from minitron.importance import (ImportanceConfig, ShardedCheckpoint, compute_scores, load_scores, save_scores)
+from minitron.importance import (ImportanceConfig, ShardedCheckpoint, compute_scores, load_scores, resolve_model,
+                                 save_scores)
 from minitron.io import atomic_dir, write_json, write_model_card
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
@@ -166,7 +167,7 @@ def resolve_target(cfg: PruneConfig, src: Layout) -> Target:
         if n < 1:
             raise PruneTargetError("layers_to_drop removes every layer: keep at least one")
         shape["num_hidden_layers"] = n
-    tgt = src.replace(**shape)
+    tgt = src.replace(**shape)  # unspecified fields keep the source's value
     check_shape(src, tgt)
     if cfg.params is not None:
         from minitron.search import budget_layout
@@ -261,6 +262,8 @@ def slice_tensor(ad: Adapter, src: Layout, plan: Plan, name: str, t: torch.Tenso
     j = plan.kept_layers.index(int(idx))
     q, kv, neu = _rows(plan.heads[j], src.head_dim), _rows(plan.kv[j], src.head_dim), plan.neurons[j]
     module, kind = sub.rsplit(".", 1)
+    # (rows, cols) kept per weight: nn.Linear weights are [out, in]; a bias follows its rows. Every projection
+    # that reads the residual stream keeps the hidden channels as columns, every one that writes it as rows.
     rules = {ad.q: (q, hid), ad.k: (kv, hid), ad.v: (kv, hid), ad.o: (hid, q), ad.gate: (neu, hid),
              ad.up: (neu, hid), ad.down: (hid, neu), ad.attn_norm: (hid,), ad.mlp_norm: (hid,)}
     if module in ad.qk_norms:
@@ -317,6 +320,7 @@ class ShardWriter:
 def apply_plan(ckpt: ShardedCheckpoint, ad: Adapter, src: Layout, plan: Plan, out: Path, max_bytes: int) -> None:
     """Stream every source tensor through ``slice_tensor`` into new shards (source dtype kept)."""
     writer = ShardWriter(out, max_bytes)
+    # Peak memory: one source tensor + one output shard. Reading in file order keeps the disk access sequential.
     keys = sorted(ckpt.keys(), key=lambda k: (str(ckpt.entries[k][0]), ckpt.entries[k][3]))  # disk order
     for key in tqdm(keys, desc="pruning tensors", mininterval=2):
         res = slice_tensor(ad, src, plan, key, ckpt.read(key))
@@ -360,12 +364,11 @@ def _preflight(cfg: PruneConfig) -> tuple[Any, Layout, Target]:
     """Every check that can fail, before any work: model, output, target, data."""
     from transformers import AutoConfig
 
-    if not cfg.model or not (Path(cfg.model) / "config.json").exists():
-        raise ConfigError(f"--model must be a local HF model directory with config.json (got {cfg.model!r})")
     if not cfg.out:
         raise ConfigError("pass --out DIR for the pruned model")
     if Path(cfg.out).exists() and not cfg.force:
         raise MinitronError(f"{cfg.out} exists (pass --force to overwrite)")
+    cfg.model = resolve_model(cfg.model)
     config = AutoConfig.from_pretrained(cfg.model)
     src = Layout.from_config(config)
     target = resolve_target(cfg, src)
@@ -382,8 +385,8 @@ def _preflight(cfg: PruneConfig) -> tuple[Any, Layout, Target]:
 
 def run(cfg: PruneConfig) -> Path:
     """Prune ``cfg.model`` to the target and write a standard HF directory at ``cfg.out`` (atomically)."""
-    t0 = time.time()
-    config, src, target = _preflight(cfg)
+    t0, source = time.time(), cfg.model  # the name as given (a hub name resolves to a local snapshot)
+    config, src, target = _preflight(cfg)  # every user error surfaces here, before any output exists
     ad = get_adapter(config)
     scores, meta = get_scores(cfg, src, target) if needs_scores(src, target) or cfg.search else (None, None)
     if cfg.search:
@@ -404,7 +407,7 @@ def run(cfg: PruneConfig) -> Path:
             from minitron.search import write_table
 
             write_table(target.searched, tmp)
-        metrics = _metrics(cfg, src, target.layout, drop, time.time() - t0)
+        metrics = _metrics(source, src, target.layout, drop, time.time() - t0)
         write_json(tmp / "metrics.json", metrics)
         save_resolved(cfg, tmp)
         _card(tmp, cfg, metrics, meta)
@@ -418,8 +421,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def _metrics(cfg: PruneConfig, src: Layout, tgt: Layout, drop: list[int], seconds: float) -> dict[str, Any]:
-    return {"source": str(cfg.model), "params_source": src.num_params(), "params": tgt.num_params(),
+def _metrics(source: str, src: Layout, tgt: Layout, drop: list[int], seconds: float) -> dict[str, Any]:
+    return {"source": str(source), "params_source": src.num_params(), "params": tgt.num_params(),
             "params_ratio": tgt.num_params() / src.num_params(),
             "shape_source": {k: getattr(src, k) for k in SHAPE_FIELDS + ("head_dim",)},
             "shape": {k: getattr(tgt, k) for k in SHAPE_FIELDS + ("head_dim",)},
@@ -437,8 +440,8 @@ def _card(out: Path, cfg: PruneConfig, metrics: dict, meta: dict | None) -> None
         method, calib = "none needed (no width axis shrinks; layers given explicitly)", "none"
     depth = (f"dropped layers {metrics['dropped_layers']} "
              f"({'explicit' if cfg.layers_to_drop else cfg.depth_metric})" if metrics["dropped_layers"] else "none")
-    write_model_card(out, f"Pruned {Path(cfg.model).name}", {
-        "source": cfg.model, "target": shape, "parameters": f"{metrics['params']:,} "
+    write_model_card(out, f"Pruned {Path(metrics['source']).name}", {
+        "source": metrics["source"], "target": shape, "parameters": f"{metrics['params']:,} "
         f"({100 * metrics['params_ratio']:.1f}% of {metrics['params_source']:,})", "importance method": method,
         "calibration data": calib, "depth pruning": depth, "search": "yes" if cfg.search else "no"},
         body="Produced by `minitron prune`. Load with `AutoModelForCausalLM.from_pretrained`; importance scores "
