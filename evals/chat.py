@@ -87,6 +87,7 @@ class ChatSession:
         self.extra = dict(cfg.extra)
 
     def say(self, text: str = "", end: str = "\n") -> None:
+        """Write and flush (streamed tokens must show at once)."""
         self.out.write(text + end)
         self.out.flush()
 
@@ -97,6 +98,7 @@ class ChatSession:
         return None if line == "" else line.rstrip("\n")
 
     def conversation(self) -> list[dict[str, Any]]:
+        """The messages sent to the server: the system prompt (if any), then the history."""
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
     def command(self, line: str) -> bool:

@@ -58,6 +58,7 @@ class OpenAIClient:
         return self._model
 
     def _request(self, method: str, route: str, body: dict | None = None, stream: bool = False) -> requests.Response:
+        """One HTTP call; unreachable servers and non-200 answers become ClientError with the server's message."""
         url = f"{self.base}{route}"
         try:
             resp = self.session.request(method, url, json=body, timeout=self.timeout, stream=stream)
@@ -73,6 +74,7 @@ class OpenAIClient:
         return resp
 
     def _chat_body(self, messages: list[dict], tools: list[dict] | None, tool_choice: Any, **kw: Any) -> dict:
+        """The chat request body; ``tool_choice`` is only sent with tools (servers reject it alone)."""
         body: dict[str, Any] = {"model": self.model, "messages": messages, **kw}
         if tools:
             body["tools"] = tools

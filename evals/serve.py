@@ -110,14 +110,14 @@ def validate_model_dir(model_dir: str | os.PathLike, cpu: bool = True) -> dict[s
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def check_port(host: str, port: int) -> None:
     """Raise a clear ServeError when ``host:port`` cannot be bound (busy, or not this machine's address)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is not "busy"
         try:
             s.bind((host, port))
@@ -157,7 +157,7 @@ class VLLMServer:
     def url(self) -> str:
         """Base URL without ``/v1`` (``/health``, ``/v1/models`` and ``/v1/chat/completions`` hang off it)."""
         shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{shown}:{self.port}"
+        return f"http://[{shown}]:{self.port}" if ":" in shown else f"http://{shown}:{self.port}"
 
     def command(self, template_path: Path) -> list[str]:
         """The vLLM command line (CPU settings from NOTES.md, or vLLM's defaults on a GPU)."""
@@ -165,7 +165,7 @@ class VLLMServer:
                "--served-model-name", str(self.model_dir), self.name, "--host", self.host, "--port", str(self.port),
                "--max-model-len", str(self.max_model_len), "--chat-template", str(template_path),
                "--enable-auto-tool-choice", "--tool-call-parser", TOOL_PARSER]
-        if self.cpu:
+        if self.cpu:  # no bf16 kernels worth having and no CUDA graphs on CPU; eager also starts faster
             cmd += ["--dtype", "float32", "--enforce-eager"]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
@@ -179,10 +179,13 @@ class VLLMServer:
         if self.port is None:
             self.port = free_port(self.host)
         check_port(self.host, self.port)
+        # vLLM takes the template as a file: copy it out of the model dir (transformers 5 writes
+        # chat_template.jinja, older versions keep it inside tokenizer_config.json).
         self._tmp = tempfile.TemporaryDirectory(prefix="minitron-serve-")
         template = Path(self._tmp.name) / "chat_template.jinja"
         template.write_text(chat_template_of(self.model_dir) or "")
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gb), PYTHONUNBUFFERED="1")
+        # A new session: the terminal's Ctrl-C reaches only us, and we end the whole group ourselves.
         self.proc = subprocess.Popen(self.command(template), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True, text=True,
                                      errors="replace")
@@ -204,6 +207,7 @@ class VLLMServer:
                 sys.stderr.write(line)
 
     def _wait_healthy(self) -> None:
+        """Poll ``/health`` until 200; fail fast if vLLM exits, with its last log lines."""
         import requests
 
         deadline = time.monotonic() + self.startup_timeout
@@ -283,9 +287,11 @@ class VLLMServer:
         raise ServeError(f"vLLM exited with code {code}:\n{self.log_tail()}")
 
     def __enter__(self) -> str:
+        """Start the server; the base URL (``http://127.0.0.1:PORT``)."""
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
+        """Stop it, whatever happened inside the block."""
         self.stop()
 
 
@@ -332,6 +338,7 @@ def run(cfg: ServeConfig) -> None:
                         echo_logs=True, startup_timeout=cfg.startup_timeout)
 
     def _terminate(signum: int, frame: Any) -> None:
+        """SIGTERM (kill, systemd, CI) stops the server like Ctrl-C."""
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -49,6 +49,7 @@ def serve_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def server(serve_dir):
+    """One real vLLM server for the module (stopped, and checked, by the last test)."""
     if not HAS_VLLM:
         pytest.skip("vLLM is not installed (run scripts/install_serve.sh)")
     srv = VLLMServer(serve_dir)
@@ -64,6 +65,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def hf(serve_dir):
+    """The same model directory in HF transformers (the reference for greedy outputs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(serve_dir).eval(), AutoTokenizer.from_pretrained(serve_dir)
@@ -87,6 +89,7 @@ def hf_greedy(hf, messages, tools=None, max_new_tokens=MAX_NEW):
 # --- model directory and port checks (no vLLM needed) ---------------------------------------------------
 
 def test_validate_model_dir_errors(tmp_path, tiny_tokenizer):
+    """Each broken directory is refused before vLLM starts, with the reason and the fix."""
     good = make_tiny_model_dir(tmp_path / "good", tiny_tokenizer, head_dim=32)
     assert validate_model_dir(good)["model_type"] == "llama"
     with pytest.raises(ServeError, match="not found"):
@@ -125,6 +128,7 @@ def test_cpu_head_dim_is_checked(tmp_path, tiny_tokenizer):
 
 
 def test_busy_port_is_refused_before_vllm_starts(tmp_path, tiny_tokenizer):
+    """A busy port fails at once with a clear message; the curl banner carries the key."""
     d = make_tiny_model_dir(tmp_path / "m", tiny_tokenizer, head_dim=32)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,6 +149,7 @@ def test_busy_port_is_refused_before_vllm_starts(tmp_path, tiny_tokenizer):
 
 @pytest.mark.vllm
 def test_greedy_chat_equals_hf_generate(client, hf):
+    """Served greedy chat == HF ``generate`` (same prompt tokens, same new tokens, same text)."""
     messages = [{"role": "system", "content": "You answer briefly."},
                 {"role": "user", "content": "The color of Mirel is"}]
     reply = client.chat(messages, max_tokens=MAX_NEW, temperature=0, return_token_ids=True)
@@ -160,6 +165,7 @@ def test_greedy_chat_equals_hf_generate(client, hf):
 
 @pytest.mark.vllm
 def test_streaming_equals_plain_reply(client):
+    """SSE streaming arrives in several chunks and adds up to the non-streamed reply."""
     messages = [{"role": "user", "content": "Ask Quen about Lima"}]
     plain = client.chat(messages, max_tokens=16, temperature=0)["choices"][0]["message"]["content"]
     chunks = list(client.chat_stream(messages, max_tokens=16, temperature=0))
@@ -199,6 +205,7 @@ def test_tool_call_round_trip(client, hf):
 
 @pytest.mark.vllm
 def test_completions_prompt_logprobs_match_hf(client, hf):
+    """``echo`` + ``logprobs`` give HF's prompt log-probabilities (MC evals through the server)."""
     model, tok = hf
     ids = [tok.bos_token_id] + tok("Zorvath lives in Paris", add_special_tokens=False).input_ids
     out = client.completions(ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
@@ -211,6 +218,7 @@ def test_completions_prompt_logprobs_match_hf(client, hf):
 
 @pytest.mark.vllm
 def test_client_reports_server_errors(client):
+    """Refused requests and dead endpoints raise ClientError with the reason."""
     with pytest.raises(ClientError, match="HTTP 4"):
         client.chat([{"role": "user", "content": "hi"}], max_tokens=10_000_000)
     with pytest.raises(ClientError, match="cannot reach"):
@@ -240,6 +248,7 @@ def test_chat_session_from_stdin(client, server, tmp_path):
 
 @pytest.mark.vllm
 def test_server_death_is_reported_with_logs(serve_dir):
+    """vLLM failing at startup -> ServeError with vLLM's own last log lines; nothing left running."""
     srv = VLLMServer(serve_dir, extra_args=["--no-such-vllm-flag"])
     with pytest.raises(ServeError, match=r"(?s)vLLM exited with code [1-9].*no-such-vllm-flag"):
         srv.start()
@@ -269,6 +278,7 @@ def _minitron(*args: str, **kw) -> subprocess.Popen:
 @pytest.mark.vllm
 @needs_vllm
 def test_cli_busy_port_and_public_host_warning(serve_dir):
+    """``minitron serve`` exits 2 on a busy port, after warning about --host 0.0.0.0."""
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         s.listen()
@@ -300,6 +310,7 @@ def _server_processes(proc: subprocess.Popen) -> list[psutil.Process]:
 @pytest.mark.vllm
 @needs_vllm
 def test_cli_serve_then_ctrl_c(serve_dir):
+    """``minitron serve``: URL + curl banner, --api-key enforced, Ctrl-C exits 0 and frees everything."""
     port = __import__("evals.serve", fromlist=["free_port"]).free_port()
     proc = _minitron("serve", "--model", str(serve_dir), "--port", str(port), "--api-key", "k3y")
     banner = _wait_for_curl(proc)
@@ -322,6 +333,7 @@ def test_cli_serve_then_ctrl_c(serve_dir):
 @pytest.mark.vllm
 @needs_vllm
 def test_cli_exits_nonzero_with_logs_when_vllm_dies(serve_dir):
+    """Killing vLLM's engine makes ``minitron serve`` exit non-zero, showing vLLM's last log lines."""
     port = __import__("evals.serve", fromlist=["free_port"]).free_port()
     proc = _minitron("serve", "--model", str(serve_dir), "--port", str(port))
     _wait_for_curl(proc)
@@ -338,6 +350,7 @@ def test_cli_exits_nonzero_with_logs_when_vllm_dies(serve_dir):
 # --- the serving benchmark ----------------------------------------------------------------------------
 
 def test_bench_helpers(tmp_path, tiny_tokenizer):
+    """Parameter counting from safetensors headers, the c8 ratio, and the Markdown table."""
     from evals.bench_serve import BenchServeConfig, count_parameters, markdown, ratio
 
     d = make_tiny_model_dir(tmp_path / "m", tiny_tokenizer, head_dim=32)
@@ -361,6 +374,7 @@ def test_bench_helpers(tmp_path, tiny_tokenizer):
 @pytest.mark.vllm
 @needs_vllm
 def test_bench_serve_runs_end_to_end(serve_dir, tmp_path, capsys):
+    """A bounded ``bench serve`` run: one JSON object on stdout, exact token counts, files written."""
     from evals.bench_serve import BenchServeConfig, run
 
     cfg = BenchServeConfig(teacher=str(serve_dir), width=str(serve_dir), depth=str(tmp_path / "absent"),
