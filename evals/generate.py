@@ -63,6 +63,23 @@ def model_stop_ids(model_dir: str | os.PathLike, tokenizer: Any) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or stop_token_ids(tokenizer))
 
 
+def fit_prompts(prompts: list[list[int]], max_new_tokens: int, max_length: int | None) -> tuple[list[list[int]], int]:
+    """Left-truncate prompts and cap new tokens so prompt + reply fits ``max_length`` (same rule for every backend).
+
+    The reply gets at most half the context; every prompt keeps its last ``max_length - reply`` tokens (per
+    prompt, so a result never depends on the batch it was computed in).
+    """
+    if not max_length:
+        return prompts, max_new_tokens
+    new = min(max_new_tokens, max_length // 2)
+    return [p[-(max_length - new):] for p in prompts], new
+
+
+def score_window(pairs: list[tuple[list[int], list[int]]], max_length: int | None) -> list[list[int]]:
+    """context + continuation, left-truncated to ``max_length - 1`` tokens (room for the endpoint's one new token)."""
+    return [(c + x)[-(max_length - 1):] if max_length else c + x for c, x in pairs]
+
+
 def decode_until_stop(tokenizer: Any, ids: list[int], stop_ids: Sequence[int]) -> str:
     """Text of the generated ``ids`` up to the first stop id, special tokens skipped (as vLLM returns it)."""
     cut = next((j for j, t in enumerate(ids) if t in stop_ids), len(ids))
@@ -95,8 +112,7 @@ class HFBackend:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         """Greedy continuations of a batch of token-id prompts (left-padded), decoded up to the first stop id."""
-        keep = self.max_length - max_new_tokens
-        prompts = [p[-keep:] for p in prompts]
+        prompts, max_new_tokens = fit_prompts(prompts, max_new_tokens, self.max_length)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -111,7 +127,7 @@ class HFBackend:
     @torch.no_grad()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """Sum of log-probs of each continuation and whether it is the greedy one (right-padded batch)."""
-        seqs = [(c + x)[-(self.max_length + 1):] for c, x in pairs]
+        seqs = score_window(pairs, self.max_length)
         width = max(len(s) for s in seqs) - 1
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -147,10 +163,13 @@ class EndpointBackend:
         if api_key:
             self._session.headers["Authorization"] = f"Bearer {api_key}"
         try:
-            ids = [m["id"] for m in self._session.get(f"{self.url}/v1/models", timeout=30).json()["data"]]
+            served = self._session.get(f"{self.url}/v1/models", timeout=30).json()["data"]
+            ids = [m["id"] for m in served]
         except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
             raise EvalError(f"no OpenAI-compatible server at {self.url} ({e}); start one with `minitron serve`") from e
         self.model = model or ids[0]
+        # vLLM reports its context length: prompts are fitted to it exactly as in-process
+        self.max_length = next((m.get("max_model_len") for m in served if m["id"] == self.model), None)
         # `minitron serve` serves a model under its short name and its directory: the directory has the tokenizer
         local = [i for i in [self.model, *ids] if Path(i, "tokenizer_config.json").exists()]
         tok_dir = tokenizer or (local[0] if local else None)
@@ -179,6 +198,7 @@ class EndpointBackend:
         The generated token ids are asked for (vLLM's ``return_token_ids``) and decoded here exactly as in-process
         (the server's own text drops a trailing incomplete UTF-8 byte sequence that HF decodes as U+FFFD).
         """
+        prompts, max_new_tokens = fit_prompts(prompts, max_new_tokens, self.max_length)
         out = self._post("/v1/completions", {"prompt": prompts, "max_tokens": max_new_tokens, "temperature": 0.0,
                                              "return_token_ids": True})
         choices = sorted(out["choices"], key=lambda c: c["index"])
@@ -187,12 +207,13 @@ class EndpointBackend:
 
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """Prompt log-probs through ``echo=true, logprobs=1`` (the last, generated token is ignored)."""
-        out = self._post("/v1/completions", {"prompt": [c + x for c, x in pairs], "max_tokens": 1,
+        seqs = score_window(pairs, self.max_length)
+        out = self._post("/v1/completions", {"prompt": seqs, "max_tokens": 1,
                                              "temperature": 0.0, "echo": True, "logprobs": 1})
         results = []
-        for (ctx, cont), ch in zip(pairs, sorted(out["choices"], key=lambda c: c["index"])):
+        for seq, (_, cont), ch in zip(seqs, pairs, sorted(out["choices"], key=lambda c: c["index"])):
             lps, tops = ch["logprobs"]["token_logprobs"], ch["logprobs"]["top_logprobs"]
-            span = range(len(ctx), len(ctx) + len(cont))
+            span = range(len(seq) - len(cont), len(seq))
             total = sum(lps[i] for i in span)
             greedy = all(max(tops[i].values()) <= lps[i] + 1e-6 for i in span)
             results.append((float(total), greedy))

@@ -96,6 +96,7 @@ def test_not_a_model_dir(tmp_path):
 
 
 @pytest.mark.vllm
+@pytest.mark.slow  # starts a vLLM server (~1-2 min on the shared CPU)
 def test_endpoint_scores_equal_in_process(tiny_tokenizer, tmp_path):
     """Greedy chat, log-likelihoods and a whole harness run agree in-process and through vLLM's server."""
     if importlib.util.find_spec("vllm") is None:
@@ -115,8 +116,11 @@ def test_endpoint_scores_equal_in_process(tiny_tokenizer, tmp_path):
     local = Generator(HFBackend(tiny_model_dir), None)
     with serve.VLLMServer(tiny_model_dir, max_model_len=256) as url:
         remote = Generator(EndpointBackend(url), None)
-        assert remote.chat(CHATS, max_new_tokens=12) == local.chat(CHATS, max_new_tokens=12)
-        for (a, ga), (b, gb) in zip(remote.loglikelihood(PAIRS), local.loglikelihood(PAIRS)):
+        assert remote.backend.max_length == local.backend.max_length == 256
+        long_chat = {"messages": [{"role": "user", "content": "Mirel likes red things. " * 60}]}  # > 256 tokens
+        chats, pairs = CHATS + [long_chat], PAIRS + [("Quen lives in Lima. " * 60, " fox")]
+        assert remote.chat(chats, max_new_tokens=12) == local.chat(chats, max_new_tokens=12)
+        for (a, ga), (b, gb) in zip(remote.loglikelihood(pairs), local.loglikelihood(pairs)):
             assert a == pytest.approx(b, abs=1e-3) and ga == gb
         served = run(EvalConfig(endpoint=url, suite="rag", rag_data=str(rag), out=str(tmp_path / "served")))
     direct = run(EvalConfig(model=[str(tiny_model_dir)], suite="rag", rag_data=str(rag), out=str(tmp_path / "direct")))

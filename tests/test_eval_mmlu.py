@@ -35,6 +35,14 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny model whose context holds a whole 5-shot prompt (lm-eval and we truncate longer ones differently)."""
+    from conftest import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("mmlu_model") / "m", tiny_tokenizer, max_position_embeddings=2048)
+
+
+@pytest.fixture(scope="module")
 def backend(tiny_model_dir):
     return HFBackend(tiny_model_dir)
 

@@ -70,6 +70,7 @@ def test_needs_a_judge(data, tiny_model_dir):
 
 
 @pytest.mark.vllm
+@pytest.mark.slow  # starts a vLLM server (~1-2 min on the shared CPU)
 def test_endpoint_judge_asks_both_orders(data, tiny_tokenizer, tmp_path):
     """A served judge (here a tiny random model, so no verdict parses: ties) sees each pair in both orders."""
     import importlib.util
