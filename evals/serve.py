@@ -340,7 +340,8 @@ def run(cfg: ServeConfig) -> None:
     def _terminate(signum: int, frame: Any) -> None:
         """SIGTERM (kill, systemd, CI) stops the server like Ctrl-C."""
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # Both set explicitly: a shell starts background jobs with SIGINT ignored, and Python keeps it so.
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
         print(usage_text(server), flush=True)
@@ -348,6 +349,9 @@ def run(cfg: ServeConfig) -> None:
     except KeyboardInterrupt:
         print("\nstopping vLLM ...", file=sys.stderr)
     finally:
+        for sig in previous:  # a second Ctrl-C must not interrupt the cleanup (stop() escalates to SIGKILL)
+            signal.signal(sig, signal.SIG_IGN)
         server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print("vLLM stopped; no server process left.", file=sys.stderr)
