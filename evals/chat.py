@@ -158,7 +158,17 @@ class ChatSession:
         return keep
 
     def turn(self, text: str) -> bool:
-        """Send a user message; answer tool calls with typed results until a plain reply. False at end of input."""
+        """Send a user message; answer tool calls with typed results until a plain reply. False at end of input.
+
+        A failed request drops the whole turn from the history, so the conversation stays well-formed."""
+        start = len(self.messages)
+        try:
+            return self._turn(text)
+        except MinitronError:
+            del self.messages[start:]
+            raise
+
+    def _turn(self, text: str) -> bool:
         self.messages.append({"role": "user", "content": text})
         choice = self.cfg.tool_choice
         for _ in range(MAX_TOOL_ROUNDS):

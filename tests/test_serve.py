@@ -145,6 +145,18 @@ def test_busy_port_is_refused_before_vllm_starts(tmp_path, tiny_tokenizer):
     assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in text and "Bearer s3cret" in text
 
 
+def test_chat_errors_keep_the_session_usable(tmp_path):
+    """No server, bad commands: each error is reported, the history stays well-formed, /quit still works."""
+    out = io.StringIO()
+    script = "hello\n/extra [1]\n/tools /nonexistent.json\n/system Be brief\n/reset\n/help\n/quit\n"
+    session = ChatSession(ChatConfig(endpoint="http://127.0.0.1:9/v1", model="m"), inp=io.StringIO(script), out=out)
+    session.loop()
+    text = out.getvalue()
+    assert "[error] cannot reach http://127.0.0.1:9/v1/chat/completions" in text
+    assert "/extra needs a JSON object" in text and "tools file not found" in text and "commands: /system" in text
+    assert session.messages == [] and session.system == "Be brief"
+
+
 # --- the real server ---------------------------------------------------------------------------------
 
 @pytest.mark.vllm
