@@ -42,6 +42,32 @@ def load(path: Path):
     return model.eval()
 
 
+def load_without_warnings(path: Path):
+    """Load with transformers' logging at WARNING and Python warnings recorded: both must stay silent."""
+    import logging
+    import warnings
+
+    import transformers
+
+    records: list = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = transformers.logging.get_logger("transformers")
+    old = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = load(path)
+            AutoTokenizer.from_pretrained(path)
+    finally:
+        logger.removeHandler(handler)
+        transformers.logging.set_verbosity(old)
+    assert not records and not [w for w in caught if "transformers" in str(w.filename)], (records, caught)
+    return model
+
+
 def logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
@@ -164,7 +190,7 @@ def test_every_family_prunes_and_reloads(tmp_path, tiny_tokenizer, calib, arch):
     src = make_tiny_model_dir(tmp_path / "src", tiny_tokenizer, arch=arch)
     out = prune(src, tmp_path / "out", calib, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                 max_shard_size="100KB")
-    model = load(out)
+    model = load_without_warnings(out)
     assert (model.config.hidden_size, model.config.intermediate_size, model.config.num_hidden_layers) == (48, 96, 3)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # really sharded
