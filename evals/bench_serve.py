@@ -5,7 +5,7 @@
 Each model is served the same way (``evals.serve.VLLMServer``: same flags, same KV cache, same context) and
 gets the same chat requests: greedy, ``ignore_eos`` and a fixed ``max_tokens``, so every model produces exactly
 the same number of tokens and the comparison is pure speed. For each concurrency level ``c``,
-``max(requests, 2c)`` requests are sent from ``c`` client threads after a warm-up, ``repeats`` times; the
+``max(requests, 4c)`` requests are sent from ``c`` client threads after a warm-up, ``repeats`` times; the
 fastest run is reported (requests/s, output tokens/s, mean latency) with every run's tokens/s beside it.
 One JSON object goes to stdout (and ``OUT/serve.json``, with ``serve.md``); its
 ``throughput_ratio_width_c8`` is the width-pruned student's output tokens/s divided by the teacher's at
@@ -46,7 +46,7 @@ class BenchServeConfig:
     width: str = arg("runs/demo/pruned/width", "width-pruned student directory (skipped when absent)")
     depth: str = arg("runs/demo/pruned/depth", "depth-pruned student directory (skipped when absent)")
     concurrency: list[int] = arg([1, 8, 32], "client concurrency levels")
-    requests: int = arg(16, "requests per level (at least 2x the concurrency are sent)")
+    requests: int = arg(16, "requests per level (at least 4x the concurrency are sent)")
     max_tokens: int = arg(64, "output tokens per request (ignore_eos: every model generates exactly this many)")
     max_model_len: int = arg(512, "context length for every server")
     kv_cache_gb: int = arg(1, "KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE)")
@@ -113,7 +113,7 @@ def bench_model(model_dir: Path, cfg: BenchServeConfig) -> dict[str, Any]:
             one_request(client, PROMPTS[i % len(PROMPTS)], cfg.max_tokens)
         row["levels"] = {}
         for c in tqdm(cfg.concurrency, desc=f"serve {model_dir.name}", leave=False):
-            runs = [measure_level(client, c, max(cfg.requests, 2 * c), cfg.max_tokens) for _ in range(cfg.repeats)]
+            runs = [measure_level(client, c, max(cfg.requests, 4 * c), cfg.max_tokens) for _ in range(cfg.repeats)]
             best = max(runs, key=lambda r: r["output_tokens_per_s"])
             best["output_tokens_per_s_all"] = [r["output_tokens_per_s"] for r in runs]
             row["levels"][f"c{c}"] = best

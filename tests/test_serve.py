@@ -394,6 +394,6 @@ def test_bench_serve_runs_end_to_end(serve_dir, tmp_path, capsys):
     result = run(cfg)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
     assert result["skipped"] == {"depth": str(tmp_path / "absent")}
-    assert result["models"]["teacher"]["levels"]["c2"]["output_tokens"] == 2 * 2 * 8  # ignore_eos: exact counts
+    assert result["models"]["teacher"]["levels"]["c2"]["output_tokens"] == 4 * 2 * 8  # ignore_eos: exact counts
     assert result["throughput_ratio_width_c8"] is None  # no c8 level here
     assert (tmp_path / "b" / "serve.json").exists() and (tmp_path / "b" / "serve.md").exists()
