@@ -144,8 +144,9 @@ class KDModule(nn.Module):
             stats["hidden"] = hid.detach()
             total = total + self.hidden_weight * hid.detach()
         stats["loss"] = total
-        if self.kd_weight == 0 and not self.hidden_weight:
-            stats["n_loss"] = stats["n_ce"]  # plain LM loss: report the mean over predicted tokens
+        if self.kd_weight == 0 and not self.hidden_weight:  # plain LM loss: no KL, mean over predicted tokens
+            del stats["kl"]
+            stats["n_loss"] = stats["n_ce"]
         return loss, stats
 
     def _hidden_loss(self, teacher_states: list[torch.Tensor]) -> torch.Tensor:

@@ -86,18 +86,20 @@ def _block_full(s, t, y, tau, kd_w, ce_w, want_grad, scratch):
     s_y = s.gather(1, ys).squeeze(1)
     zs = _softmax_into(a, s)
     zt = _softmax_into(b, t)
-    t.sub_(s)  # t' - s'
-    dot = torch.bmm(b[:, None, :], t[:, :, None]).view(r)  # sum exp(t') (t' - s'), no [r, V] temporary
+    bt = b[:, None, :]  # sum exp(t') (t' - s') as two batched dot products: reads only, no [r, V] temporary
+    dot = (torch.bmm(bt, t[:, :, None]) - torch.bmm(bt, s[:, :, None])).view(r)
     kl = dot / zt - zt.log() + zs.log()
     z1 = _softmax_into(c, s, tau) if (ce_w != 0 and tau != 1.0) else zs
     ce = (z1.log() - s_y * tau) * valid
     if want_grad:
         kd_c, ce_c = kd_w / tau, valid.float() * ce_w
-        a.mul_((kd_c / zs)[:, None])  # kd_c * q
-        a.sub_(b.mul_((kd_c / zt)[:, None]))  # - kd_c * p
-        if ce_w != 0:  # + ce_c * softmax(s)
-            a.addcmul_(c if z1 is not zs else torch.exp(s, out=b), (ce_c / z1)[:, None])
-        s.copy_(a).scatter_add_(1, ys, -ce_c[:, None])
+        if ce_w != 0 and z1 is not zs:  # CE softmax at tau = 1 differs from the KD softmax
+            torch.mul(c, (ce_c / z1)[:, None], out=s)
+            s.addcmul_(a, (kd_c / zs)[:, None])
+        else:  # kd_c * q + ce_c * q in one pass, written straight into s
+            torch.mul(a, ((kd_c + ce_c) / zs)[:, None], out=s)
+        s.addcmul_(b, (-kd_c / zt)[:, None])  # - kd_c * p
+        s.scatter_add_(1, ys, -ce_c[:, None])
     return kl, ce
 
 
@@ -183,7 +185,9 @@ class FusedKDFunction(torch.autograd.Function):
                     grad_h[a:b] = s.to(cdt) @ w_s_c
                 if want_w:
                     grad_w.addmm_(s.t(), h.float())
-        ctx.save_for_backward(grad_h, grad_w)
+        # Kept on ctx (not save_for_backward) so that backward can rescale them in place: no second
+        # [V, Hs] buffer. A second backward through the same graph is refused.
+        ctx.grads = (grad_h, grad_w)
         ctx.scale = scale
         ctx.dtypes = (h_s.dtype, w_s.dtype)
         ctx.mark_non_differentiable(kl_sum, ce_sum)
@@ -192,10 +196,13 @@ class FusedKDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _g_kl, _g_ce):
-        grad_h, grad_w = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("FusedKDFunction: backward was already run for this loss (no retain_graph support)")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
         f = grad_loss * ctx.scale
-        gh = (grad_h * f).to(ctx.dtypes[0]) if grad_h is not None else None
-        gw = (grad_w * f).to(ctx.dtypes[1]) if grad_w is not None else None
+        gh = grad_h.mul_(f).to(ctx.dtypes[0]) if grad_h is not None else None
+        gw = grad_w.mul_(f).to(ctx.dtypes[1]) if grad_w is not None else None
         return gh, gw, None, None, None, None, None, None, None, None, None, None
 
 

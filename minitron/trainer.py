@@ -18,6 +18,7 @@ those inputs from a batch of rows (teacher outputs, targets), and a function tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -175,7 +176,7 @@ def per_token(sums: dict[str, float]) -> dict[str, float]:
 
 def _micro_step(task: Task, module, batch, scale: float, accel, sync: bool) -> dict[str, torch.Tensor]:
     """Forward + backward of one micro-batch; gradient all-reduce only on the last one (``sync``)."""
-    ctx = accel.no_sync(module) if not sync else _null()
+    ctx = accel.no_sync(module) if not sync else contextlib.nullcontext()
     with ctx:
         with accel.autocast():
             loss, stats = module(**task.make_inputs(batch), scale=scale)
@@ -183,12 +184,13 @@ def _micro_step(task: Task, module, batch, scale: float, accel, sync: bool) -> d
     return {k: v.detach().float() for k, v in stats.items()}
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _accumulate(task: Task, module, data, rows: torch.Tensor, micro: int, scale: float, accel) -> dict[str, float]:
+    """Gradients of this process's ``rows`` accumulated over micro-batches; stats summed over all processes."""
+    stats = []
+    for i in range(0, len(rows), micro):
+        batch = _batch(data, rows[i : i + micro], accel.device)
+        stats.append(_micro_step(task, module, batch, scale, accel, sync=i + micro >= len(rows)))
+    return _reduce_stats(stats, accel)
 
 
 def _reduce_stats(stats: list[dict[str, torch.Tensor]], accel) -> dict[str, float]:
@@ -244,12 +246,7 @@ def train(cfg: TrainArgs, task: Task, data: dict[str, torch.Tensor], val: dict[s
         # Each micro-batch's loss is a sum over its tokens times 1 / (tokens of the global step); DDP averages
         # gradients over processes, hence the factor ``world``.
         scale = world / tokens_per_step
-        stats = []
-        for i in range(0, rows_per_rank, cfg.micro_batch_size):
-            batch = _batch(data, mine[i : i + cfg.micro_batch_size], accel.device)
-            sync = i + cfg.micro_batch_size >= rows_per_rank
-            stats.append(_micro_step(task, module, batch, scale, accel, sync))
-        sums = _reduce_stats(stats, accel)
+        sums = _accumulate(task, module, data, mine, cfg.micro_batch_size, scale, accel)
         if not math.isfinite(sums["loss"]):
             _diverged(run_dir, step, lr, sums["loss"], accel)
         if cfg.grad_clip > 0:
