@@ -126,21 +126,27 @@ class HFBackend:
 
     @torch.no_grad()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """Sum of log-probs of each continuation and whether it is the greedy one (right-padded batch)."""
+        """Sum of log-probs of each continuation and whether it is the greedy one (right-padded batch).
+
+        Requests with the same input (a shared context and one-token choices, as MMLU's `` A``..`` D``) share
+        one forward pass.
+        """
         seqs = score_window(pairs, self.max_length)
-        width = max(len(s) for s in seqs) - 1
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s) - 1] = torch.tensor(s[:-1])
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(s) - 1 for s in seqs])[:, None]).long()
+        inputs = list(dict.fromkeys(tuple(s[:-1]) for s in seqs))
+        row = {x: i for i, x in enumerate(inputs)}
+        width = max(len(x) for x in inputs)
+        ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
+        for i, x in enumerate(inputs):
+            ids[i, : len(x)] = torch.tensor(x)
+        mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in inputs])[:, None]).long()
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         results = []
-        for i, (s, (_, cont)) in enumerate(zip(seqs, pairs)):
+        for s, (_, cont) in zip(seqs, pairs):
             n = len(cont)
             pos = torch.arange(len(s) - 1 - n, len(s) - 1)  # positions predicting the continuation
             target = torch.tensor(s[-n:])
-            lp = logp[i, pos]
+            lp = logp[row[tuple(s[:-1])], pos]
             results.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
         return results
 
@@ -231,6 +237,15 @@ class EndpointBackend:
         return (msg.get("content") or "") + calls
 
 
+def _size(payload: Any) -> int:
+    """Tokens in a request (ids, or [context ids, continuation ids]); characters for anything else."""
+    if isinstance(payload, list) and all(isinstance(x, int) for x in payload):
+        return len(payload)
+    if isinstance(payload, list) and all(isinstance(x, list) for x in payload):
+        return sum(len(x) for x in payload)
+    return len(json.dumps(payload))
+
+
 class Generator:
     """The interface every task uses: batched, cached and with progress bars, over one backend."""
 
@@ -275,8 +290,11 @@ class Generator:
         """Look every payload up in the cache, compute the misses in batches (committed per batch)."""
         keys = [request_key(kind, [self._fp, p], params) for p in payloads]
         found = self.cache.get_many(keys) if self.cache is not None else {}
+        # longest first, and equal lengths in text order: similar lengths batch together, and requests that
+        # share a context (multiple-choice options) sit side by side
+        blobs = [json.dumps(p) for p in payloads]
         todo = sorted({k: i for i, k in enumerate(keys) if k not in found}.items(),
-                      key=lambda kv: -len(json.dumps(payloads[kv[1]])))  # similar lengths batch together
+                      key=lambda kv: (-_size(payloads[kv[1]]), blobs[kv[1]]))
         bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"{self.name}: {desc}", leave=False,
                    disable=len(todo) == 0)
         for b in range(0, len(todo), self.batch_size):

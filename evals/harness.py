@@ -9,7 +9,8 @@ Usage::
 
 Suites: ``demo`` (the demo world's data under ``runs/demo/world``, small default limits: four tiny models in a
 few minutes on two cores), ``full`` (``../shared/data``), or a comma list of tasks (``mmlu,ifeval,rag,bfcl,
-roleplay``) on the demo world's data. Any task's data can be pointed elsewhere (``--mmlu-data DIR`` ...).
+roleplay``) on the demo world's data (``full:mmlu,rag`` on the real data). Any task's data can be pointed
+elsewhere (``--mmlu-data DIR`` ...).
 ``--limit N`` caps the items per task (per MMLU subject and per BFCL category, as lm-eval does for groups).
 
 Outputs in ``--out``: ``results.json`` (every metric with n and standard error), ``report.md`` (one row per model,
@@ -61,7 +62,7 @@ class EvalConfig:
     endpoint_model: str | None = arg(None, "model id on the endpoint (default: the first one it serves)")
     tokenizer: str | None = arg(None, "tokenizer dir for --endpoint (default: the served model id when it is a dir)")
     endpoint_api_key: str | None = arg(None, "bearer key for --endpoint / --judge-endpoint (default: $OPENAI_API_KEY)")
-    suite: str = arg("demo", "demo | full | comma list of tasks (mmlu,ifeval,rag,bfcl,roleplay)")
+    suite: str = arg("demo", "demo | full | tasks (mmlu,ifeval,rag,bfcl,roleplay) on the demo data | full:tasks")
     out: str = arg("runs/demo/eval", "output folder (results.json, report.md, plots/, items/, cache/)")
     limit: int | None = arg(None, "items per task (per MMLU subject / BFCL category); default: the suite's")
     mmlu_data: str | None = arg(None, "MMLU data dir (mmlu_{test,dev}.jsonl, subject_categories.json) or 'hub'")
@@ -102,10 +103,13 @@ class EvalConfig:
                 raise ConfigError(f"--model {m}: not a model directory (no config.json)")
 
     def tasks(self) -> list[str]:
-        return list(TASKS) if self.suite in SUITES else [t.strip() for t in self.suite.split(",") if t.strip()]
+        """The suite's tasks: all for ``demo``/``full``, else the comma list (after an optional ``full:``)."""
+        listed = self.suite.split(":", 1)[-1]
+        return list(TASKS) if listed in SUITES else [t.strip() for t in listed.split(",") if t.strip()]
 
     def preset(self) -> dict[str, Any]:
-        return SUITES.get(self.suite, SUITES["demo"])
+        """Data paths and limits: ``full`` for ``full`` / ``full:tasks``, else the demo world's."""
+        return SUITES["full"] if self.suite.split(":", 1)[0] == "full" else SUITES["demo"]
 
     def data(self, task: str) -> str:
         return getattr(self, f"{task}_data") or self.preset()["data"][task]
