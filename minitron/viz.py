@@ -99,8 +99,10 @@ def importance_figure(scores: dict[str, torch.Tensor], keep_hidden: int | None =
     ax = fig.subplots(2, 2)
     for a, key, title in ((ax[0, 0], "heads", "attention heads"), (ax[0, 1], "neurons", "MLP neurons")):
         im = a.imshow(scores[key].numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-        a.set(title=f"{title}: importance per layer", xlabel="unit", ylabel="layer")
+        a.set(title=f"{title}: importance per layer", xlabel=title.split()[-1][:-1], ylabel="layer")
+        a.set_yticks(range(scores[key].shape[0]))
         fig.colorbar(im, ax=a)
+    ax[0, 0].set_xticks(range(scores["heads"].shape[1]))
     hidden = scores["hidden"].numpy()
     ax[1, 0].imshow(hidden[None, :], aspect="auto", cmap="viridis", interpolation="nearest")
     ax[1, 0].set(title="hidden channels (summed over every norm)", xlabel="channel", yticks=[])
@@ -109,11 +111,10 @@ def importance_figure(scores: dict[str, torch.Tensor], keep_hidden: int | None =
         ax[1, 0].scatter(kept, [0] * len(kept), marker="|", color="red", s=400, label=f"kept by pruning ({keep_hidden})")
         ax[1, 0].legend(loc="upper right", fontsize=8)
     metrics = {k[6:]: v.numpy() for k, v in scores.items() if k.startswith("layer.")}
-    width = 0.8 / max(len(metrics), 1)
-    for j, (name, x) in enumerate(metrics.items()):
-        scaled = (x - x.min()) / (x.max() - x.min() + 1e-12)
-        ax[1, 1].bar([i + j * width for i in range(len(x))], scaled, width, label=name)
-    ax[1, 1].set(title="layer importance (min-max scaled; low = droppable)", xlabel="layer")
+    for name, x in metrics.items():
+        ax[1, 1].plot(range(len(x)), (x - x.min()) / (x.max() - x.min() + 1e-12), marker="o", label=name)
+    ax[1, 1].set(title="layer importance (min-max scaled per metric; low = droppable)", xlabel="layer",
+                 xticks=range(scores["heads"].shape[0]))
     ax[1, 1].legend(fontsize=8)
     return fig
 
@@ -151,8 +152,9 @@ def stage_metrics_figure(metrics: dict[str, dict[str, Any]]) -> Figure:
     for ax, s in zip(fig.subplots(1, max(len(stages), 1), squeeze=False)[0], stages):
         what, before, after, _ = HEADLINE[s]
         vals = [metrics[s].get(before), metrics[s].get(after)]
-        ax.bar(["before", "after"], [v if v is not None else float("nan") for v in vals],
-               color=["tab:gray", "tab:blue"])
+        bars = ax.bar(["before", "after"], [v if v is not None else float("nan") for v in vals],
+                      color=["tab:gray", "tab:blue"])
+        ax.bar_label(bars, fmt="%.4g", fontsize=8)  # small moves are invisible on the bars alone
         ax.set_title(f"{s}: {what}", fontsize=9)
     return fig
 

@@ -19,9 +19,9 @@ nbclient = pytest.importorskip("nbclient")
 ROOT = Path(__file__).resolve().parents[1]
 # notebook -> (timeout per cell in seconds, images it must show at least, tables it must show at least)
 NOTEBOOKS = {
-    "01_prune_and_distill.ipynb": (300, 3, 3),
-    "02_alignment.ipynb": (300, 1, 3),
-    "03_evaluation_report.ipynb": (300, 2, 2),
+    "01_prune_and_distill.ipynb": (600, 3, 3),
+    "02_alignment.ipynb": (600, 2, 3),
+    "03_evaluation_report.ipynb": (600, 2, 2),
 }
 
 
