@@ -112,9 +112,11 @@ class EvalConfig:
         return SUITES["full"] if self.suite.split(":", 1)[0] == "full" else SUITES["demo"]
 
     def data(self, task: str) -> str:
+        """The task's data path: its ``--<task>-data`` override, else the suite's."""
         return getattr(self, f"{task}_data") or self.preset()["data"][task]
 
     def task_limit(self, task: str) -> int | None:
+        """``--limit`` when given, else the suite's default for the task (None = every item)."""
         return self.limit if self.limit is not None else self.preset()["limit"].get(task)
 
 
@@ -135,6 +137,8 @@ def make_generator(cfg: EvalConfig, model: str | None, cache_dir: Path) -> Gener
                                        api_key=cfg.endpoint_api_key or os.environ.get("OPENAI_API_KEY"))
     else:
         backend = HFBackend(model, device=cfg.device)
+    # one cache file per model *version*: the fingerprint changes when the weights do, so a retrained model
+    # never reads a stale reply, while a rerun of the same model (or its reuse as roleplay baseline) does
     tmp = Generator(backend, None)
     cache = ItemCache(cache_dir / f"{backend.name}-{tmp._fp[:12]}.sqlite")
     return Generator(backend, cache, cfg.batch_size)
@@ -148,6 +152,8 @@ def _bfcl(gen: Generator, data: str, limit: int | None, max_new_tokens: int) -> 
     texts = gen.chat([{"messages": r["messages"], "tools": r["tools"]} for r in requests],
                      max_new_tokens=max_new_tokens, desc="bfcl")
     res = bfcl.score_outputs(requests, texts)
+    # the checker's summary recomputed as harness metrics (value, stderr, n): overall = micro over every
+    # question, one acc_<category> each, and the macro average whose stderr combines the per-category ones
     metrics = {"accuracy": mean_metric([float(i["valid"]) for i in res["items"]])}
     cats = {}
     for cat in res["categories"]:
@@ -173,6 +179,8 @@ def run_task(task: str, gen: Generator, cfg: EvalConfig, work: Path, baseline: A
                             cfg.rag_max_new_tokens)
     if task == "bfcl":
         return _bfcl(gen, data, limit, cfg.bfcl_max_new_tokens)
+    # roleplay: an endpoint judge when given, else the reward model; without either it is reported as skipped
+    # (a missing judge should not throw away the other tasks' numbers)
     judge_model = cfg.judge_model or cfg.preset().get("judge_model")
     judge = None
     if cfg.judge_endpoint:
@@ -208,6 +216,7 @@ def evaluate_model(cfg: EvalConfig, name: str, model: str | None, out: Path, bas
         t0 = time.time()
         console.log(f"[bold]{name}[/bold]: {task} ({cfg.data(task)}, limit {cfg.task_limit(task)})")
         res = run_task(task, gen, cfg, out, baseline)
+        # per-item records next to the numbers: what each metric was computed from (inspect, re-score, diff)
         with open(_items_path(out, name, task), "w") as fh:
             for it in res.get("items", []):
                 fh.write(json.dumps(it, default=str) + "\n")
@@ -221,6 +230,7 @@ def evaluate_model(cfg: EvalConfig, name: str, model: str | None, out: Path, bas
 
 
 def _items_path(out: Path, name: str, task: str) -> Path:
+    """``items/<model>/<task>.jsonl`` (model names like ``width/distilled`` become one folder name)."""
     p = out / "items" / name.replace("/", "__").replace(" ", "_") / f"{task}.jsonl"
     p.parent.mkdir(parents=True, exist_ok=True)
     return p
@@ -250,6 +260,8 @@ def run(cfg: EvalConfig) -> Path:
     write_text(out / "config.resolved.json", json.dumps(to_dict(cfg), indent=2))
     models: list[str | None] = list(cfg.model) or [None]
     names = cfg.names or (default_names(cfg.model) if cfg.model else [cfg.endpoint_model or "endpoint"])
+    # roleplay compares every model with one baseline; "first" is the first model (the teacher in stage
+    # order), which makes the progression read as "win rate against the teacher"
     baseline_spec = cfg.roleplay_baseline
     if baseline_spec == "first":
         baseline_spec = "reference" if len(models) == 1 else models[0]

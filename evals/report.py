@@ -58,12 +58,14 @@ def count_params(model_dir: str | Path | None) -> int | None:
 
 
 def _fmt_params(n: int | None) -> str:
+    """``2.29M`` / ``4.51B`` (``n/a`` for an endpoint whose weights are not local)."""
     if not n:
         return "n/a"
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _fmt(m: dict[str, Any] | None) -> str:
+    """One table cell: a rate in % with its standard error, ``–`` for a metric a model lacks."""
     if not m or m.get("n", 0) == 0 or m["value"] != m["value"]:
         return "–"
     if m.get("scale") == "raw":  # not a rate (e.g. a reward margin): shown as is
@@ -105,6 +107,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
                 f"{_fmt(ms.get(n))} ({ms.get(n, {}).get('n', 0)})" for n in names) + " |")
         notes = {m["name"]: m["tasks"][task]["note"] for m in results["models"] if m["tasks"].get(task, {}).get("note")}
         lines += [f"\n{name}: {note}" for name, note in notes.items()]
+    skipped = [(m["name"], t, r["note"]) for m in results["models"] for t, r in m["tasks"].items()
+               if not r.get("metrics") and r.get("note")]
+    if skipped:
+        lines += ["", "## Not scored", ""] + [f"- {name} {task}: {note}" for name, task, note in skipped]
     return write_text(path, "\n".join(lines) + "\n")
 
 
@@ -123,6 +129,7 @@ def plot_metrics(results: dict[str, Any], out_dir: Path) -> list[Path]:
         scale = 1.0 if any(v.get("scale") == "raw" for v in vals) else 100.0
         ys = [scale * v["value"] if v.get("n") else 0.0 for v in vals]
         errs = [scale * v["stderr"] if v.get("n") else 0.0 for v in vals]
+        # bars in the models' order with one-standard-error whiskers: overlapping whiskers = no clear difference
         fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.2))
         ax.bar(range(len(names)), ys, yerr=errs, capsize=4, color="#4C72B0")
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
@@ -142,7 +149,7 @@ def plot_progression(results: dict[str, Any], path: Path, plt: Any) -> Path:
     fig, ax = plt.subplots(figsize=(4.5 + 1.3 * len(names), 3.6))
     for task, metric in metric_columns(results, headline_only=True):
         vals = [m["tasks"].get(task, {}).get("metrics", {}).get(metric, {}) for m in results["models"]]
-        xs = [i for i, v in enumerate(vals) if v.get("n")]
+        xs = [i for i, v in enumerate(vals) if v.get("n")]  # a model without the metric leaves a gap
         ax.errorbar(xs, [100 * vals[i]["value"] for i in xs], yerr=[100 * vals[i]["stderr"] for i in xs],
                     marker="o", capsize=3, label=f"{task} {metric}")
     ax.set_xticks(range(len(names)), names)
