@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from minitron.adapters import Adapter, Layout, get_adapter, pruned_config
 from minitron.config import ConfigError, MinitronError, arg, read_yaml, save_resolved
-from minitron.importance import (ImportanceConfig, ShardedCheckpoint, compute_scores, load_scores, resolve_model,
-                                 save_scores)
+from minitron.importance import (ST_DTYPES, ImportanceConfig, ShardedCheckpoint, compute_scores, load_scores,
+                                 resolve_model, save_scores)
 from minitron.io import atomic_dir, write_json, write_model_card
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
@@ -282,51 +282,71 @@ def _index(t: torch.Tensor, dims: tuple) -> torch.Tensor:
     return t
 
 
-class ShardWriter:
-    """Write tensors into safetensors shards of at most ``max_bytes`` plus the HF index, one shard in memory."""
+ST_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
+            torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
-    def __init__(self, out: Path, max_bytes: int):
-        self.out, self.max, self.buf, self.size, self.files, self.total = out, max_bytes, {}, 0, [], 0
-        self.weight_map: dict[str, int] = {}
 
-    def add(self, name: str, t: torch.Tensor) -> None:
-        if self.buf and self.size + t.nbytes > self.max:
-            self.flush()
-        self.buf[name] = t.contiguous()
-        self.size += t.nbytes
-        self.total += t.nbytes
+def plan_shards(specs: list[tuple[str, str, torch.Size, torch.dtype]], max_bytes: int) -> list[list[tuple]]:
+    """Group (source key, output name, shape, dtype) specs into shards of at most ``max_bytes`` (in order)."""
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for spec in specs:
+        n = spec[2].numel() * spec[3].itemsize
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += n
+    return shards
 
-    def flush(self) -> None:
-        from safetensors.torch import save_file
 
-        path = self.out / f".shard-{len(self.files)}.safetensors"
-        save_file(self.buf, str(path), metadata={"format": "pt"})
-        self.weight_map.update({k: len(self.files) for k in self.buf})
-        self.files.append(path)
-        self.buf, self.size = {}, 0
+def write_shard(path: Path, specs: list[tuple], produce) -> None:
+    """Write a safetensors file whose header is known in advance, streaming ``produce(spec)`` tensors into it.
 
-    def close(self) -> None:
-        """Name the shards model-0000i-of-0000N.safetensors and write model.safetensors.index.json."""
-        if self.buf:
-            self.flush()
-        n = len(self.files)
-        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for path, name in zip(self.files, names):
-            path.rename(self.out / name)
-        index = {"metadata": {"total_size": self.total}, "weight_map": {k: names[v] for k, v in sorted(self.weight_map.items())}}
-        write_json(self.out / "model.safetensors.index.json", index)
+    Only the tensor being written is in memory, whatever the shard size (a 5 GB hub-style shard included).
+    """
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for _, name, shape, dtype in specs:
+        n = shape.numel() * dtype.itemsize
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the data must start 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        for spec in specs:
+            t = produce(spec).contiguous()
+            assert t.shape == spec[2] and t.dtype == spec[3], spec
+            fh.write(t.view(-1).view(torch.uint8).numpy().data)
 
 
 def apply_plan(ckpt: ShardedCheckpoint, ad: Adapter, src: Layout, plan: Plan, out: Path, max_bytes: int) -> None:
-    """Stream every source tensor through ``slice_tensor`` into new shards (source dtype kept)."""
-    writer = ShardWriter(out, max_bytes)
-    # Peak memory: one source tensor + one output shard. Reading in file order keeps the disk access sequential.
+    """Stream every source tensor through ``slice_tensor`` into new shards + index (source dtype kept).
+
+    Pass 1 slices empty "meta" tensors to learn every output shape (no data read), which fixes the shard
+    headers; pass 2 reads, slices and writes one tensor at a time. Peak memory: one source tensor and its slice.
+    """
     keys = sorted(ckpt.keys(), key=lambda k: (str(ckpt.entries[k][0]), ckpt.entries[k][3]))  # disk order
-    for key in tqdm(keys, desc="pruning tensors", mininterval=2):
-        res = slice_tensor(ad, src, plan, key, ckpt.read(key))
+    specs = []
+    for key in keys:
+        _, dt, shape, _, _ = ckpt.entries[key]
+        res = slice_tensor(ad, src, plan, key, torch.empty(shape, dtype=ST_DTYPES[dt], device="meta"))
         if res is not None:
-            writer.add(*res)
-    writer.close()
+            specs.append((key, res[0], res[1].shape, res[1].dtype))
+    shards = plan_shards(specs, max_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    bar = tqdm(total=len(specs), desc="pruning tensors", mininterval=2)
+
+    def produce(spec: tuple) -> torch.Tensor:
+        bar.update(1)
+        return slice_tensor(ad, src, plan, spec[0], ckpt.read(spec[0]))[1]
+
+    for name, shard in zip(names, shards):
+        write_shard(out / name, shard, produce)
+    bar.close()
+    total = sum(spec[2].numel() * spec[3].itemsize for spec in specs)
+    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": {
+        spec[1]: name for name, shard in zip(names, shards) for spec in sorted(shard, key=lambda sp: sp[1])}})
 
 
 # ---------------------------------------------------------------------------------------------- run
