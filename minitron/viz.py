@@ -43,11 +43,12 @@ def small_run(run: str | Path, small: bool, need: list[str], report: bool = Fals
     from minitron.pipeline import PipelineConfig, run as run_pipeline
 
     root = Path(run)
-    if not small and all((root / p).exists() for p in need):
+    missing = [p for p in need if not (root / p).exists()]
+    if not small and not missing:
         print(f"showing the finished run in {root}")
         return root
     out = root if small else Path(SMALL_DIR)
-    print(f"{root} lacks {need}: building a small run in {out}" if not small else f"small mode: building {out}")
+    print(f"small mode: building {out}" if small else f"{root} lacks {missing}: building a small run in {out}")
     stages = ["world", "teacher", "prune", "distill"] + (["report"] if report else [])
     run_pipeline(PipelineConfig(out=str(out), stages=stages, **SMALL_RECIPE))
     return out

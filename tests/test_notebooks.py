@@ -17,11 +17,12 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parents[1]
-# notebook -> (timeout per cell in seconds, images it must show at least, tables it must show at least)
+# notebook -> (timeout per cell in seconds, images it must show at least, tables it must show at least,
+#              texts its outputs must contain)
 NOTEBOOKS = {
-    "01_prune_and_distill.ipynb": (600, 3, 3),
-    "02_alignment.ipynb": (600, 2, 3),
-    "03_evaluation_report.ipynb": (600, 2, 2),
+    "01_prune_and_distill.ipynb": (600, 3, 3, ["dropped layers", "final_val_kl", "width distilled", "depth distilled"]),
+    "02_alignment.ipynb": (600, 2, 3, ["held-out loss", "pairwise accuracy", "<|im_start|>assistant", "rejected"]),
+    "03_evaluation_report.ipynb": (600, 2, 2, ["width distilled", "mmlu acc", "bfcl accuracy", "rag f1"]),
 }
 
 
@@ -52,8 +53,26 @@ def execute(name: str, timeout: int) -> tuple[nbformat.NotebookNode, float]:
 
 
 def outputs(nb: nbformat.NotebookNode, mime: str) -> list[str]:
-    return [o["data"][mime] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if mime in o.get("data", {})]
+    """Every output of type ``mime`` (``stream`` for printed text)."""
+    outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    if mime == "stream":
+        return [o["text"] for o in outs if o["output_type"] == "stream"]
+    return [o["data"][mime] for o in outs if mime in o.get("data", {})]
+
+
+def check_outputs(name: str, nb: nbformat.NotebookNode) -> None:
+    """Every cell ran without error and the notebook showed its figures, tables and key numbers."""
+    _, n_images, n_tables, texts = NOTEBOOKS[name]
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
+    assert not errors
+    assert all(c.execution_count for c in nb.cells if c.cell_type == "code"), "a cell did not run"
+    images = outputs(nb, "image/png")
+    assert len(images) >= n_images and all(len(i) > 1000 for i in images), f"{name}: {len(images)} figures"
+    tables = [t for t in outputs(nb, "text/html") if "<table" in t] + \
+             [t for t in outputs(nb, "text/markdown") if "|---" in t]
+    assert len(tables) >= n_tables, f"{name}: {len(tables)} tables"
+    shown = "\n".join(outputs(nb, "stream") + outputs(nb, "text/html") + outputs(nb, "text/markdown"))
+    assert not [t for t in texts if t not in shown], f"{name}: missing {[t for t in texts if t not in shown]}"
 
 
 def test_notebooks_are_stored_without_outputs():
@@ -67,14 +86,6 @@ def test_notebooks_are_stored_without_outputs():
 
 @pytest.mark.parametrize("name", list(NOTEBOOKS))
 def test_notebook_runs_top_to_bottom(name, run_dir):
-    timeout, n_images, n_tables = NOTEBOOKS[name]
-    nb, seconds = execute(name, timeout)
+    nb, seconds = execute(name, NOTEBOOKS[name][0])
     print(f"{name}: {seconds:.0f} s")
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
-    assert not errors
-    assert all(c.execution_count for c in nb.cells if c.cell_type == "code"), "a cell did not run"
-    images = outputs(nb, "image/png")
-    assert len(images) >= n_images and all(len(i) > 1000 for i in images), f"{name}: {len(images)} figures"
-    tables = [t for t in outputs(nb, "text/html") if "<table" in t] + \
-             [t for t in outputs(nb, "text/markdown") if "|---" in t]
-    assert len(tables) >= n_tables, f"{name}: {len(tables)} tables"
+    check_outputs(name, nb)
