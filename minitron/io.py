@@ -23,6 +23,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; outputs are ordinary shared directories
     try:
         yield tmp
     except BaseException:
