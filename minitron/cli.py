@@ -88,10 +88,10 @@ def parse_overrides(args: list[str], cls: type) -> tuple[str | None, dict[str, A
         i += 1
         if key == "config":
             config_path = value
-        elif typing.get_origin(tp) is list and key in overrides:
-            overrides[key] = list(overrides[key]) + [value]
+        elif typing.get_origin(tp) is list:  # repeated flags and comma lists both extend the list
+            overrides[key] = list(overrides.get(key, [])) + [v for v in str(value).split(",") if v]
         else:
-            overrides[key] = [value] if typing.get_origin(tp) is list else value
+            overrides[key] = value
     return config_path, overrides
 
 

@@ -206,7 +206,8 @@ class Pipeline:
     def make_eval(self) -> Any:
         from evals import harness
 
-        labels = self.models()
+        # the harness scores the story's models; from-scratch baselines are compared in the report (loss, MC)
+        labels = {k: v for k, v in self.models().items() if "scratch" not in k}
         world = self.paths.world
         data = {"mmlu_data": str(world / "mmlu"), "ifeval_data": str(world / "ifeval"), "rag_data": str(world / "rag"),
                 "bfcl_data": str(world / "bfcl"), "roleplay_data": str(world / "sft" / "roleplay_eval.jsonl")

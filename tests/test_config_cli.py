@@ -61,6 +61,7 @@ def test_parse_overrides_flags_and_lists():
     assert path == "a.yaml"
     assert ov == {"flag": "true", "tags": ["a", "b"], "max_steps": "3", "train.lr": "0.1"}
     assert parse_overrides(["--no-flag"], Demo)[1] == {"flag": False}
+    assert parse_overrides(["--tags", "a,b", "--tags", "c"], Demo)[1] == {"tags": ["a", "b", "c"]}
 
 
 def test_every_stage_target_resolves():
