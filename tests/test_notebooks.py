@@ -7,7 +7,6 @@ Every cell must run without error, and each notebook must show its figures and t
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
