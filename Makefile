@@ -36,11 +36,13 @@ demo: $(STAMP)  ## teacher -> prune -> distill -> align -> eval -> report, on th
 teacher: $(STAMP)
 	$(MINITRON) teacher --config $(or $(CONFIG),configs/demo.yaml) $(ARGS)
 
-prune: $(STAMP)
-	$(MINITRON) prune --config $(or $(CONFIG),configs/prune/demo-width.yaml) $(ARGS)
+prune: $(STAMP)  ## make prune [CONFIG=configs/prune/demo-depth.yaml OUT=runs/demo/pruned/depth]
+	$(MINITRON) prune --model $(or $(MODEL),runs/demo/teacher) --calib runs/demo/world/corpus \
+	    --target $(or $(CONFIG),configs/prune/demo-width.yaml) --out $(or $(OUT),runs/demo/pruned/width)
 
-distill: $(STAMP)
-	$(MINITRON) distill --config $(or $(CONFIG),configs/distill/demo.yaml) $(ARGS)
+distill: $(STAMP)  ## make distill [MODEL=runs/demo/pruned/depth OUT=runs/demo/distilled/depth]
+	$(MINITRON) distill --config $(or $(CONFIG),configs/distill/demo.yaml) \
+	    --student $(or $(MODEL),runs/demo/pruned/width) --out $(or $(OUT),runs/demo/distilled/width)
 
 align: $(STAMP)  ## with no arguments: the latest distilled demo student
 	$(MINITRON) align --config $(or $(CONFIG),configs/align/demo.yaml) $(ARGS)
