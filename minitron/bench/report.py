@@ -37,7 +37,8 @@ TARGETS: dict[str, tuple[str, float, str, str]] = {
 class BenchAllConfig:
     out: str = arg("runs/bench", "where bench.json and bench.md go")
     benches: list[str] = arg(["prune", "distill", "serve"], "benchmarks to run now (each in its own process)")
-    include: list[str] = arg(["bench/results/prune_8b.json", "bench/results/reproduce.json"],
+    include: list[str] = arg(["bench/results/prune_8b.json", "bench/results/reproduce.json",
+                              "bench/results/reproduce_smoke.json"],
                              "saved result files to merge (missing ones are listed, not fatal)")
     timeout_s: int = arg(1800, "time limit per benchmark")
 
