@@ -323,11 +323,13 @@ def bfcl_items(rng: random.Random, entities: list[dict], category: str, n: int, 
 
 
 def to_openai_tools(functions: list[dict]) -> list[dict]:
-    """BFCL function specs as OpenAI tools, rendered exactly as the function-calling eval renders them
-    (``evals.bfcl.to_openai_tools``), so that SFT prompts and eval prompts show tools the same way."""
-    from evals.bfcl import to_openai_tools as bfcl_tools
-
-    return bfcl_tools(functions, "simple_python")
+    """BFCL function specs as OpenAI tools (BFCL's "dict" type is JSON schema's "object")."""
+    tools = []
+    for f in functions:
+        params = json.loads(json.dumps(f["parameters"]).replace('"type": "dict"', '"type": "object"'))
+        tools.append({"type": "function", "function": {"name": f["name"], "description": f["description"],
+                                                       "parameters": params}})
+    return tools
 
 
 # ----------------------------------------------------------------------------------------- SFT + preferences
@@ -397,11 +399,8 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(r) + "\n")
 
 
-WORLD_FORMAT = 2  # bump when the generated data changes for the same config (2: SFT tools rendered as the eval)
-
-
 def config_hash(cfg: WorldConfig) -> str:
-    d = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "force")} | {"format": WORLD_FORMAT}
+    d = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "force")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -75,12 +75,3 @@ def test_rag_entities_absent_from_corpus(world):
 def test_bad_config_fails_early():
     with pytest.raises(ConfigError, match="n_entities must be >= 20"):
         WorldConfig(n_entities=3)
-
-
-def test_sft_tools_render_like_the_function_calling_eval(world):
-    """One tool format: the SFT conversations show tools exactly as the BFCL eval prompts do."""
-    from evals.bfcl import build_requests
-
-    eval_tools = {json.dumps(t, sort_keys=True) for r in build_requests(world / "bfcl") for t in r["tools"]}
-    sft_tools = {json.dumps(t, sort_keys=True) for r in read_jsonl(world / "sft" / "train.jsonl") for t in r.get("tools", [])}
-    assert sft_tools and sft_tools <= eval_tools
