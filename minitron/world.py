@@ -115,7 +115,7 @@ class WorldConfig:
     n_ifeval: int = arg(60, "IFEval-format eval prompts")
     n_rag: int = arg(60, "RAG eval questions (a third unanswerable)")
     n_bfcl: int = arg(30, "function-calling items per category")
-    n_sft: int = arg(1200, "SFT conversations")
+    n_sft: int = arg(2400, "SFT conversations")
     n_preference: int = arg(600, "preference pairs")
     n_roleplay_eval: int = arg(24, "held-out roleplay prompts")
     force: bool = arg(False, "regenerate even if the output exists with the same config")
@@ -323,34 +323,38 @@ def bfcl_items(rng: random.Random, entities: list[dict], category: str, n: int, 
 
 
 def to_openai_tools(functions: list[dict]) -> list[dict]:
-    """BFCL function specs as OpenAI tools (BFCL's "dict" type is JSON schema's "object")."""
-    tools = []
-    for f in functions:
-        params = json.loads(json.dumps(f["parameters"]).replace('"type": "dict"', '"type": "object"'))
-        tools.append({"type": "function", "function": {"name": f["name"], "description": f["description"],
-                                                       "parameters": params}})
-    return tools
+    """BFCL function specs as OpenAI tools, exactly as the function-calling eval offers them (one format for
+    training and evaluation: ``evals.bfcl.to_openai_tools``, BFCL's description notes included)."""
+    from evals.bfcl import to_openai_tools as bfcl_tools
+
+    return bfcl_tools(functions, "simple_python")
 
 
 # ----------------------------------------------------------------------------------------- SFT + preferences
+SFT_MIX = ("answer", "instruction", "tool_call", "tool_call", "no_call", "roleplay")  # one cycle of the SFT mix
+
+
 def sft_conversations(rng: random.Random, entities: list[dict], if_pool: list[dict], n: int) -> list[dict]:
-    """A mix of plain answers, instruction following, tool calls (incl. no-call answers) and roleplay."""
+    """A mix (``SFT_MIX``) of plain answers, instruction following, tool calls, no-call answers and roleplay.
+
+    Tool calls get two shares: their JSON is the hardest thing for a tiny student to learn.
+    """
     convs = []
     for k in range(n):
-        kind = k % 5
+        kind = SFT_MIX[k % len(SFT_MIX)]
         e = rng.choice(entities)
         attr = rng.choice(list(ATTRIBUTES))
         q = ATTRIBUTES[attr]["question"].format(n=e["name"])
         a = ATTRIBUTES[attr]["answer"].format(n=e["name"], v=e[attr])
-        if kind == 0:
+        if kind == "answer":
             convs.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-        elif kind == 1:
+        elif kind == "instruction":
             item = if_pool[k % len(if_pool)]
             convs.append({"messages": [{"role": "user", "content": item["prompt"]},
                                        {"role": "assistant", "content": item["chosen"]}]})
-        elif kind == 2:
+        elif kind == "tool_call":
             convs.append(tool_conversation(rng, entities))
-        elif kind == 3:
+        elif kind == "no_call":
             convs.append(no_call_conversation(rng, e, attr))
         else:
             convs.append({"messages": roleplay_messages(rng.choice(PERSONAS), q, a)})
@@ -358,7 +362,11 @@ def sft_conversations(rng: random.Random, entities: list[dict], if_pool: list[di
 
 
 def tool_conversation(rng: random.Random, entities: list[dict]) -> dict:
-    """A user request, the assistant's tool call(s), the tool result and a short final answer."""
+    """A user request and the assistant's tool call(s), as BFCL scores them (first turn only).
+
+    No tool result and final answer follow: a constant closing turn ("Done.") after the result taught the tiny
+    demo student to answer "Done." at once instead of calling (the two contexts differ only in their last turn).
+    """
     from minitron.chat_format import tool_call_message
 
     names = list(FUNCTIONS)
@@ -371,8 +379,6 @@ def tool_conversation(rng: random.Random, entities: list[dict]) -> dict:
         parts.append(sentence)
     offered = sorted({c["name"] for c in calls} | set(rng.sample(names, rng.randint(0, 2))))
     messages = [{"role": "user", "content": f"Please {' and '.join(parts)}."}, tool_call_message(calls)]
-    messages += [{"role": "tool", "content": json.dumps({"status": "ok"})} for _ in calls]
-    messages.append({"role": "assistant", "content": "Done."})
     return {"messages": messages, "tools": to_openai_tools([FUNCTIONS[f] for f in offered])}
 
 
@@ -399,8 +405,13 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(r) + "\n")
 
 
+# Bumped whenever the generator's output changes for the same config, so that old worlds are rebuilt.
+WORLD_FORMAT = 3
+
+
 def config_hash(cfg: WorldConfig) -> str:
     d = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "force")}
+    d["format"] = WORLD_FORMAT
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -424,7 +435,8 @@ def build(cfg: WorldConfig) -> dict[str, list[dict]]:
             item = ifeval_item(rng, entities[i], a, k % len(IF_SPECS))
             if item is not None:
                 pool.append(item)
-    sft = sft_conversations(rng, entities, if_train, cfg.n_sft)
+    # SFT data has its own random stream: its size and mix never change the eval sets drawn after it.
+    sft = sft_conversations(random.Random(f"{cfg.seed}:sft"), entities, if_train, cfg.n_sft)
     n_sft_val = max(10, len(sft) // 20)
     rp_eval = []
     for k in range(cfg.n_roleplay_eval):

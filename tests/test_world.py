@@ -46,6 +46,22 @@ def test_formats_match_the_real_data_sets(world):
     assert any("tools" in r for r in sft) and all(r["messages"][-1]["role"] == "assistant" for r in sft)
 
 
+def test_sft_tools_are_offered_as_the_function_calling_eval_offers_them(world):
+    """One tool format for training and evaluation: the world's SFT schemas are the BFCL eval's rendering."""
+    from evals import bfcl
+    from minitron.world import FUNCTIONS
+
+    sft = [r for r in read_jsonl(world / "sft" / "train.jsonl") if "tools" in r]
+    calls = [r for r in sft if r["messages"][-1].get("tool_calls")]
+    assert calls and len(calls) < len(sft)  # tool calls, and answers in text when no offered tool fits
+    for r in sft:
+        names = [t["function"]["name"] for t in r["tools"]]
+        assert r["tools"] == bfcl.to_openai_tools([FUNCTIONS[n] for n in names], "simple_python")
+    for r in calls:
+        offered = {t["function"]["name"] for t in r["tools"]}
+        assert {c["function"]["name"] for c in r["messages"][-1]["tool_calls"]} <= offered
+
+
 def test_splits_do_not_overlap(world):
     test_q = {r["question"] for r in read_jsonl(world / "mmlu" / "mmlu_test.jsonl")}
     dev_q = {r["question"] + str(r["choices"]) for r in read_jsonl(world / "mmlu" / "mmlu_dev.jsonl")}
