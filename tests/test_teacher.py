@@ -80,3 +80,21 @@ def test_trains_on_a_real_corpus(tmp_path):
                         head_dim=16, seq_len=32, batch_size=2, tokens=32 * 2 * 3)
     out = run(cfg)
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+def test_tokenizer_data_gives_tool_json_merges(tmp_path):
+    """Chat/tool lines in ``tokenizer_data`` train the BPE too: a tool-call prompt takes fewer tokens."""
+    from minitron.teacher import build_tokenizer, corpus_source
+
+    world = ensure_world(WorldConfig(out=str(tmp_path / "world"), **SMALL))
+    sft = str(world / "sft" / "train.jsonl")
+    call = '<tool_call>{"name": "book_trip", "arguments": {"person": "Zor", "city": "Paris", "days": 3}}</tool_call>'
+    lengths = []
+    for extra in ([], [sft]):
+        cfg = TeacherConfig(world_dir=str(world), vocab_size=400, tokenizer_data=extra)
+        tok = build_tokenizer(corpus_source(cfg), cfg)
+        lengths.append(len(tok(call, add_special_tokens=False).input_ids))
+    assert lengths[1] < 0.8 * lengths[0], lengths
+    with pytest.raises(ConfigError, match="tokenizer_data file"):
+        bad = TeacherConfig(world_dir=str(world), tokenizer_data=[str(tmp_path / "missing.jsonl")])
+        build_tokenizer(corpus_source(bad), bad)
