@@ -257,7 +257,7 @@ def to_preference(row: dict[str, Any]) -> list[dict[str, Any]]:
 def _arrow_safe(example: dict[str, Any]) -> dict[str, Any]:
     """JSON-encode tool schemas and call arguments: Arrow would merge their differing keys into null-filled structs."""
     ex = dict(example)
-    if "tools" in ex:
+    if ex.get("tools") is not None:
         ex["tools"] = ex["tools"] if isinstance(ex["tools"], str) else json.dumps(ex["tools"])
     for key in ("prompt", "completion", "chosen", "rejected"):
         if isinstance(ex.get(key), list):
@@ -277,7 +277,12 @@ def _encode_calls(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_dataset(rows: list[dict[str, Any]]) -> Any:
-    """A ``datasets.Dataset`` of normalised examples, safe for Arrow (see ``_arrow_safe``)."""
+    """A ``datasets.Dataset`` of normalised examples, safe for Arrow (see ``_arrow_safe``).
+
+    Every row gets every column (None where it has none): ``Dataset.from_list`` takes its columns from the
+    first row alone, so a first row without ``tools`` would silently drop the tool schemas of all the others.
+    """
     import datasets
 
-    return datasets.Dataset.from_list([_arrow_safe(r) for r in rows])
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return datasets.Dataset.from_list([_arrow_safe({k: r.get(k) for k in columns}) for r in rows])

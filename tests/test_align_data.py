@@ -99,6 +99,16 @@ def test_datasets_are_arrow_safe_and_render_tool_calls(tiny_tokenizer):
     assert ds[2]["completion"][0]["tool_calls"][0]["function"]["arguments"] == '{"y": "z"}'
 
 
+def test_tool_schemas_survive_a_first_row_without_tools():
+    """Dataset.from_list takes its columns from the first row: a plain first row once dropped every row's tools."""
+    rows = D.to_sft_examples({"instruction": "b", "input": "", "output": "c"})
+    rows += D.to_sft_examples({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]}], "tools": [TOOL]})
+    ds = D.to_dataset(rows)
+    assert ds[0]["tools"] is None
+    assert json.loads(ds[1]["tools"]) == [TOOL]
+
+
 def test_shared_real_data_loads(request):
     from conftest import shared_data
 
