@@ -27,6 +27,18 @@ class SFTArgs(TrainArgs):
     batch_size: int = arg(16, "conversations (assistant turns) per micro-batch")
 
 
+def extend_context(config: Any, input_ids: list[list[int]], max_length: int) -> int:
+    """Raise ``config.max_position_embeddings`` to ``max_length`` when SFT trained on longer sequences than it.
+
+    A pretraining context shorter than the chat data (the demo's 512 against tool prompts of ~600 tokens) would
+    make evaluators and vLLM cut the very prompts SFT taught; RoPE has no table to grow, so only the config moves.
+    """
+    longest = max((len(x) for x in input_ids), default=0)
+    if longest > config.max_position_embeddings:
+        config.max_position_embeddings = max_length
+    return config.max_position_embeddings
+
+
 def train(ctx: StageContext, args: SFTArgs, model_dir: str | Path, train_rows: list[dict],
           eval_rows: list[dict], data_stats: dict[str, Any]) -> Path:
     """Fine-tune ``model_dir`` on ``train_rows`` (prompt/completion examples); write ``OUT/sft``."""
@@ -44,7 +56,8 @@ def train(ctx: StageContext, args: SFTArgs, model_dir: str | Path, train_rows: l
     before = measured_once(ctx, "sft", "eval_loss", lambda: trainer.evaluate()["eval_loss"])
     trainer.train(resume_from_checkpoint=resume)
     after = trainer.evaluate()["eval_loss"]
-    metrics = {"stage": "sft", "eval_loss_before": before, "eval_loss": after,
+    context = extend_context(trainer.model.config, trainer.train_dataset["input_ids"], ctx.max_length)
+    metrics = {"stage": "sft", "eval_loss_before": before, "eval_loss": after, "max_position_embeddings": context,
                "train_examples": len(train_rows), "eval_examples": len(eval_rows),
                "steps": trainer.state.global_step, "resumed_from": resume, "data": data_stats,
                "history": train_history(trainer)}

@@ -205,3 +205,14 @@ def test_aligned_output_serves_in_vllm(world_model, tmp_path):
     local = Generator(HFBackend(model), None).chat(chats, max_new_tokens=8)
     with serve.VLLMServer(model, max_model_len=256) as url:
         assert Generator(EndpointBackend(url), None).chat(chats, max_new_tokens=8) == local
+
+
+def test_sft_extends_a_context_shorter_than_its_data():
+    """Tool prompts longer than the pretraining context: the SFT output declares the window it was trained on."""
+    from transformers import LlamaConfig
+
+    from align.sft import extend_context
+
+    cfg = LlamaConfig(max_position_embeddings=16)
+    assert extend_context(cfg, [[0] * 10, [0] * 16], 64) == 16  # everything fitted: unchanged
+    assert extend_context(cfg, [[0] * 10, [0] * 20], 64) == 64 and cfg.max_position_embeddings == 64
