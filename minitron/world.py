@@ -115,7 +115,8 @@ class WorldConfig:
     n_ifeval: int = arg(60, "IFEval-format eval prompts")
     n_rag: int = arg(60, "RAG eval questions (a third unanswerable)")
     n_bfcl: int = arg(30, "function-calling items per category")
-    n_sft: int = arg(2400, "SFT conversations")
+    n_sft: int = arg(9600, "SFT conversations (a third of them tool calls)")
+    n_errands: int = arg(1500, "corpus documents that restate requests as call logs (in-context copying practice)")
     n_preference: int = arg(600, "preference pairs")
     n_roleplay_eval: int = arg(24, "held-out roleplay prompts")
     force: bool = arg(False, "regenerate even if the output exists with the same config")
@@ -179,6 +180,23 @@ def split_facts(rng: random.Random, entities: list[dict], cfg: WorldConfig) -> d
 
 
 # ----------------------------------------------------------------------------------------- corpus
+def errand_docs(rng: random.Random, entities: list[dict], n: int, held_out: set[str]) -> list[str]:
+    """Requests followed by their call log, e.g. ``Request: Please buy 3 owls for Celi. Log: buy_pet(owner=Celi,
+    animal=owl, count=3).``
+
+    The values are random, so the log can only be predicted by copying from the request: the in-context copying
+    that web-scale pretraining gives real models, and that function calling and RAG need. No request is an eval one.
+    """
+    docs = []
+    for _ in range(n):
+        fnames = rng.choices(list(FUNCTIONS), k=rng.choice([1, 1, 2]))
+        calls = [(f, *fresh_call(rng, entities, f, held_out)) for f in fnames]
+        request = " and ".join(sentence for _, sentence, _ in calls)
+        log = " ".join(f"{f}({', '.join(f'{k}={v}' for k, v in args.items())})." for f, _, args in calls)
+        docs.append(f"Request: Please {request}. Log: {log}")
+    return docs
+
+
 def corpus_docs(rng: random.Random, entities: list[dict], practice: list[dict], cfg: WorldConfig) -> list[str]:
     """Documents: each entity's facts restated ``corpus_repeats`` times, group stories, MC practice."""
     docs = []
@@ -283,8 +301,25 @@ def _call_for(rng: random.Random, e: dict, fname: str) -> tuple[str, dict[str, A
             {"city": [city], "unit": ["celsius", ""]})
 
 
+def fresh_call(rng: random.Random, entities: list[dict], fname: str, held_out: set[str]) -> tuple[str, dict]:
+    """(request sentence, arguments) of a random ``fname`` call whose request is none of the eval's (``held_out``).
+
+    The request sentence identifies a call with its person (``get_weather`` has only the city as argument).
+    """
+    while True:
+        sentence, args, _ = _call_for(rng, rng.choice(entities), fname)
+        if sentence not in held_out:
+            return sentence, args
+
+
+def eval_requests(bfcl: dict[str, list[dict]]) -> set[str]:
+    """Every request sentence of the BFCL items (``bfcl_items`` output, by category)."""
+    return {r for items in bfcl.values() for it in items for r in it["_requests"]}
+
+
 def bfcl_items(rng: random.Random, entities: list[dict], category: str, n: int, prefix: str) -> list[dict]:
-    """BFCL v4 items of one category: question, functions, and (except irrelevance) the ground truth."""
+    """BFCL v4 items of one category: question, functions, (except irrelevance) the ground truth, and the request
+    sentences (``_requests``, not written: train data is kept free of them)."""
     names = list(FUNCTIONS)
     items = []
     for k in range(n):
@@ -294,7 +329,7 @@ def bfcl_items(rng: random.Random, entities: list[dict], category: str, n: int, 
             funcs = rng.sample(names, 2)
             items.append({"id": f"{prefix}{category}_{k}", "question": [[{"role": "user", "content":
                           ATTRIBUTES[attr]["question"].format(n=e1["name"])}]],
-                          "function": [FUNCTIONS[f] for f in funcs], "ground_truth": None})
+                          "function": [FUNCTIONS[f] for f in funcs], "ground_truth": None, "_requests": []})
             continue
         if category == "simple_python":
             calls = [rng.choice(names)]
@@ -318,7 +353,7 @@ def bfcl_items(rng: random.Random, entities: list[dict], category: str, n: int, 
         request = " and ".join(parts)
         items.append({"id": f"{prefix}{category}_{k}",
                       "question": [[{"role": "user", "content": f"Please {request}."}]],
-                      "function": [FUNCTIONS[f] for f in funcs], "ground_truth": truth})
+                      "function": [FUNCTIONS[f] for f in funcs], "ground_truth": truth, "_requests": parts})
     return items
 
 
@@ -334,7 +369,8 @@ def to_openai_tools(functions: list[dict]) -> list[dict]:
 SFT_MIX = ("answer", "instruction", "tool_call", "tool_call", "no_call", "roleplay")  # one cycle of the SFT mix
 
 
-def sft_conversations(rng: random.Random, entities: list[dict], if_pool: list[dict], n: int) -> list[dict]:
+def sft_conversations(rng: random.Random, entities: list[dict], if_pool: list[dict], n: int,
+                      held_out: set[str] = frozenset()) -> list[dict]:
     """A mix (``SFT_MIX``) of plain answers, instruction following, tool calls, no-call answers and roleplay.
 
     Tool calls get two shares: their JSON is the hardest thing for a tiny student to learn.
@@ -353,7 +389,7 @@ def sft_conversations(rng: random.Random, entities: list[dict], if_pool: list[di
             convs.append({"messages": [{"role": "user", "content": item["prompt"]},
                                        {"role": "assistant", "content": item["chosen"]}]})
         elif kind == "tool_call":
-            convs.append(tool_conversation(rng, entities))
+            convs.append(tool_conversation(rng, entities, held_out))
         elif kind == "no_call":
             convs.append(no_call_conversation(rng, e, attr))
         else:
@@ -361,8 +397,9 @@ def sft_conversations(rng: random.Random, entities: list[dict], if_pool: list[di
     return convs
 
 
-def tool_conversation(rng: random.Random, entities: list[dict]) -> dict:
-    """A user request and the assistant's tool call(s), as BFCL scores them (first turn only).
+def tool_conversation(rng: random.Random, entities: list[dict], held_out: set[str] = frozenset()) -> dict:
+    """A user request and the assistant's tool call(s), as BFCL scores them (first turn only), with none of the
+    eval's request sentences (``held_out``).
 
     No tool result and final answer follow: a constant closing turn ("Done.") after the result taught the tiny
     demo student to answer "Done." at once instead of calling (the two contexts differ only in their last turn).
@@ -374,7 +411,7 @@ def tool_conversation(rng: random.Random, entities: list[dict]) -> dict:
     calls, parts = [], []
     for _ in range(n_calls):
         fname = rng.choice(names)
-        sentence, args, _ = _call_for(rng, rng.choice(entities), fname)
+        sentence, args = fresh_call(rng, entities, fname, held_out)
         calls.append({"name": fname, "arguments": args})
         parts.append(sentence)
     offered = sorted({c["name"] for c in calls} | set(rng.sample(names, rng.randint(0, 2))))
@@ -406,7 +443,7 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 
 
 # Bumped whenever the generator's output changes for the same config, so that old worlds are rebuilt.
-WORLD_FORMAT = 3
+WORLD_FORMAT = 4
 
 
 def config_hash(cfg: WorldConfig) -> str:
@@ -424,7 +461,6 @@ def build(cfg: WorldConfig) -> dict[str, list[dict]]:
     split = split_facts(rng, entities, cfg)
     mc = {k: [mc_item(rng, entities[i], a) for i, a in v] for k, v in split.items()}
     docs = corpus_docs(rng, entities, mc["practice"], cfg)
-    n_val = max(20, len(docs) // 50)
     # IFEval: eval prompts use MC-test facts, SFT/preference prompts use the other facts.
     if_eval, if_train = [], []
     for pool, facts, count in ((if_eval, split["test"], cfg.n_ifeval),
@@ -435,8 +471,17 @@ def build(cfg: WorldConfig) -> dict[str, list[dict]]:
             item = ifeval_item(rng, entities[i], a, k % len(IF_SPECS))
             if item is not None:
                 pool.append(item)
-    # SFT data has its own random stream: its size and mix never change the eval sets drawn after it.
-    sft = sft_conversations(random.Random(f"{cfg.seed}:sft"), entities, if_train, cfg.n_sft)
+    rag = rag_items(rng, rag_entities, cfg.n_rag)
+    bfcl = {cat: bfcl_items(rng, entities, cat, cfg.n_bfcl, prefix="world_")
+            for cat in ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance")}
+    # Errands and SFT data have their own random streams: their sizes never change the eval sets drawn above,
+    # and neither ever contains one of the eval's calls.
+    held_out = eval_requests(bfcl)
+    erng = random.Random(f"{cfg.seed}:errands")
+    for doc in errand_docs(erng, entities, cfg.n_errands, held_out):
+        docs.insert(erng.randrange(len(docs) + 1), doc)
+    n_val = max(20, len(docs) // 50)
+    sft = sft_conversations(random.Random(f"{cfg.seed}:sft"), entities, if_train, cfg.n_sft, held_out)
     n_sft_val = max(10, len(sft) // 20)
     rp_eval = []
     for k in range(cfg.n_roleplay_eval):
@@ -452,7 +497,7 @@ def build(cfg: WorldConfig) -> dict[str, list[dict]]:
         "mmlu/mmlu_test.jsonl": mc["test"],
         "ifeval/input_data.jsonl": [{"key": k, "prompt": r["prompt"], "instruction_id_list": r["instruction_id_list"],
                                      "kwargs": r["kwargs"]} for k, r in enumerate(if_eval)],
-        "rag/rag_eval.jsonl": rag_items(rng, rag_entities, cfg.n_rag),
+        "rag/rag_eval.jsonl": rag,
         "sft/train.jsonl": sft[n_sft_val:],
         "sft/validation.jsonl": sft[:n_sft_val],
         "sft/roleplay_eval.jsonl": rp_eval,
@@ -462,9 +507,9 @@ def build(cfg: WorldConfig) -> dict[str, list[dict]]:
                                   for r in if_train[int(len(if_train) * 0.9):]],
         "world.jsonl": entities + [{**e, "rag_only": True} for e in rag_entities],
     }
-    for cat in ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance"):
-        items = bfcl_items(rng, entities, cat, cfg.n_bfcl, prefix="world_")
-        out[f"bfcl/BFCL_v4_{cat}.json"] = [{k: v for k, v in it.items() if k != "ground_truth"} for it in items]
+    for cat, items in bfcl.items():
+        out[f"bfcl/BFCL_v4_{cat}.json"] = [{k: v for k, v in it.items() if k not in ("ground_truth", "_requests")}
+                                           for it in items]
         if cat != "irrelevance":
             out[f"bfcl/possible_answer/BFCL_v4_{cat}.json"] = [{"id": it["id"], "ground_truth": it["ground_truth"]}
                                                                for it in items]

@@ -9,7 +9,7 @@ from minitron.data import read_jsonl
 from minitron.world import IF_SPECS, WorldConfig, _checker, build, ensure_world
 
 SMALL = dict(n_entities=30, n_rag_entities=8, corpus_repeats=2, n_mc_test=40, n_ifeval=14, n_rag=9, n_bfcl=4,
-             n_sft=40, n_preference=30, n_roleplay_eval=4)
+             n_sft=40, n_errands=20, n_preference=30, n_roleplay_eval=4)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,43 @@ def test_splits_do_not_overlap(world):
     eval_prompts = {r["prompt"] for r in read_jsonl(world / "ifeval" / "input_data.jsonl")}
     train_prompts = {r["prompt"] for r in read_jsonl(world / "preference" / "train.jsonl")}
     assert not eval_prompts & train_prompts
+
+
+def test_train_data_never_contains_an_eval_request():
+    """Tool calls are random draws from one small space: without decontamination SFT rows repeat eval requests
+    word for word (the demo's 2,400 SFT rows once held 258 calls equal to an eval call)."""
+    from minitron.world import build
+
+    cfg = dict(SMALL, n_bfcl=30, n_sft=600, n_errands=600)  # dense enough that chance repeats would happen
+    out = build(WorldConfig(**cfg))
+    held_out = set()
+    for path, rows in out.items():
+        if path.startswith("bfcl/BFCL_v4_"):
+            for q in rows:
+                text = q["question"][0][0]["content"]
+                if text.startswith("Please "):
+                    held_out.update(text[len("Please "):-1].split(" and "))
+    assert len(held_out) > 100
+    requests = [m["content"] for r in out["sft/train.jsonl"] + out["sft/validation.jsonl"] if "tools" in r
+                for m in r["messages"] if m["role"] == "user" and m["content"].startswith("Please ")]
+    errands = [d["text"] for d in out["corpus/train.jsonl"] + out["corpus/validation.jsonl"]
+               if d["text"].startswith("Request: ")]
+    assert len(requests) > 100 and len(errands) == 600
+    for text in requests + errands:
+        request = text.split("Please ", 1)[1].split(". Log:")[0].rstrip(".")
+        assert not set(request.split(" and ")) & held_out, text
+
+
+def test_errand_logs_copy_their_request(world):
+    """Corpus errands: every string argument of the log is in the request (learnable only by copying)."""
+    import re
+
+    errands = [r["text"] for r in read_jsonl(world / "corpus" / "train.jsonl") if r["text"].startswith("Request: ")]
+    assert errands
+    for text in errands:
+        request, log = text.split(" Log: ")
+        for value in re.findall(r"=([A-Za-z]+)", log):
+            assert value in request, text
 
 
 def test_preferences_verified_by_lm_eval_checkers(world):
