@@ -43,7 +43,7 @@ WORLD, SHARED = "runs/demo/world", "../shared/data"
 SUITES: dict[str, dict[str, Any]] = {
     "demo": {"data": {"mmlu": f"{WORLD}/mmlu", "ifeval": f"{WORLD}/ifeval", "rag": f"{WORLD}/rag",
                       "bfcl": f"{WORLD}/bfcl", "roleplay": f"{WORLD}/sft/roleplay_eval.jsonl"},
-             "limit": {"mmlu": 8, "ifeval": 24, "rag": 24, "bfcl": 5, "roleplay": 16},
+             "limit": {"mmlu": 8, "ifeval": 24, "rag": 24, "bfcl": 15, "roleplay": 16},
              "ifeval_max_new_tokens": 64, "judge_model": "runs/demo/aligned/rm"},
     "full": {"data": {"mmlu": f"{SHARED}/mmlu", "ifeval": f"{SHARED}/ifeval", "rag": f"{SHARED}/rag",
                       "bfcl": f"{SHARED}/bfcl", "roleplay": f"{SHARED}/sft/gpteacher_roleplay.jsonl"},

@@ -152,6 +152,8 @@ def test_bad_configs(models, tmp_path):
         run(EvalConfig(model=[str(models / "teacher")], suite="rag", rag_data=str(tmp_path / "none"), out=str(tmp_path)))
 
 
-def test_default_names():
-    assert default_names(["runs/demo/teacher", "runs/demo/width/distilled", "runs/demo/aligned/final"]) == [
+def test_default_names(tmp_path):
+    # paths under tmp_path: a checkout's own runs/demo (where aligned/final links to a stage) must not change names
+    run_dir = tmp_path / "runs" / "demo"
+    assert default_names([str(run_dir / "teacher"), str(run_dir / "width/distilled"), str(run_dir / "aligned/final")]) == [
         "teacher", "width/distilled", "aligned/final"]
