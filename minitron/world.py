@@ -191,9 +191,9 @@ def errand_docs(rng: random.Random, entities: list[dict], n: int, held_out: set[
     for _ in range(n):
         fnames = rng.choices(list(FUNCTIONS), k=rng.choice([1, 1, 2]))
         calls = [(f, *fresh_call(rng, entities, f, held_out)) for f in fnames]
-        request = " and ".join(sentence for _, sentence, _ in calls)
+        request = request_text([sentence for _, sentence, _ in calls])
         log = " ".join(f"{f}({', '.join(f'{k}={v}' for k, v in args.items())})." for f, _, args in calls)
-        docs.append(f"Request: Please {request}. Log: {log}")
+        docs.append(f"Request: {request} Log: {log}")
     return docs
 
 
@@ -301,6 +301,11 @@ def _call_for(rng: random.Random, e: dict, fname: str) -> tuple[str, dict[str, A
             {"city": [city], "unit": ["celsius", ""]})
 
 
+def request_text(sentences: list[str]) -> str:
+    """One user request for one or more calls: ``Please A and B.`` (the eval's, SFT's and errands' wording)."""
+    return f"Please {' and '.join(sentences)}."
+
+
 def fresh_call(rng: random.Random, entities: list[dict], fname: str, held_out: set[str]) -> tuple[str, dict]:
     """(request sentence, arguments) of a random ``fname`` call whose request is none of the eval's (``held_out``).
 
@@ -345,14 +350,13 @@ def bfcl_items(rng: random.Random, entities: list[dict], category: str, n: int, 
             calls = rng.sample(names, 2)
             funcs = list(calls) + [rng.choice([f for f in names if f not in calls])]
             rng.shuffle(funcs)
-        parts, truth, messages = [], [], []
+        parts, truth = [], []
         for fname, ent in zip(calls, [e1, e2]):
             sentence, _, gt = _call_for(rng, ent, fname)
             parts.append(sentence)
             truth.append({fname: gt})
-        request = " and ".join(parts)
         items.append({"id": f"{prefix}{category}_{k}",
-                      "question": [[{"role": "user", "content": f"Please {request}."}]],
+                      "question": [[{"role": "user", "content": request_text(parts)}]],
                       "function": [FUNCTIONS[f] for f in funcs], "ground_truth": truth, "_requests": parts})
     return items
 
@@ -415,7 +419,7 @@ def tool_conversation(rng: random.Random, entities: list[dict], held_out: set[st
         calls.append({"name": fname, "arguments": args})
         parts.append(sentence)
     offered = sorted({c["name"] for c in calls} | set(rng.sample(names, rng.randint(0, 2))))
-    messages = [{"role": "user", "content": f"Please {' and '.join(parts)}."}, tool_call_message(calls)]
+    messages = [{"role": "user", "content": request_text(parts)}, tool_call_message(calls)]
     return {"messages": messages, "tools": to_openai_tools([FUNCTIONS[f] for f in offered])}
 
 

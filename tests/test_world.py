@@ -76,8 +76,6 @@ def test_splits_do_not_overlap(world):
 def test_train_data_never_contains_an_eval_request():
     """Tool calls are random draws from one small space: without decontamination SFT rows repeat eval requests
     word for word (the demo's 2,400 SFT rows once held 258 calls equal to an eval call)."""
-    from minitron.world import build
-
     cfg = dict(SMALL, n_bfcl=30, n_sft=600, n_errands=600)  # dense enough that chance repeats would happen
     out = build(WorldConfig(**cfg))
     held_out = set()
