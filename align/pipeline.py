@@ -31,6 +31,7 @@ from align.rl import RLArgs
 from align.sft import SFTArgs
 from minitron.config import ConfigError, MinitronError, arg, save_resolved
 from minitron.io import is_model_dir
+from minitron.model_source import resolve_model
 
 WORLD = "runs/demo/world"
 
@@ -80,20 +81,6 @@ class AlignConfig:
             raise ConfigError(f"final must be last, sft, dpo or rl (got {self.final!r})")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1 (got {self.max_steps})")
-
-
-def resolve_model(spec: str) -> Path:
-    """``DIR`` or ``latest:FOLDER`` (the most recently written model directory under FOLDER)."""
-    if spec.startswith("latest:"):
-        folder = Path(spec[len("latest:"):])
-        found = [p.parent for p in folder.rglob("config.json") if is_model_dir(p.parent)] if folder.is_dir() else []
-        if not found:
-            raise MinitronError(f"no model directory under {folder}: run `make distill` first, or pass --model DIR")
-        return max(found, key=lambda p: (p / "config.json").stat().st_mtime)
-    path = Path(spec)
-    if not is_model_dir(path):
-        raise MinitronError(f"{path} is not a model directory (config.json + safetensors): pass --model DIR")
-    return path
 
 
 def _load(cfg: AlignConfig, train_src: list[str], eval_src: list[str], convert: Any) -> tuple[list, list, dict]:
@@ -173,7 +160,7 @@ def run_evals(cfg: AlignConfig, models: list[Path]) -> Any:
 
 def run(cfg: AlignConfig) -> Path:
     """Run the selected stages in order, then write the report (and the evals when asked)."""
-    base = resolve_model(cfg.model)
+    base = resolve_model(cfg.model)  # a directory, .gguf, hub name or latest:FOLDER
     out = Path(cfg.out)
     save_resolved(cfg, out, "align.resolved.yaml")
     ctx = StageContext(out=out, seed=cfg.seed, max_steps=cfg.max_steps, max_length=cfg.max_length, lora=cfg.lora)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from evals.cache import ItemCache, request_key
 from minitron.chat_format import stop_token_ids
 from minitron.config import MinitronError
+from minitron.model_source import resolve_model
 
 
 class EvalError(MinitronError):
@@ -92,9 +93,7 @@ class HFBackend:
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None, max_length: int = 2048):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.path = Path(model_dir)
-        if not (self.path / "config.json").exists():
-            raise EvalError(f"{self.path} is not a model directory (no config.json): pass --model DIR of a saved model")
+        self.path = resolve_model(model_dir)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)

@@ -36,8 +36,10 @@ from evals.generate import EndpointBackend, EvalError, Generator, HFBackend
 from evals.report import HEADLINE, count_params, mean_metric, metric_columns, write_report
 from minitron.config import ConfigError, arg, to_dict
 from minitron.io import write_text
+from minitron.model_source import resolve_model
 
-TASKS = ("mmlu", "ifeval", "rag", "bfcl", "roleplay")
+TASKS = ("mmlu", "mmlu_cloze", "ifeval", "rag", "bfcl", "roleplay")
+DEFAULT_TASKS = ("mmlu", "ifeval", "rag", "bfcl", "roleplay")  # what ``demo`` and ``full`` run
 WORLD, SHARED = "runs/demo/world", "../shared/data"
 # suite -> (data per task, default item limit per task, default generation lengths)
 SUITES: dict[str, dict[str, Any]] = {
@@ -98,25 +100,24 @@ class EvalConfig:
             raise ConfigError(f"unknown tasks {bad}: --suite is demo, full or a comma list of {', '.join(TASKS)}")
         if self.rag_retriever not in ("bm25", "dense"):
             raise ConfigError("--rag-retriever is bm25 or dense")
-        for m in self.model:
-            if not Path(m, "config.json").exists():
-                raise ConfigError(f"--model {m}: not a model directory (no config.json)")
 
     def tasks(self) -> list[str]:
         """The suite's tasks: all for ``demo``/``full``, else the comma list (after an optional ``full:``)."""
         listed = self.suite.split(":", 1)[-1]
-        return list(TASKS) if listed in SUITES else [t.strip() for t in listed.split(",") if t.strip()]
+        return list(DEFAULT_TASKS) if listed in SUITES else [t.strip() for t in listed.split(",") if t.strip()]
 
     def preset(self) -> dict[str, Any]:
         """Data paths and limits: ``full`` for ``full`` / ``full:tasks``, else the demo world's."""
         return SUITES["full"] if self.suite.split(":", 1)[0] == "full" else SUITES["demo"]
 
     def data(self, task: str) -> str:
-        """The task's data path: its ``--<task>-data`` override, else the suite's."""
+        """The task's data path: its ``--<task>-data`` override, else the suite's (both MMLU formats: mmlu's)."""
+        task = "mmlu" if task == "mmlu_cloze" else task
         return getattr(self, f"{task}_data") or self.preset()["data"][task]
 
     def task_limit(self, task: str) -> int | None:
         """``--limit`` when given, else the suite's default for the task (None = every item)."""
+        task = "mmlu" if task == "mmlu_cloze" else task
         return self.limit if self.limit is not None else self.preset()["limit"].get(task)
 
 
@@ -169,8 +170,8 @@ def run_task(task: str, gen: Generator, cfg: EvalConfig, work: Path, baseline: A
     from evals import ifeval, mmlu, rag, roleplay
 
     data, limit = cfg.data(task), cfg.task_limit(task)
-    if task == "mmlu":
-        return mmlu.evaluate(gen, data, limit, work / "tasks", cfg.num_fewshot)
+    if task in ("mmlu", "mmlu_cloze"):
+        return mmlu.evaluate(gen, data, limit, work / "tasks", cfg.num_fewshot, fmt="cloze" if task == "mmlu_cloze" else "letter")
     if task == "ifeval":
         n = cfg.ifeval_max_new_tokens or cfg.preset()["ifeval_max_new_tokens"]
         return ifeval.evaluate(gen, data, limit, work / "tasks", n)
@@ -254,12 +255,13 @@ def print_table(results: dict[str, Any]) -> None:
 def run(cfg: EvalConfig) -> Path:
     """Evaluate every model on every task of the suite; write results.json, report.md and plots."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    names = cfg.names or (default_names(cfg.model) if cfg.model else [cfg.endpoint_model or "endpoint"])
+    cfg.model = [str(resolve_model(m)) for m in cfg.model]  # directories, .gguf files and hub names alike
     _check_data(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.resolved.json", json.dumps(to_dict(cfg), indent=2))
     models: list[str | None] = list(cfg.model) or [None]
-    names = cfg.names or (default_names(cfg.model) if cfg.model else [cfg.endpoint_model or "endpoint"])
     # roleplay compares every model with one baseline; "first" is the first model (the teacher in stage
     # order), which makes the progression read as "win rate against the teacher"
     baseline_spec = cfg.roleplay_baseline

@@ -1,5 +1,10 @@
 """MMLU through lm-eval: 5-shot accuracy, overall and per category (STEM, humanities, social sciences, other).
 
+Two formats: ``letter`` (lm-eval's ``mmlu``: lettered choices, `` A``..`` D`` scored) and ``cloze`` (lm-eval's
+``mmlu_continuation``: each answer's text scored after ``Answer:``; ``acc_norm`` divides its log-likelihood by
+its length in characters, as lm-eval does). Small models sit at chance in the letter format and are compared
+in the cloze one (SmolLM2's card reports MMLU cloze).
+
 Offline (the default): a data dir with ``mmlu_test.jsonl``, ``mmlu_dev.jsonl`` (rows ``{"question", "choices",
 "answer", "subject"}``) and ``subject_categories.json`` (``../shared/data/mmlu`` or the demo world's). Rows are
 split per subject into ``<work>/{test,dev}/<subject>.jsonl`` and one lm-eval task YAML per subject is written
@@ -25,6 +30,9 @@ from minitron.data import read_jsonl
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 TEMPLATE = TASKS_DIR / "_mmlu_local_template.yaml"
+CLOZE_TEMPLATE = TASKS_DIR / "_mmlu_cloze_template.yaml"
+FORMATS = {"letter": ("mmlu_local", TEMPLATE, "The following are multiple choice questions (with answers) about"),
+           "cloze": ("mmlu_cloze", CLOZE_TEMPLATE, "The following are questions (with answers) about")}
 CATEGORIES = {"STEM": "stem", "humanities": "humanities", "social sciences": "social_sciences"}
 
 
@@ -41,7 +49,7 @@ def lm_eval_mmlu_dir() -> Path:
 
 
 def write_tasks(data_dir: str | Path, work_dir: str | Path, prefix: str = "mmlu_local",
-                include: str | None = None) -> tuple[Path, dict[str, str], dict[str, str]]:
+                include: str | None = None, fmt: str = "letter") -> tuple[Path, dict[str, str], dict[str, str]]:
     """Split the data per subject and write one task YAML per subject under ``work_dir/<hash of data>``.
 
     ``include`` defaults to the project template; ``include="builtin"`` includes lm-eval's own
@@ -72,11 +80,12 @@ def write_tasks(data_dir: str | Path, work_dir: str | Path, prefix: str = "mmlu_
             files[split].parent.mkdir(parents=True, exist_ok=True)
             files[split].write_text("\n".join(lines) + ("\n" if lines else ""))
         name = f"{prefix}_{subject}"
-        base = str(lm_eval_mmlu_dir() / f"mmlu_{subject}.yaml") if include == "builtin" else str(include or TEMPLATE)
+        _, template, intro = FORMATS[fmt]
+        builtin = lm_eval_mmlu_dir() if fmt == "letter" else lm_eval_mmlu_dir().parent / "continuation"
+        base = str(builtin / f"mmlu_{subject}.yaml") if include == "builtin" else str(include or template)
         spec = {"include": base, "task": name, "dataset_path": "json", "dataset_name": None,
                 "dataset_kwargs": {"data_files": {k: str(v) for k, v in files.items()}},
-                "description": f"The following are multiple choice questions (with answers) about "
-                               f"{subject.replace('_', ' ')}.\n\n"}
+                "description": f"{intro} {subject.replace('_', ' ')}.\n\n"}
         (out / f"{name}.yaml").write_text(yaml.safe_dump({k: v for k, v in spec.items() if v is not None or k == "dataset_name"}))
         tasks[name] = subject
         categories[subject] = _category(cats.get(subject, {}).get("category", "other"))
@@ -100,26 +109,36 @@ def items_from_samples(samples: dict[str, list[dict]], subjects: dict[str, str])
         for s in sorted(rows, key=lambda r: r["doc_id"]):
             lls = [float(r[0]) for r in s["filtered_resps"]]
             pred = max(range(len(lls)), key=lls.__getitem__)
-            items.append({"id": f"{subjects.get(task, task)}/{s['doc_id']}", "subject": subjects.get(task, task),
-                          "pred": pred, "target": int(s["target"]), "correct": float(pred == int(s["target"])),
-                          "loglikelihoods": lls})
+            target = int(s["target"])
+            item = {"id": f"{subjects.get(task, task)}/{s['doc_id']}", "subject": subjects.get(task, task),
+                    "pred": pred, "target": target, "correct": float(pred == target), "loglikelihoods": lls}
+            choices = s.get("doc", {}).get("choices")
+            if isinstance(choices, list) and len(choices) == len(lls):  # lm-eval's acc_norm: per character
+                norm = [ll / max(len(str(c)), 1) for c, ll in zip(choices, lls)]
+                item["correct_norm"] = float(max(range(len(norm)), key=norm.__getitem__) == target)
+            items.append(item)
     return items
 
 
 def evaluate(gen: Generator, data_dir: str | Path, limit: int | None, work_dir: str | Path,
-             num_fewshot: int = 5) -> dict[str, Any]:
-    """5-shot MMLU on ``gen``: ``{"metrics": {acc, acc_stem, ...}, "items": [...]}``."""
+             num_fewshot: int = 5, fmt: str = "letter") -> dict[str, Any]:
+    """5-shot MMLU on ``gen`` in ``fmt`` (letter | cloze): ``{"metrics": {acc, [acc_norm], acc_stem, ...}, "items"}``."""
+    if fmt not in FORMATS:
+        raise EvalError(f"MMLU format {fmt!r}: use one of {', '.join(FORMATS)}")
     if str(data_dir) == "hub":
         cats = _builtin_categories()
-        samples = run_lm_eval(gen, ["mmlu"], None, limit, num_fewshot)
-        subjects = {t: t.removeprefix("mmlu_") for t in samples}
+        group = "mmlu" if fmt == "letter" else "mmlu_continuation"
+        samples = run_lm_eval(gen, [group], None, limit, num_fewshot)
+        subjects = {t: t.removeprefix("mmlu_").removesuffix("_continuation") for t in samples}
     else:
-        folder, subjects, cats = write_tasks(data_dir, work_dir)
+        folder, subjects, cats = write_tasks(data_dir, work_dir, prefix=FORMATS[fmt][0], fmt=fmt)
         samples = run_lm_eval(gen, sorted(subjects), folder, limit, num_fewshot)
     items = items_from_samples(samples, subjects)
     if not items:
         raise EvalError(f"MMLU: no items evaluated from {data_dir}")
     metrics = {"acc": mean_metric([i["correct"] for i in items])}
+    if fmt == "cloze":
+        metrics["acc_norm"] = mean_metric([i["correct_norm"] for i in items])
     for cat in ("stem", "humanities", "social_sciences", "other"):
         vals = [i["correct"] for i in items if cats.get(i["subject"], "other") == cat]
         if vals:

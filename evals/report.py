@@ -21,6 +21,7 @@ from minitron.io import write_json, write_text
 # task -> its headline metrics (the main table's columns), in display order.
 HEADLINE = {
     "mmlu": ["acc"],
+    "mmlu_cloze": ["acc_norm"],
     "ifeval": ["prompt_level_strict_acc", "inst_level_loose_acc"],
     "rag": ["f1", "recall_at_k"],
     "bfcl": ["accuracy"],

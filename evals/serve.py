@@ -35,6 +35,7 @@ from typing import Any
 
 from minitron.chat_format import TOOL_PARSER
 from minitron.config import ConfigError, MinitronError, arg
+from minitron.model_source import resolve_model
 
 # Used when minitron.adapters is unavailable; all are plain HF classes that vLLM loads natively.
 FALLBACK_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -333,7 +334,7 @@ def run(cfg: ServeConfig) -> None:
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: binding to {cfg.host}: any machine that can reach this one can use the model"
               + ("" if cfg.api_key else " (no --api-key set)"), file=sys.stderr)
-    server = VLLMServer(cfg.model, port=cfg.port, host=cfg.host, api_key=cfg.api_key,
+    server = VLLMServer(resolve_model(cfg.model), port=cfg.port, host=cfg.host, api_key=cfg.api_key,
                         max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb, extra_args=cfg.extra_args,
                         echo_logs=True, startup_timeout=cfg.startup_timeout)
 

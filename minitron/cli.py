@@ -23,6 +23,7 @@ from minitron.config import ConfigError, MinitronError, _unwrap_optional, field_
 
 # name -> (target "module:Config:function", one-line help). Keep in sync with the README's stage list.
 STAGES: dict[str, tuple[str, str]] = {
+    "import": ("minitron.model_source:ImportConfig:run", "Import a GGUF file as a standard HF model directory (safetensors, tokenizer, chat template)."),
     "world": ("minitron.world:WorldConfig:run", "Generate the demo world's data sets (corpus, MC, IFEval, RAG, BFCL, SFT, preferences)."),
     "teacher": ("minitron.teacher:TeacherConfig:run", "Train a tokenizer and a small Llama teacher from scratch (demo world or a corpus)."),
     "correct": ("minitron.correct:CorrectConfig:run", "Teacher correction: briefly fine-tune the teacher on the distillation data."),

@@ -20,6 +20,7 @@ import torch
 from minitron.config import ConfigError, arg, save_resolved
 from minitron.distill import KDModule, _load, already_done, train_rows, val_rows
 from minitron.io import atomic_dir, write_model_card
+from minitron.model_source import resolve_model
 from minitron.trainer import Task, TrainArgs, make_accelerator, train
 
 
@@ -42,6 +43,7 @@ def run(cfg: CorrectConfig) -> Path:
     out = Path(cfg.out)
     if already_done(cfg, out):
         return out
+    cfg.model = str(resolve_model(cfg.model))
     accel = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     model, tok = _load(cfg.model)

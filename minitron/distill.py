@@ -24,6 +24,7 @@ from minitron.config import ConfigError, MinitronError, arg, save_resolved
 from minitron.data import DataError, packed_sequences
 from minitron.io import is_model_dir, read_json, write_model_card
 from minitron.kd_loss import fused_kd_loss, liger_available, liger_kd_loss
+from minitron.model_source import resolve_model
 from minitron.trainer import Task, TrainArgs, make_accelerator, train
 
 
@@ -187,10 +188,10 @@ def default_layer_map(student_dir: str | Path, n_student: int, n_teacher: int) -
 
 
 def _load(path: str | Path, dtype=torch.float32):
+    """(model, tokenizer) of a resolved model directory (see ``minitron.model_source.resolve_model``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not is_model_dir(path):
-        raise MinitronError(f"{path}: not a model directory (config.json + *.safetensors); check the path")
+    path = resolve_model(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
 
 
@@ -251,6 +252,9 @@ def run(cfg: DistillConfig) -> Path:
     out = Path(cfg.out)
     if already_done(cfg, out):
         return out
+    cfg.student = str(resolve_model(cfg.student, "--student"))
+    if not cfg.teacher_logits:
+        cfg.teacher = str(resolve_model(cfg.teacher, "--teacher"))
     accel = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     student, tok = _load(cfg.student)

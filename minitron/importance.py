@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from minitron.adapters import Adapter, Layout, get_adapter
 from minitron.config import ConfigError, MinitronError, arg
 from minitron.io import atomic_dir, write_json
+from minitron.model_source import resolve_model
 
 SEQ_AGGS = ("mean", "l2", "var")
 BATCH_AGGS = ("l2", "mean", "var")
@@ -75,20 +76,6 @@ class ImportanceConfig:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint I/O
-def resolve_model(name: str | None) -> str:
-    """A local model directory for ``name``: the path itself, or a hub snapshot (config, safetensors, tokenizer)."""
-    if name and (Path(name) / "config.json").exists():
-        return str(name)
-    if not name or Path(name).exists() or name.startswith((".", "/")):
-        raise ConfigError(f"--model must be a HF model directory with config.json or a hub name (got {name!r})")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
-    except Exception as e:  # offline, unknown repo, gated model...
-        raise MinitronError(f"{name}: not a local directory and not downloadable from the hub ({e})") from e
-
-
 class ShardedCheckpoint:
     """Read single tensors from a (sharded) safetensors checkpoint with plain file reads (no mmap).
 
@@ -457,7 +444,7 @@ def compute_scores(cfg: ImportanceConfig) -> tuple[dict[str, torch.Tensor], dict
     """Run the calibration pass; returns (score tensors, metadata)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    cfg.model = resolve_model(cfg.model)
+    cfg.model = str(resolve_model(cfg.model))
     if not cfg.calib:
         raise ConfigError("importance needs calibration data: pass --calib DATA (a corpus file/dir or datasets name)")
     config = AutoConfig.from_pretrained(cfg.model)

@@ -33,7 +33,7 @@ class PipelineConfig:
 
     out: str = arg("runs/demo", "root of every stage's output")
     data: str = arg("world", "corpus for correction, calibration and distillation: 'world' or a path / datasets name")
-    teacher_model: str | None = arg(None, "use this model (dir or hub name) as the teacher instead of training one")
+    teacher_model: str | None = arg(None, "use this model (dir, .gguf file or hub name) as the teacher instead of training one")
     world: dict = arg({}, "WorldConfig overrides (demo world)")
     teacher: dict = arg({}, "TeacherConfig overrides (tiny teacher)")
     correct: dict | None = arg(None, "CorrectConfig overrides; None skips teacher correction")
@@ -126,7 +126,9 @@ class Pipeline:
 
     def make_teacher(self) -> Path:
         if self.cfg.teacher_model:
-            return Path(self.cfg.teacher_model) if Path(self.cfg.teacher_model).exists() else self.cfg.teacher_model
+            from minitron.model_source import resolve_model
+
+            return resolve_model(self.cfg.teacher_model, "teacher_model")
         from minitron import teacher
 
         cfg = _stage_config("minitron.teacher:TeacherConfig", self.cfg.teacher,
@@ -191,7 +193,10 @@ class Pipeline:
 
     def models(self) -> dict[str, Path]:
         """Every model of the run, in story order: label -> directory."""
-        out: dict[str, Path] = {"teacher": self.paths.teacher if not self.cfg.teacher_model else Path(self.cfg.teacher_model)}
+        from minitron.model_source import resolve_model
+
+        teacher = resolve_model(self.cfg.teacher_model) if self.cfg.teacher_model else self.paths.teacher
+        out: dict[str, Path] = {"teacher": teacher}
         if self.paths.corrected.exists():
             out["teacher (corrected)"] = self.paths.corrected
         for name, p in self.students.items():

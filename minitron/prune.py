@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from minitron.adapters import Adapter, Layout, get_adapter, pruned_config
 from minitron.config import ConfigError, MinitronError, arg, read_yaml, save_resolved
 from minitron.importance import (ST_DTYPES, ImportanceConfig, ShardedCheckpoint, compute_scores, load_scores,
-                                 resolve_model, save_scores)
+                                 save_scores)
 from minitron.io import atomic_dir, write_json, write_model_card
+from minitron.model_source import resolve_model
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
 DEPTH_METRICS = ("block_importance", "lm_loss", "mc_block")
@@ -388,7 +389,7 @@ def _preflight(cfg: PruneConfig) -> tuple[Any, Layout, Target]:
         raise ConfigError("pass --out DIR for the pruned model")
     if Path(cfg.out).exists() and not cfg.force:
         raise MinitronError(f"{cfg.out} exists (pass --force to overwrite)")
-    cfg.model = resolve_model(cfg.model)
+    cfg.model = str(resolve_model(cfg.model))
     config = AutoConfig.from_pretrained(cfg.model)
     src = Layout.from_config(config)
     target = resolve_target(cfg, src)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from minitron.config import ConfigError, MinitronError, arg
 from minitron.io import atomic_dir, read_json, write_json
 from minitron.kd_loss import teacher_topk
+from minitron.model_source import resolve_model
 from minitron.trainer import TrainArgs
 
 
@@ -82,6 +83,7 @@ def run(cfg: TeacherLogitsConfig) -> Path:
     if (out / "meta.json").exists() and not cfg.force:
         print(f"{out} exists: skipping (pass --force to redo)")
         return out
+    cfg.teacher = str(resolve_model(cfg.teacher, "--teacher"))
     teacher, tok = _load(cfg.teacher)
     teacher.eval()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -83,3 +83,89 @@ def make_tiny_model_dir(path: Path, tokenizer, arch: str = "llama", seed: int = 
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A random tiny Llama directory (read-only for tests: copy it before changing it)."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama", tiny_tokenizer)
+
+
+def write_tiny_gguf(path: Path, model, tokenizer, qtype: str = "F32") -> Path:
+    """Write ``model`` (a Llama CausalLM) and its byte-level BPE ``tokenizer`` as a llama.cpp GGUF file.
+
+    Tensors use llama.cpp's names and its q/k row permutation (what ``convert_hf_to_gguf.py`` writes), so
+    transformers' GGUF loader must undo it; ``qtype`` "Q8_0" quantizes the 2-D weights.
+    """
+    import json
+
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+    from gguf.quants import quantize
+
+    cfg = model.config
+    w = GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = dict(spec["model"]["vocab"])
+    for added in spec["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {a["content"] for a in spec["added_tokens"] if a["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.CONTROL if t in special else TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokenizer.bos_token_id)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    w.add_pad_token_id(tokenizer.pad_token_id)
+    w.add_chat_template(tokenizer.chat_template)
+
+    def permute(t, heads):  # llama.cpp's rope layout for q/k rows
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if not cfg.tie_word_embeddings:
+        names["lm_head.weight"] = "output.weight"
+    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf, gg in names.items():
+        t = sd[hf]
+        if gg.endswith("attn_q.weight"):
+            t = permute(t, cfg.num_attention_heads)
+        elif gg.endswith("attn_k.weight"):
+            t = permute(t, cfg.num_key_value_heads)
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if qtype == "Q8_0" and t.ndim == 2:
+            q = GGMLQuantizationType.Q8_0
+            w.add_tensor(gg, quantize(t, q), raw_shape=quantize(t, q).shape, raw_dtype=q)
+        else:
+            w.add_tensor(gg, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_tokenizer):
+    """(gguf file, the HF model it was written from): a tiny tied-embedding Llama in F32."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama", vocab_size=len(tiny_tokenizer), tie_word_embeddings=True, rope_scaling=None)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf"
+    return write_tiny_gguf(path, model, tiny_tokenizer), model

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from align import data as D
-from align.pipeline import AlignConfig, resolve_model
-from minitron.config import ConfigError, MinitronError, load_config
+from align.pipeline import AlignConfig
+from minitron.config import ConfigError, load_config
 from minitron.data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,17 +133,3 @@ def test_recipes_parse_against_align_config():
         AlignConfig(final="rm")
     with pytest.raises(ConfigError, match="rl.algo"):
         load_config(AlignConfig, None, overrides={"rl.algo": "ppo"})
-
-
-def test_latest_model_resolution(tmp_path, tiny_model_dir):
-    with pytest.raises(MinitronError, match="make distill"):
-        resolve_model(f"latest:{tmp_path / 'distilled'}")
-    import shutil
-
-    old, new = tmp_path / "distilled" / "a", tmp_path / "distilled" / "b"
-    shutil.copytree(tiny_model_dir, old)
-    shutil.copytree(tiny_model_dir, new)
-    os.utime(old / "config.json", (1e9, 1e9))
-    assert resolve_model(f"latest:{tmp_path / 'distilled'}") == new
-    with pytest.raises(MinitronError, match="--model"):
-        resolve_model(str(tmp_path / "nothing"))

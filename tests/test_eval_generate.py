@@ -91,7 +91,9 @@ def test_interrupted_run_resumes_from_cache(tmp_path, backend):
 
 
 def test_not_a_model_dir(tmp_path):
-    with pytest.raises(EvalError, match="not a model directory"):
+    from minitron.config import MinitronError
+
+    with pytest.raises(MinitronError, match="not a model directory"):
         HFBackend(tmp_path)
 
 

@@ -13,7 +13,7 @@ from test_eval_roleplay import ROWS as ROLEPLAY_ROWS
 
 from evals.generate import EvalError
 from evals.harness import EvalConfig, default_names, run
-from minitron.config import ConfigError, load_config
+from minitron.config import ConfigError, MinitronError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 WEATHER = {"name": "get_weather", "description": "Weather in a city.",
@@ -146,8 +146,8 @@ def test_bad_configs(models, tmp_path):
         EvalConfig()
     with pytest.raises(ConfigError, match="unknown tasks"):
         EvalConfig(model=[str(models / "teacher")], suite="mmlu,hellaswag")
-    with pytest.raises(ConfigError, match="not a model directory"):
-        EvalConfig(model=[str(tmp_path)])
+    with pytest.raises(MinitronError, match="not a model directory"):
+        run(EvalConfig(model=[str(tmp_path)], out=str(tmp_path / "out")))
     with pytest.raises(EvalError, match="data not found"):
         run(EvalConfig(model=[str(models / "teacher")], suite="rag", rag_data=str(tmp_path / "none"), out=str(tmp_path)))
 

@@ -58,6 +58,22 @@ def test_local_yaml_equals_builtin_task(data, backend, tmp_path):
     assert [i["loglikelihoods"] for i in ours["items"]] == [i["loglikelihoods"] for i in builtin]
 
 
+def test_cloze_format_equals_lm_eval_continuation_task(data, backend, tmp_path):
+    """The cloze YAMLs build lm-eval's ``mmlu_continuation`` requests; acc_norm agrees with lm-eval's per item."""
+    gen = Generator(backend, None)
+    ours = mmlu.evaluate(gen, data, None, tmp_path, fmt="cloze")
+    folder, subjects, _ = mmlu.write_tasks(data, tmp_path, prefix="mmlu_cont", include="builtin", fmt="cloze")
+    samples = run_lm_eval(gen, sorted(subjects), folder, None, 5)
+    builtin = mmlu.items_from_samples(samples, subjects)
+    assert [i["loglikelihoods"] for i in ours["items"]] == [i["loglikelihoods"] for i in builtin]
+    theirs = {f"{subjects[t]}/{s['doc_id']}": s["acc_norm"] for t, rows in samples.items() for s in rows}
+    assert [i["correct_norm"] for i in ours["items"]] == [theirs[i["id"]] for i in ours["items"]]
+    assert set(ours["metrics"]) >= {"acc", "acc_norm"} and ours["metrics"]["acc_norm"]["n"] == len(ours["items"])
+    task = (tmp_path / next(p.name for p in tmp_path.iterdir() if p.name.startswith("mmlu_cloze-"))
+            / "mmlu_cloze_anatomy.yaml").read_text()
+    assert "_mmlu_cloze_template.yaml" in task and "questions (with answers) about anatomy" in task
+
+
 def test_predictions_equal_lm_eval_hf_model(data, backend, tiny_model_dir, tmp_path):
     """Our task + our scorer vs lm-eval's built-in task + lm-eval's own HF model: same predictions.
 
