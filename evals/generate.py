@@ -87,15 +87,24 @@ def decode_until_stop(tokenizer: Any, ids: list[int], stop_ids: Sequence[int]) -
     return tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
 
-class HFBackend:
-    """A Hugging Face model directory in this process (float32 on CPU, bfloat16 on CUDA)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-    def __init__(self, model_dir: str | os.PathLike, device: str | None = None, max_length: int = 2048):
+
+class HFBackend:
+    """A Hugging Face model directory in this process (``dtype`` auto: float32 on CPU, bfloat16 on CUDA)."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str | None = None, max_length: int = 2048,
+                 dtype: str = "auto"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.path = resolve_model(model_dir)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        if dtype not in ("auto", *DTYPES):
+            raise EvalError(f"dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        self.dtype = dtype
+        dtype = DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
         self.stop_ids = model_stop_ids(self.path, self.tokenizer)
@@ -106,7 +115,33 @@ class HFBackend:
     def fingerprint(self) -> str:
         """Changes when the weights or config change (file sizes and modification times)."""
         files = sorted(self.path.glob("*.safetensors")) + [self.path / "config.json"]
-        return request_key("hf", [str(self.path.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime] for f in files])
+        key = [str(self.path.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime] for f in files]
+        return request_key("hf", key + ([self.dtype] if self.dtype != "float32" else []))
+
+    @torch.no_grad()
+    def _score_shared(self, seqs: list[list[int]], conts: list[list[int]]) -> list[tuple[float, bool]]:
+        """Continuations of one shared context: the context once, then every continuation on its KV cache."""
+        n_ctx = len(seqs[0]) - len(conts[0])
+        head = torch.tensor([seqs[0][: n_ctx - 1]], device=self.device)
+        cache = self.model(input_ids=head, use_cache=True).past_key_values
+        tails = [s[n_ctx - 1:] for s in seqs]  # the context's last token, then the continuation
+        width = max(len(t) for t in tails)
+        ids = torch.full((len(tails), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(tails), n_ctx - 1 + width), dtype=torch.long)
+        mask[:, : n_ctx - 1] = 1
+        for i, t in enumerate(tails):
+            ids[i, : len(t)] = torch.tensor(t)
+            mask[i, n_ctx - 1 : n_ctx - 1 + len(t)] = 1
+        cache.batch_repeat_interleave(len(tails))
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            past_key_values=cache, use_cache=True).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        out = []
+        for i, cont in enumerate(conts):
+            target = torch.tensor(cont)
+            lp = logp[i, : len(cont)]
+            out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+        return out
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
@@ -128,9 +163,23 @@ class HFBackend:
         """Sum of log-probs of each continuation and whether it is the greedy one (right-padded batch).
 
         Requests with the same input (a shared context and one-token choices, as MMLU's `` A``..`` D``) share
-        one forward pass.
+        one forward pass; several multi-token continuations of one context (cloze choices) share the context's
+        KV cache, so the context runs once.
         """
         seqs = score_window(pairs, self.max_length)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (s, (_, cont)) in enumerate(zip(seqs, pairs)):
+            groups.setdefault(tuple(s[: len(s) - len(cont)]), []).append(i)
+        shared = [idx for ctx, idx in groups.items() if len(idx) > 1 and len(ctx) > 1
+                  and max(len(pairs[i][1]) for i in idx) > 1]
+        if shared:
+            results: dict[int, tuple[float, bool]] = {}
+            for idx in shared:
+                results.update(zip(idx, self._score_shared([seqs[i] for i in idx], [pairs[i][1] for i in idx])))
+            rest = [i for i in range(len(pairs)) if i not in results]
+            if rest:
+                results.update(zip(rest, self.score([pairs[i] for i in rest])))
+            return [results[i] for i in range(len(pairs))]
         inputs = list(dict.fromkeys(tuple(s[:-1]) for s in seqs))
         row = {x: i for i, x in enumerate(inputs)}
         width = max(len(x) for x in inputs)
@@ -236,6 +285,14 @@ class EndpointBackend:
         return (msg.get("content") or "") + calls
 
 
+def _order(payload: Any, blob: str) -> tuple:
+    """Batch order: longest first; a scoring request ([context, continuation]) by its context, so that the
+    choices of one question sit side by side whatever their lengths (they share the context's forward)."""
+    if isinstance(payload, list) and len(payload) == 2 and all(isinstance(x, list) for x in payload):
+        return (-len(payload[0]), json.dumps(payload[0]), -len(payload[1]), blob)
+    return (-_size(payload), blob)
+
+
 def _size(payload: Any) -> int:
     """Tokens in a request (ids, or [context ids, continuation ids]); characters for anything else."""
     if isinstance(payload, list) and all(isinstance(x, int) for x in payload):
@@ -293,7 +350,7 @@ class Generator:
         # share a context (multiple-choice options) sit side by side
         blobs = [json.dumps(p) for p in payloads]
         todo = sorted({k: i for i, k in enumerate(keys) if k not in found}.items(),
-                      key=lambda kv: (-_size(payloads[kv[1]]), blobs[kv[1]]))
+                      key=lambda kv: _order(payloads[kv[1]], blobs[kv[1]]))
         bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"{self.name}: {desc}", leave=False,
                    disable=len(todo) == 0)
         for b in range(0, len(todo), self.batch_size):

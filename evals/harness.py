@@ -86,6 +86,8 @@ class EvalConfig:
     judge_endpoint_model: str | None = arg(None, "model id of the judge endpoint")
     judge_model: str | None = arg(None, "reward model dir as the offline roleplay judge (demo: runs/demo/aligned/rm)")
     device: str | None = arg(None, "cpu | cuda (default: cuda when available)")
+    dtype: str = arg("auto", "weights dtype of in-process models: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 "
+                             "(~2x faster generation on CPUs with AMX; scores shift slightly: say which in reports)")
     plots: bool = arg(True, "write PNG plots")
 
     def __post_init__(self) -> None:
@@ -137,7 +139,7 @@ def make_generator(cfg: EvalConfig, model: str | None, cache_dir: Path) -> Gener
         backend: Any = EndpointBackend(cfg.endpoint, cfg.endpoint_model, cfg.tokenizer,
                                        api_key=cfg.endpoint_api_key or os.environ.get("OPENAI_API_KEY"))
     else:
-        backend = HFBackend(model, device=cfg.device)
+        backend = HFBackend(model, device=cfg.device, dtype=cfg.dtype)
     # one cache file per model *version*: the fingerprint changes when the weights do, so a retrained model
     # never reads a stale reply, while a rerun of the same model (or its reuse as roleplay baseline) does
     tmp = Generator(backend, None)

@@ -1,7 +1,8 @@
 """``minitron run``: a whole pipeline from one recipe file.
 
-    world -> teacher (or a given model) -> [teacher correction] -> prune each student (width, depth)
-    -> distill each student -> [same shape from scratch at equal tokens] -> align one student -> evals
+    world -> teacher (or a given model) -> [mix: text + chat in the teacher's template] -> [teacher correction]
+    -> prune each student (width, depth) -> distill each student -> [each pruned student fine-tuned with the LM
+    loss, and each shape from scratch, at the distillation token budget] -> align one student -> evals
     -> report (runs/demo/report.md + plots)
 
 A recipe is a YAML file whose top-level keys are the fields below; each stage section holds overrides of
@@ -24,7 +25,7 @@ from typing import Any, ClassVar
 from minitron.config import ConfigError, arg, from_dict, read_yaml, save_resolved
 from minitron.io import write_json
 
-STAGE_NAMES = ["world", "teacher", "correct", "prune", "distill", "scratch", "align", "eval", "report"]
+STAGE_NAMES = ["world", "teacher", "mix", "correct", "prune", "distill", "finetune", "scratch", "align", "eval", "report"]
 
 
 @dataclass
@@ -36,10 +37,15 @@ class PipelineConfig:
     teacher_model: str | None = arg(None, "use this model (dir, .gguf file or hub name) as the teacher instead of training one")
     world: dict = arg({}, "WorldConfig overrides (demo world)")
     teacher: dict = arg({}, "TeacherConfig overrides (tiny teacher)")
+    mix: dict | None = arg(None, "MixConfig overrides: distil on text mixed with chat rendered in the teacher's "
+                                 "template (text defaults to `data`); None uses `data` as it is")
     correct: dict | None = arg(None, "CorrectConfig overrides; None skips teacher correction")
     prune: dict = arg({}, "PruneConfig overrides shared by every student")
     students: dict = arg({}, "student name -> PruneConfig overrides (target shape), e.g. width / depth")
     distill: dict = arg({}, "DistillConfig overrides shared by every student")
+    finetune: dict | None = arg(None, "CorrectConfig overrides to fine-tune pruned students with the LM loss at "
+                                      "the distillation token budget (the KD baseline; `students:` limits which; "
+                                      "None = skip)")
     scratch: dict | None = arg(None, "CorrectConfig overrides to train each student shape from random init "
                                      "at the distillation token budget (None = skip)")
     rounds: list[dict] = arg([], "progressive rounds after the first: each {students, prune, distill, teacher_from}")
@@ -48,6 +54,9 @@ class PipelineConfig:
     align_student: str = arg("width", "which distilled student to align")
     eval_config: str | None = arg(None, "eval recipe file (configs/eval/...)")
     eval: dict = arg({}, "EvalConfig overrides")
+    evals: dict = arg({}, "named eval runs instead of eval_config: name -> {config: FILE, models: [labels or "
+                          "label prefixes], EvalConfig overrides}; each writes eval/<name>")
+    report: dict = arg({}, "ReportConfig overrides (WikiText-2, plain-text validation, chat KL; see minitron.report)")
     stages: list[str] = arg(list(STAGE_NAMES), f"stages to run: {', '.join(STAGE_NAMES)}")
     force: bool = arg(False, "redo finished stages")
     dry_run: bool = arg(False, "validate every stage's config, shapes and data without loading weights")
@@ -111,11 +120,34 @@ class Pipeline:
         self.timings[name] = round(self.timings.get(name, 0.0) + time.time() - t, 1)
         return result
 
+    def trained(self, name: str, fn, cfg: Any) -> Path:
+        """A training stage: skipped when its output is complete, else resumed from its last checkpoint
+        (``--force`` starts it over)."""
+        from minitron.io import is_model_dir
+
+        out = Path(cfg.out)
+        if is_model_dir(out) and (out / "metrics.json").exists() and not self.cfg.force:
+            print(f"{out} is complete: skipping ({name})")
+            return out
+        cfg.resume = not self.cfg.force
+        return self.timed(name, fn, cfg)
+
     # ------------------------------------------------------------------ data and teacher
     def corpus(self) -> str:
+        """What correction, calibration and distillation read: the mix when there is one, else ``data``."""
+        if self.cfg.mix is not None:
+            return str(self.paths.mix)
         if self.cfg.data != "world":
             return self.cfg.data
         return str(self.paths.world / "corpus")
+
+    def make_mix(self, teacher: Path) -> None:
+        from minitron import mixture
+
+        text = None if self.cfg.data == "world" else self.cfg.data
+        cfg = _stage_config("minitron.mixture:MixConfig", {"text": text}, self.cfg.mix,
+                            {"model": str(teacher), "out": str(self.paths.mix), "force": self.cfg.force})
+        self.timed("mix", mixture.run, cfg)
 
     def make_world(self) -> None:
         from minitron.world import WorldConfig, ensure_world
@@ -140,7 +172,7 @@ class Pipeline:
 
         cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()}, self.cfg.correct,
                             {"model": str(teacher), "out": str(self.paths.corrected), "force": self.cfg.force})
-        return self.timed("correct", correct.run, cfg)
+        return self.trained("correct", correct.run, cfg)
 
     # ------------------------------------------------------------------ students
     def make_students(self, teacher: Path, students: dict, prune: dict, distill: dict, round_: int) -> dict:
@@ -159,9 +191,25 @@ class Pipeline:
                 dcfg = _stage_config("minitron.distill:DistillConfig", {"data": self.corpus()}, distill,
                                      {"teacher": str(teacher), "student": str(pruned), "out": str(distilled),
                                       "force": self.cfg.force})
-                self.timed("distill", distill_mod.run, dcfg)
+                self.trained("distill", distill_mod.run, dcfg)
             made[name] = {"pruned": pruned, "distilled": distilled}
         return made
+
+    def make_finetuned(self, distill: dict) -> None:
+        """Each pruned student trained with the LM loss on the distillation data at its token budget."""
+        from minitron.correct import CorrectConfig, run as correct_run
+
+        overrides = dict(self.cfg.finetune or {})
+        only = overrides.pop("students", None)  # default: every student
+        for name, paths in self.students.items():
+            if only is not None and name not in only:
+                continue
+            out = self.paths.finetuned / name
+            paths["finetuned"] = out
+            cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()},
+                                {k: v for k, v in distill.items() if k in _fields(CorrectConfig)}, overrides,
+                                {"model": str(paths["pruned"]), "out": str(out), "force": self.cfg.force})
+            self.trained("finetune", correct_run, cfg)
 
     def make_scratch(self, distill: dict) -> None:
         """The same student shapes trained from random init with the distillation token budget (LM loss)."""
@@ -176,7 +224,7 @@ class Pipeline:
             cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()},
                                 {k: v for k, v in distill.items() if k in _fields(CorrectConfig)}, self.cfg.scratch,
                                 {"model": str(init), "out": str(out), "force": self.cfg.force})
-            self.timed("scratch", correct_run, cfg)
+            self.trained("scratch", correct_run, cfg)
 
     # ------------------------------------------------------------------ align, eval, report
     def make_aligned(self) -> Path:
@@ -200,13 +248,27 @@ class Pipeline:
         if self.paths.corrected.exists():
             out["teacher (corrected)"] = self.paths.corrected
         for name, p in self.students.items():
-            for kind in ("pruned", "scratch", "distilled"):
+            for kind in ("pruned", "scratch", "finetuned", "distilled"):
                 if kind in p and Path(p[kind]).exists():
                     out[f"{name} {kind}"] = Path(p[kind])
         final = self.paths.aligned / "final"
         if final.exists():
             out["aligned"] = final.resolve()
         return out
+
+    def make_evals(self) -> None:
+        """Named eval runs (``evals:``), each on the models whose label starts with one of its ``models``."""
+        from evals import harness
+
+        for name, spec in self.cfg.evals.items():
+            spec = dict(spec)
+            wanted, file = spec.pop("models", None), spec.pop("config", None)
+            labels = {k: v for k, v in self.models().items()
+                      if wanted is None or any(k == w or k.startswith(w + " ") for w in wanted)}
+            cfg = _stage_config("evals.harness:EvalConfig", _file_section(file, "eval"), self.cfg.eval, spec,
+                                {"model": [str(p) for p in labels.values()], "names": list(labels),
+                                 "out": str(self.paths.eval / name)})
+            self.timed(f"eval {name}", harness.run, cfg)
 
     def make_eval(self) -> Any:
         from evals import harness
@@ -228,6 +290,8 @@ class Pipeline:
         if self.want("world") and cfg.data == "world":
             self.make_world()
         teacher = self.make_teacher() if self.want("teacher") or cfg.teacher_model else self.paths.teacher
+        if cfg.mix is not None and self.want("mix"):
+            self.make_mix(Path(teacher))
         if cfg.correct is not None and self.want("correct"):
             teacher = self.make_corrected(Path(teacher))
         self.students = self.make_students(Path(teacher), cfg.students, cfg.prune, cfg.distill, 0)
@@ -236,16 +300,23 @@ class Pipeline:
             made = self.make_students(prev, rnd["students"], {**cfg.prune, **rnd.get("prune", {})},
                                       {**cfg.distill, **rnd.get("distill", {})}, i)
             self.students.update({f"r{i + 1}-{k}": v for k, v in made.items()})
+        if cfg.finetune is not None and self.want("finetune"):
+            self.make_finetuned(cfg.distill)
         if cfg.scratch is not None and self.want("scratch"):
             self.make_scratch(cfg.distill)
         if self.want("align") and cfg.align_config is not None:
             self.make_aligned()
-        if self.want("eval") and cfg.eval_config is not None:
+        if self.want("eval") and cfg.evals:
+            self.make_evals()
+        elif self.want("eval") and cfg.eval_config is not None:
             self.make_eval()
         if self.want("report"):
             from minitron.report import write_report
 
-            return write_report(self.paths.root, self.models(), self.timings, world_dir=self.paths.world)
+            rcfg = _stage_config("minitron.report:ReportConfig", self.cfg.report) if self.cfg.report else None
+            return write_report(self.paths.root, self.models(), self.timings, world_dir=self.paths.world,
+                                corpus=self.corpus() if cfg.data != "world" or cfg.mix is not None else None,
+                                cfg=rcfg, teacher=self.models()["teacher"])
         return self.paths.root
 
 

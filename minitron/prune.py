@@ -64,6 +64,7 @@ class PruneConfig:
     layers_to_drop: list[int] = arg([], "explicit layer indices to drop (overrides depth_metric)")
     mc_data: str | None = arg(None, "MMLU-format jsonl for depth_metric=mc_block")
     search: bool = arg(False, "with --params: rank candidate shapes by LM loss after pruning + a short KD")
+    search_depth: bool = arg(True, "search candidates may also drop layers (false: width axes only, every layer kept)")
     search_top_k: int = arg(3, "candidates that get the short distillation")
     search_steps: int = arg(20, "K: distillation steps per candidate")
     scores: str | None = arg(None, "cached importance scores (dir or importance.safetensors) instead of --calib")

@@ -1,24 +1,47 @@
-"""The pipeline report: every model of a run side by side (the Minitron story in miniature).
+"""The pipeline report: every model of a run side by side (the Minitron story).
 
-For each model: parameters, validation loss on the run's corpus, cloze accuracy on world facts, forward
-tokens/s on one fixed batch (same machine, same batch, measured back to back), and the eval harness's
-headline metrics (multiple choice, instruction following, RAG, function calling, roleplay) when present.
-Writes ``report.json``, ``report.md`` and ``report.png`` under the run's root.
+For each model: parameters (all and non-embedding), validation loss on the run's corpus, forward tokens/s on
+one fixed batch (same machine, same batch, measured back to back) and, when the recipe names them
+(``report:`` section, :class:`ReportConfig`): WikiText-2 perplexity, the loss on a plain-text validation
+split (Gutenberg), the KL to the teacher on held-out chat text, world-fact cloze accuracy (demo), and the eval
+harness's metrics from every eval run under ``<root>/eval`` (MMLU letter and cloze, IFEval, RAG, BFCL,
+roleplay) with their standard errors. Writes ``report.json``, ``report.md`` and ``report.png``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from minitron.config import arg
 from minitron.io import count_parameters, write_json, write_text
 
-EVAL_COLUMNS = [("mmlu", "acc", "MC (MMLU fmt)"), ("ifeval", "prompt_level_strict_acc", "IFEval strict"),
+EVAL_COLUMNS = [("mmlu", "acc", "MMLU letter"), ("mmlu_cloze", "acc_norm", "MMLU cloze"),
+                ("ifeval", "prompt_level_strict_acc", "IFEval strict"), ("ifeval", "inst_level_loose_acc", "IFEval inst loose"),
                 ("rag", "f1", "RAG F1"), ("bfcl", "accuracy", "FC acc"), ("roleplay", "win_rate", "roleplay win")]
+LM_COLUMNS = ["params", "non_embedding_params", "val_loss", "wikitext2_ppl", "text_val_loss", "chat_kl_to_teacher",
+              "world_mc_cloze", "fwd_tokens_per_s"]
+
+
+@dataclasses.dataclass
+class ReportConfig:
+    """What the report measures on every model (all optional; ``None`` skips a column)."""
+
+    wikitext: str | None = arg(None, "WikiText-2 raw test rows ({text}); perplexity over non-overlapping windows")
+    text_val: str | None = arg(None, "plain-text source whose validation split gives text_val_loss (Gutenberg)")
+    chat_val: str | None = arg(None, "held-out chat text ({text} rows) for the KL to the teacher")
+    teacher: str | None = arg(None, "the model the KL is measured against (default: the run's teacher)")
+    seq_len: int = arg(512, "tokens per window")
+    tokens: int = arg(32768, "tokens per measurement (WikiText-2, validation losses, KL)")
+    batch_size: int = arg(8, "windows per forward")
+    bf16: bool = arg(False, "bf16 autocast for these forwards (fast on AMX CPUs; say so when you report)")
 
 
 @torch.no_grad()
@@ -33,71 +56,142 @@ def forward_tokens_per_s(model: torch.nn.Module, batch: torch.Tensor, repeats: i
     return batch.numel() / best
 
 
-def model_summary(path: Path, corpus: str | None, mc_file: Path | None, seq_len: int = 256) -> dict[str, Any]:
-    """Parameters, validation loss, world-fact accuracy and forward tokens/s of one model directory."""
+@torch.no_grad()
+def token_losses(model: torch.nn.Module, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Next-token losses of every predicted position of ``rows`` [N, T] -> [N * (T - 1)]."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        x = rows[i : i + batch_size]
+        logits = model(input_ids=x).logits[:, :-1].float()
+        out.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                     reduction="none"))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def token_kl(model: torch.nn.Module, teacher: torch.nn.Module, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Forward KL(teacher || model) per position of ``rows`` [N, T] -> [N * T]."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        x = rows[i : i + batch_size]
+        log_q = torch.log_softmax(model(input_ids=x).logits.float(), -1)
+        log_p = torch.log_softmax(teacher(input_ids=x).logits.float(), -1)
+        out.append((log_p.exp() * (log_p - log_q)).sum(-1).reshape(-1))
+    return torch.cat(out)
+
+
+def _mean_se(values: torch.Tensor, rows: int) -> tuple[float, float]:
+    """Mean, and its standard error from per-window means (positions inside a window are not independent)."""
+    per_row = values.reshape(rows, -1).mean(1)
+    se = per_row.std().item() / math.sqrt(rows) if rows > 1 else float("nan")
+    return values.mean().item(), se
+
+
+def model_summary(path: Path, corpus: str | None, mc_file: Path | None, cfg: ReportConfig | None = None,
+                  teacher: Any = None) -> dict[str, Any]:
+    """Every LM column of one model directory (see the module docstring)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from minitron.data import packed_sequences
-    from minitron.teacher import eval_loss, fact_accuracy
+    from minitron.teacher import fact_accuracy
 
+    cfg = cfg or ReportConfig(seq_len=256, tokens=32 * 256, batch_size=16)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    row: dict[str, Any] = {"path": str(path), "params": count_parameters(model)}
-    if corpus:
-        val = packed_sequences(corpus, tok, seq_len, max_tokens=32 * seq_len, split="validation")
-        row["val_loss"] = eval_loss(model, val)
-        row["fwd_tokens_per_s"] = forward_tokens_per_s(model, val[:8])
+    emb = model.get_input_embeddings().weight.numel()
+    row: dict[str, Any] = {"path": str(path), "params": count_parameters(model),
+                           "non_embedding_params": count_parameters(model) - emb}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+    with autocast:
+        if corpus:
+            val = packed_sequences(corpus, tok, cfg.seq_len, max_tokens=cfg.tokens, split="validation")
+            row["val_loss"], row["val_loss_se"] = _mean_se(token_losses(model, val, cfg.batch_size), len(val))
+            row["fwd_tokens_per_s"] = forward_tokens_per_s(model, val[: cfg.batch_size])
+        if cfg.text_val:
+            val = packed_sequences(cfg.text_val, tok, cfg.seq_len, max_tokens=cfg.tokens, split="validation")
+            row["text_val_loss"], row["text_val_loss_se"] = _mean_se(token_losses(model, val, cfg.batch_size), len(val))
+        if cfg.wikitext:
+            rows = wikitext_rows(cfg.wikitext, tok, cfg.seq_len, cfg.tokens)
+            loss, se = _mean_se(token_losses(model, rows, cfg.batch_size), len(rows))
+            row["wikitext2_ppl"], row["wikitext2_ppl_se"] = math.exp(loss), math.exp(loss) * se  # delta method
+        if cfg.chat_val and teacher is not None:
+            rows = packed_sequences(cfg.chat_val, tok, cfg.seq_len, max_tokens=cfg.tokens)
+            row["chat_kl_to_teacher"], row["chat_kl_to_teacher_se"] = _mean_se(
+                token_kl(model, teacher, rows, cfg.batch_size), len(rows))
     if mc_file is not None and mc_file.exists():
         row["world_mc_cloze"] = fact_accuracy(model, tok, mc_file, limit=100)["world_mc_accuracy"]
     return row
 
 
-def _eval_metrics(eval_dir: Path) -> dict[str, dict[str, float]]:
-    """path -> {column: value} from the eval harness's results.json (if the eval stage ran)."""
-    f = eval_dir / "results.json"
-    if not f.exists():
-        return {}
-    out = {}
-    for m in json.loads(f.read_text()).get("models", []):
-        vals = {}
-        for task, metric, col in EVAL_COLUMNS:
-            v = m.get("tasks", {}).get(task, {}).get("metrics", {}).get(metric)
-            if v is not None:
-                vals[col] = v["value"]
-        out[str(Path(m.get("path", "")).resolve())] = vals
+def wikitext_rows(source: str, tokenizer: Any, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """WikiText-2 the standard way (GPTQ, SliceGPT): the rows joined by blank lines, cut into windows."""
+    from minitron.data import DataError, pack, read_records
+
+    text = "\n\n".join(str(r.get("text", "")) for _, _, r in read_records(source, "test"))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_tokens]
+    if len(ids) < seq_len:
+        raise DataError(f"{source}: {len(ids)} tokens, fewer than one window of {seq_len}")
+    return pack(torch.tensor(ids), seq_len)
+
+
+def _eval_metrics(eval_dir: Path) -> dict[str, dict[str, Any]]:
+    """path -> {column: value, column_se: stderr, column_n: n} from every results.json under ``eval_dir``."""
+    out: dict[str, dict[str, Any]] = {}
+    files = [eval_dir / "results.json"] + sorted(eval_dir.glob("*/results.json")) if eval_dir.exists() else []
+    for f in files:
+        if not f.exists():
+            continue
+        for m in json.loads(f.read_text()).get("models", []):
+            vals = out.setdefault(str(Path(m.get("path", "")).resolve()), {})
+            for task, metric, col in EVAL_COLUMNS:
+                v = m.get("tasks", {}).get(task, {}).get("metrics", {}).get(metric)
+                if v is not None:
+                    vals[col], vals[f"{col}_se"], vals[f"{col}_n"] = v["value"], v.get("stderr"), v.get("n")
     return out
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, se: Any = None) -> str:
     if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
+        text = f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
+        if isinstance(se, float) and not math.isnan(se):
+            text += f" ± {se:.3f}" if abs(v) < 100 else f" ± {se:,.0f}"
+        return text
     if isinstance(v, int) and v > 10_000:
         return f"{v / 1e6:.2f}M"
     return str(v)
 
 
 def write_report(root: Path, models: dict[str, Path], timings: dict[str, float], world_dir: Path | None = None,
-                 corpus: str | None = None) -> Path:
+                 corpus: str | None = None, cfg: ReportConfig | None = None, teacher: Path | None = None) -> Path:
     """Summarise every model of a run into report.json / report.md / report.png; print the table."""
+    from transformers import AutoModelForCausalLM
+
     corpus = corpus or (str(world_dir / "corpus") if world_dir and (world_dir / "corpus").exists() else None)
     mc_file = world_dir / "mmlu" / "mmlu_test.jsonl" if world_dir else None
     evals = _eval_metrics(root / "eval")
+    ref = None
+    if cfg is not None and cfg.chat_val and (cfg.teacher or teacher):
+        ref = AutoModelForCausalLM.from_pretrained(cfg.teacher or teacher, dtype=torch.float32).eval()
     rows = {}
     for label, path in models.items():
         if Path(path).exists():
-            rows[label] = model_summary(Path(path), corpus, mc_file)
+            rows[label] = model_summary(Path(path), corpus, mc_file, cfg, ref)
             rows[label].update(evals.get(str(Path(path).resolve()), {}))
-    cols = ["params", "val_loss", "world_mc_cloze", "fwd_tokens_per_s"] + [c for _, _, c in EVAL_COLUMNS]
-    cols = [c for c in cols if any(c in r for r in rows.values())]
-    lines = ["# Pipeline report", "", f"Run: `{root}`. Chance on world multiple choice: 0.25.", "",
+    cols = [c for c in LM_COLUMNS + [c for _, _, c in EVAL_COLUMNS] if any(c in r for r in rows.values())]
+    lines = ["# Pipeline report", "", f"Run: `{root}`. Values ± one standard error where one applies "
+             "(losses and KL: over windows; accuracies: over items).", "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, r in rows.items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
-    lines += ["", "Stage wall-clock seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()), "",
+        lines.append(f"| {label} | " + " | ".join(_fmt(r.get(c, ""), r.get(f"{c}_se")) for c in cols) + " |")
+    ns = sorted({f"{c}: n={r[c + '_n']}" for r in rows.values() for _, _, c in EVAL_COLUMNS if r.get(c + "_n")})
+    lines += ["", "Items per eval metric: " + ("; ".join(ns) if ns else "-"),
+              "", "Stage wall-clock seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()), "",
               "![report](report.png)", ""]
-    if (root / "eval" / "report.md").exists():
-        lines.append(f"Eval details: [eval/report.md](eval/report.md)")
-    write_json(root / "report.json", {"models": rows, "timings_s": timings})
+    for f in [root / "eval" / "report.md"] + sorted((root / "eval").glob("*/report.md")):
+        if f.exists():
+            lines.append(f"Eval details: [{f.relative_to(root)}]({f.relative_to(root)})")
+    write_json(root / "report.json", {"models": rows, "timings_s": timings,
+                                      "report_config": dataclasses.asdict(cfg) if cfg else None})
     _plot(rows, root / "report.png")
     out = write_text(root / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines[:6 + len(rows)]))
@@ -110,17 +204,20 @@ def _plot(rows: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    keys = [k for k in ("val_loss", "wikitext2_ppl", "chat_kl_to_teacher", "world_mc_cloze", "MMLU cloze", "IFEval strict")
+            if any(k in r for r in rows.values())][:4]
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(5 * max(len(keys), 1), 4.5), squeeze=False)
     labels = list(rows)
-    for ax, key, title in ((axes[0], "val_loss", "validation loss (lower is better)"),
-                           (axes[1], "world_mc_cloze", "world multiple choice (cloze)")):
+    for ax, key in zip(axes[0], keys):
         vals = [rows[k].get(key, float("nan")) for k in labels]
-        ax.bar(range(len(labels)), vals, color="tab:blue")
+        errs = [rows[k].get(f"{key}_se") or 0 for k in labels]
+        ax.bar(range(len(labels)), vals, yerr=errs, color="tab:blue")
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title)
+        ax.set_title(key)
+        if key == "wikitext2_ppl":
+            ax.set_yscale("log")
         for i, label in enumerate(labels):
-            ax.annotate(f"{rows[label].get('params', 0) / 1e6:.2f}M", (i, 0), ha="center", va="bottom", fontsize=7)
-    axes[1].axhline(0.25, color="gray", ls="--", lw=1)
+            ax.annotate(f"{rows[label].get('params', 0) / 1e6:.1f}M", (i, 0), ha="center", va="bottom", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -67,8 +67,9 @@ def budget_layout(src: Layout, budget: float) -> Layout:
                            "budget or also prune depth (--num-hidden-layers / --search)")
 
 
-def candidates(src: Layout, budget: float) -> list[Layout]:
-    """Grid shapes with ``(1 - TOLERANCE) * budget <= params <= budget``, largest first (at most MAX_CANDIDATES)."""
+def candidates(src: Layout, budget: float, depth: bool = True) -> list[Layout]:
+    """Grid shapes with ``(1 - TOLERANCE) * budget <= params <= budget``, largest first (at most MAX_CANDIDATES);
+    ``depth=False`` keeps every layer (a width-only search)."""
     from minitron.prune import PruneTargetError
 
     _check_budget(src, budget)
@@ -76,7 +77,7 @@ def candidates(src: Layout, budget: float) -> list[Layout]:
     groups = sorted({g, max(1, g // 2)}, reverse=True)
     grid = itertools.product({_round(src.hidden_size, f) for f in FRACTIONS},
                              {_round(src.intermediate_size, f) for f in FRACTIONS}, groups,
-                             {max(1, round(src.num_hidden_layers * f)) for f in DEPTH_FRACTIONS})
+                             {max(1, round(src.num_hidden_layers * f)) for f in (DEPTH_FRACTIONS if depth else (1.0,))})
     shapes = [src.replace(hidden_size=h, intermediate_size=i, num_attention_heads=src.num_key_value_heads * gs,
                           num_hidden_layers=n) for h, i, gs, n in grid]
     fit = [s for s in shapes if (1 - TOLERANCE) * budget <= s.num_params() <= budget]
@@ -174,7 +175,7 @@ def search(cfg: Any, config: Any, src: Layout, scores: dict, meta: dict) -> Any:
     if torch.cuda.is_available():
         teacher = teacher.cuda()
     rows, n = [], src.num_hidden_layers
-    for lay in tqdm(candidates(src, cfg.params), desc="search: loss after pruning"):
+    for lay in tqdm(candidates(src, cfg.params, getattr(cfg, "search_depth", True)), desc="search: loss after pruning"):
         drop = choose_drop(scores, meta, n, n - lay.num_hidden_layers, cfg.depth_metric)
         loss = eval_loss(materialize(teacher, src, lay, drop, scores), val, cfg.batch_size)
         rows.append({"hidden_size": lay.hidden_size, "intermediate_size": lay.intermediate_size,

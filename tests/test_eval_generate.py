@@ -30,6 +30,20 @@ def test_batched_equals_one_by_one(backend):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
 
 
+def test_choices_of_one_context_share_its_kv_cache_and_score_the_same(backend):
+    """Cloze-style choices (multi-token, one shared context) scored on the context's KV cache equal the
+    same choices scored one by one, in fp32 and in bf16 weights."""
+    ctx = "Borin lives in Oslo. Mirel likes red things and lives in"
+    choices = [" Lima", " Paris and likes bread", " Oslo", " the red house of Quen"]
+    pairs = [(ctx, c) for c in choices]
+    together = Generator(backend, None, batch_size=8).loglikelihood(pairs)
+    alone = Generator(backend, None, batch_size=1).loglikelihood(pairs)
+    for (a, ga), (b, gb) in zip(together, alone):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    enc = [list(Generator(backend, None).encode_pair(ctx, c)) for c in choices]
+    assert len({tuple(e[0]) for e in enc}) == 1  # one shared context: the KV path is the one taken
+
+
 def test_loglikelihood_matches_a_manual_forward(backend):
     """log p(continuation | BOS + context) from one plain forward pass, lm-eval's space handling included."""
     gen = Generator(backend, None)
