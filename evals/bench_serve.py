@@ -53,6 +53,7 @@ class BenchServeConfig:
     warmup: int = arg(4, "unmeasured requests before the first level")
     repeats: int = arg(3, "runs per level; the fastest counts (the machine is shared: others' load only slows)")
     out: str = arg("runs/demo/bench/serve", "folder for serve.json and serve.md")
+    dtype: str | None = arg(None, "weights dtype for every server (CPU default float32; bfloat16 on AMX CPUs)")
 
     def __post_init__(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
@@ -106,7 +107,7 @@ def bench_model(model_dir: Path, cfg: BenchServeConfig) -> dict[str, Any]:
                            **{k: shape.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                         "num_attention_heads", "num_key_value_heads")}}
     t0 = time.perf_counter()
-    with VLLMServer(model_dir, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb) as url:
+    with VLLMServer(model_dir, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb, dtype=cfg.dtype) as url:
         row["startup_s"] = round(time.perf_counter() - t0, 1)
         client = OpenAIClient(url)
         for i in range(cfg.warmup):
@@ -163,7 +164,7 @@ def run(cfg: BenchServeConfig) -> dict[str, Any]:
     results = {name: bench_model(p, cfg) for name, p in models.items() if name not in skipped}
     result = {
         "benchmark": "serve", "vllm": vllm_version(),
-        "device": "cuda" if has_cuda() else f"cpu ({platform.machine()}, float32, --enforce-eager)",
+        "device": "cuda" if has_cuda() else f"cpu ({platform.machine()}, {cfg.dtype or 'float32'}, --enforce-eager)",
         "max_tokens": cfg.max_tokens, "repeats": cfg.repeats, "concurrency": cfg.concurrency,
         "models": results, "skipped": skipped,
         "throughput_ratio_width_c8": ratio(results, "width", "c8"),

@@ -137,8 +137,9 @@ class VLLMServer:
     def __init__(self, model_dir: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
                  api_key: str | None = None, max_model_len: int | None = None, kv_cache_gb: int = 1,
                  extra_args: list[str] | None = None, echo_logs: bool = False, startup_timeout: float = 300.0,
-                 cpu: bool | None = None):
+                 cpu: bool | None = None, dtype: str | None = None):
         self.model_dir = Path(model_dir).resolve()
+        self.dtype = dtype  # None: float32 on CPU, vLLM's choice on a GPU
         self.host, self.port, self.api_key = host, port, api_key
         self.cpu = (not has_cuda()) if cpu is None else cpu
         self.config = validate_model_dir(self.model_dir, cpu=self.cpu)
@@ -166,8 +167,10 @@ class VLLMServer:
                "--served-model-name", str(self.model_dir), self.name, "--host", self.host, "--port", str(self.port),
                "--max-model-len", str(self.max_model_len), "--chat-template", str(template_path),
                "--enable-auto-tool-choice", "--tool-call-parser", TOOL_PARSER]
-        if self.cpu:  # no bf16 kernels worth having and no CUDA graphs on CPU; eager also starts faster
-            cmd += ["--dtype", "float32", "--enforce-eager"]
+        if self.cpu:  # no CUDA graphs on CPU; eager also starts faster. bf16 needs AMX/avx512_bf16 to pay off
+            cmd += ["--dtype", self.dtype or "float32", "--enforce-eager"]
+        elif self.dtype:
+            cmd += ["--dtype", self.dtype]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
         return cmd + self.extra_args
@@ -308,6 +311,7 @@ class ServeConfig:
     kv_cache_gb: int = arg(1, "KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE)")
     startup_timeout: float = arg(300.0, "seconds to wait for /health")
     extra_args: list[str] = arg([], "more vLLM flags, passed as they are (e.g. --extra-args=--max-num-seqs=64)")
+    dtype: str | None = arg(None, "weights dtype: float32 (CPU default), bfloat16, float16, auto (GPU default)")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -336,6 +340,7 @@ def run(cfg: ServeConfig) -> None:
               + ("" if cfg.api_key else " (no --api-key set)"), file=sys.stderr)
     server = VLLMServer(resolve_model(cfg.model), port=cfg.port, host=cfg.host, api_key=cfg.api_key,
                         max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb, extra_args=cfg.extra_args,
+                        dtype=cfg.dtype,
                         echo_logs=True, startup_timeout=cfg.startup_timeout)
 
     def _terminate(signum: int, frame: Any) -> None:

@@ -71,7 +71,7 @@ def pieces(texts: Iterator[str], size: int) -> Iterator[str]:
             if n >= size:
                 yield "\n\n".join(buf)
                 buf, n = [], 0
-        if buf and n >= size // 4:
+        if buf:
             yield "\n\n".join(buf)
 
 

@@ -144,7 +144,7 @@ class Pipeline:
     def make_mix(self, teacher: Path) -> None:
         from minitron import mixture
 
-        text = None if self.cfg.data == "world" else self.cfg.data
+        text = str(self.paths.world / "corpus") if self.cfg.data == "world" else self.cfg.data
         cfg = _stage_config("minitron.mixture:MixConfig", {"text": text}, self.cfg.mix,
                             {"model": str(teacher), "out": str(self.paths.mix), "force": self.cfg.force})
         self.timed("mix", mixture.run, cfg)

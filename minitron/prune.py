@@ -370,7 +370,7 @@ def get_scores(cfg: PruneConfig, src: Layout, target: Target) -> tuple[dict, dic
     n_drop = src.num_hidden_layers - target.layout.num_hidden_layers
     by_metric = target.drop is None and n_drop > 0  # layers still to choose
     metrics = ["block_importance"]
-    if cfg.search or (by_metric and cfg.depth_metric == "lm_loss"):
+    if (cfg.search and cfg.search_depth) or (by_metric and cfg.depth_metric == "lm_loss"):
         metrics.append("lm_loss")
     if by_metric and cfg.depth_metric == "mc_block":
         metrics.append("mc_block")

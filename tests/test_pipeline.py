@@ -61,6 +61,44 @@ def test_rerun_skips_finished_stages(tiny_run):
     assert (root / "distilled/width/model.safetensors").stat().st_mtime == stamp
 
 
+def test_mix_finetune_named_evals_and_report_columns(tiny_run, tmp_path):
+    """A recipe in the shape of the SmolLM2 one, on the tiny run's teacher and world: text + chat mix,
+    KD vs LM fine-tuning at equal tokens, a named eval run on chosen models, and the report's LM columns."""
+    cfg0, _ = tiny_run
+    world = Path(cfg0.out) / "world"
+    wiki = tmp_path / "wikitext_test.jsonl"
+    wiki.write_text("".join(json.dumps({"text": f" = Heading {i} = \n"}) + "\n" + json.dumps({"text": t + "\n"}) + "\n"
+                            for i, t in enumerate(json.loads(l)["text"] for l in
+                                                  (world / "corpus" / "validation.jsonl").read_text().splitlines())))
+    out = tmp_path / "real"
+    recipe = {"out": str(out), "teacher_model": str(Path(cfg0.out) / "teacher"), "data": str(world / "corpus"),
+              "stages": ["teacher", "mix", "prune", "distill", "finetune", "eval", "report"],
+              "mix": {"chat": [str(world / "sft" / "train.jsonl")], "chat_share": 0.3, "chars": 20000,
+                      "val_chars": 4000, "chat_val_rows": 6},
+              "prune": TINY["prune"], "students": {"width": TINY["students"]["width"]},
+              "distill": TINY["distill"], "finetune": {"students": ["width"], "lr": 1.0e-3},
+              "evals": {"mc": {"suite": "mmlu", "mmlu_data": str(world / "mmlu"), "limit": 2,
+                               "models": ["teacher", "width distilled"]}},
+              "report": {"wikitext": str(wiki), "text_val": str(world / "corpus"),
+                         "chat_val": str(out / "mix" / "chat_validation.jsonl"), "seq_len": 64, "tokens": 512}}
+    f = tmp_path / "real.yaml"
+    f.write_text(yaml.safe_dump(recipe))
+    run(load_config(PipelineConfig, f))
+    chat = [json.loads(l) for l in (out / "mix" / "train.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in chat} == {"text", "chat"}
+    fin = json.loads((out / "finetuned" / "width" / "metrics.json").read_text())
+    kd = json.loads((out / "distilled" / "width" / "metrics.json").read_text())
+    assert fin["tokens"] == kd["tokens"]  # the baseline sees the same token budget
+    evaluated = [m["name"] for m in json.loads((out / "eval" / "mc" / "results.json").read_text())["models"]]
+    assert evaluated == ["teacher", "width distilled"]
+    rows = json.loads((out / "report.json").read_text())["models"]
+    assert rows["teacher"]["chat_kl_to_teacher"] == pytest.approx(0.0, abs=1e-4)
+    assert rows["width distilled"]["chat_kl_to_teacher"] > 0.0
+    assert rows["width distilled"]["wikitext2_ppl"] > 1.0 and rows["width finetuned"]["text_val_loss"] > 0
+    assert "MMLU letter" in rows["width distilled"] and "MMLU letter" not in rows["width pruned"]
+    assert rows["width pruned"]["non_embedding_params"] < rows["teacher"]["non_embedding_params"]
+
+
 def test_real_recipe_dry_run_offline():
     cfg = load_config(PipelineConfig, ROOT / "configs" / "llama31-minitron-4b.yaml", overrides={"dry_run": True})
     findings = run(cfg)
