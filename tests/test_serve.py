@@ -42,9 +42,18 @@ MAX_NEW = 24
 
 @pytest.fixture(scope="module")
 def serve_dir(tmp_path_factory, tiny_tokenizer):
-    """A tiny Llama that vLLM's CPU backend accepts (head_dim 32) with a 1k context for tool prompts."""
-    return make_tiny_model_dir(tmp_path_factory.mktemp("serve") / "tiny-llama", tiny_tokenizer, head_dim=32,
-                               max_position_embeddings=1024)
+    """A tiny Llama that vLLM's CPU backend accepts (head_dim 32) with a 1k context for tool prompts, written
+    as a GGUF file and imported with ``minitron import``: every server test runs on an imported directory."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config, write_tiny_gguf
+    from minitron.model_source import import_gguf
+
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tiny_tokenizer), head_dim=32,
+                                                         max_position_embeddings=1024, rope_scaling=None))
+    return import_gguf(write_tiny_gguf(root / "tiny-llama.gguf", model, tiny_tokenizer), root / "tiny-llama")
 
 
 @pytest.fixture(scope="module")
