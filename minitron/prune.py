@@ -60,6 +60,8 @@ class PruneConfig:
     num_key_value_heads: int | None = arg(None, "target KV heads (whole KV groups removed)")
     num_hidden_layers: int | None = arg(None, "target number of layers (depth pruning)")
     params: float | None = arg(None, "parameter budget (e.g. 4.5e9): pick a shape at or under it")
+    params_scope: str = arg("total", "what --params counts: total, or non_embedding (embeddings and lm_head "
+                                     "excluded: the per-token cost, and how shapes compare across vocabularies)")
     depth_metric: str = arg("block_importance", "which layers to drop: block_importance, lm_loss, mc_block")
     layers_to_drop: list[int] = arg([], "explicit layer indices to drop (overrides depth_metric)")
     mc_data: str | None = arg(None, "MMLU-format jsonl for depth_metric=mc_block")
@@ -83,6 +85,8 @@ class PruneConfig:
                 raise PruneTargetError(f"{name}={v}: a target dimension must be >= 1")
         if self.params is not None and self.params <= 0:
             raise PruneTargetError(f"params={self.params}: the parameter budget must be > 0")
+        if self.params_scope not in ("total", "non_embedding"):
+            raise ConfigError(f"params_scope must be total or non_embedding (got {self.params_scope!r})")
         if self.depth_metric not in DEPTH_METRICS:
             raise ConfigError(f"depth_metric must be one of {', '.join(DEPTH_METRICS)}")
         if self.search and (self.params is None or self.depth_metric == "mc_block"):
@@ -176,7 +180,7 @@ def resolve_target(cfg: PruneConfig, src: Layout) -> Target:
 
         if shape:
             raise ConfigError("give either --params or explicit target dimensions, not both")
-        tgt = budget_layout(src, cfg.params)  # raises PruneTargetError when no shape fits
+        tgt = budget_layout(src, cfg.params, cfg.params_scope)  # raises PruneTargetError when no shape fits
     elif not shape:
         raise ConfigError("no target: pass --target FILE.yaml, a dimension flag (--hidden-size ...) or --params N")
     return Target(tgt, drop)

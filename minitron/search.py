@@ -42,37 +42,42 @@ def _round(n: int, frac: float) -> int:
     return max(a, int(n * frac) // a * a) if frac < 1 else n
 
 
-def _check_budget(src: Layout, budget: float) -> None:
+def count(layout: Layout, scope: str = "total") -> int:
+    """Parameters a budget counts: ``total``, or ``non_embedding`` (what sets the per-token cost)."""
+    return layout.non_embedding_params() if scope == "non_embedding" else layout.num_params()
+
+
+def _check_budget(src: Layout, budget: float, scope: str = "total") -> None:
     from minitron.prune import PruneTargetError
 
-    if budget > src.num_params():
-        raise PruneTargetError(f"params={budget:.4g} is larger than the source's {src.num_params():,} parameters: "
+    if budget > count(src, scope):
+        raise PruneTargetError(f"params={budget:.4g} is larger than the source's {count(src, scope):,} {scope} parameters: "
                                "pruning only removes units")
 
 
-def budget_layout(src: Layout, budget: float) -> Layout:
+def budget_layout(src: Layout, budget: float, scope: str = "total") -> Layout:
     """The largest width-only shape (hidden and MLP shrunk by one ratio) with at most ``budget`` parameters."""
     from minitron.prune import PruneTargetError
 
-    _check_budget(src, budget)
+    _check_budget(src, budget, scope)
     a = _align(src.hidden_size)
     for hidden in range(src.hidden_size // a * a, 0, -a):
         ratio = hidden / src.hidden_size
         shape = src.replace(hidden_size=hidden, intermediate_size=_round(src.intermediate_size, ratio))
-        if shape.num_params() <= budget:
+        if count(shape, scope) <= budget:
             return shape
     smallest = src.replace(hidden_size=a, intermediate_size=_align(src.intermediate_size))
     raise PruneTargetError(f"no width-only shape meets params={budget:.4g}: the smallest (hidden {a}, MLP "
-                           f"{smallest.intermediate_size}) has {smallest.num_params():,} parameters; raise the "
+                           f"{smallest.intermediate_size}) has {count(smallest, scope):,} parameters; raise the "
                            "budget or also prune depth (--num-hidden-layers / --search)")
 
 
-def candidates(src: Layout, budget: float, depth: bool = True) -> list[Layout]:
+def candidates(src: Layout, budget: float, depth: bool = True, scope: str = "total") -> list[Layout]:
     """Grid shapes with ``(1 - TOLERANCE) * budget <= params <= budget``, largest first (at most MAX_CANDIDATES);
     ``depth=False`` keeps every layer (a width-only search)."""
     from minitron.prune import PruneTargetError
 
-    _check_budget(src, budget)
+    _check_budget(src, budget, scope)
     g = src.group_size
     groups = sorted({g, max(1, g // 2)}, reverse=True)
     grid = itertools.product({_round(src.hidden_size, f) for f in FRACTIONS},
@@ -80,15 +85,15 @@ def candidates(src: Layout, budget: float, depth: bool = True) -> list[Layout]:
                              {max(1, round(src.num_hidden_layers * f)) for f in (DEPTH_FRACTIONS if depth else (1.0,))})
     shapes = [src.replace(hidden_size=h, intermediate_size=i, num_attention_heads=src.num_key_value_heads * gs,
                           num_hidden_layers=n) for h, i, gs, n in grid]
-    fit = [s for s in shapes if (1 - TOLERANCE) * budget <= s.num_params() <= budget]
+    fit = [s for s in shapes if (1 - TOLERANCE) * budget <= count(s, scope) <= budget]
     if not fit:
-        under = [s for s in shapes if s.num_params() <= budget]
+        under = [s for s in shapes if count(s, scope) <= budget]
         if not under:
-            smallest = min(s.num_params() for s in shapes)
+            smallest = min(count(s, scope) for s in shapes)
             raise PruneTargetError(f"no candidate shape meets params={budget:.4g}: the smallest on the grid has "
                                    f"{smallest:,} parameters")
-        fit = sorted(under, key=lambda s: -s.num_params())[:MAX_CANDIDATES]
-    fit.sort(key=lambda s: (-s.num_params(), -s.num_hidden_layers, -s.hidden_size))
+        fit = sorted(under, key=lambda s: -count(s, scope))[:MAX_CANDIDATES]
+    fit.sort(key=lambda s: (-count(s, scope), -s.num_hidden_layers, -s.hidden_size))
     return fit[:MAX_CANDIDATES]
 
 
@@ -175,7 +180,7 @@ def search(cfg: Any, config: Any, src: Layout, scores: dict, meta: dict) -> Any:
     if torch.cuda.is_available():
         teacher = teacher.cuda()
     rows, n = [], src.num_hidden_layers
-    for lay in tqdm(candidates(src, cfg.params, getattr(cfg, "search_depth", True)), desc="search: loss after pruning"):
+    for lay in tqdm(candidates(src, cfg.params, cfg.search_depth, cfg.params_scope), desc="search: loss after pruning"):
         drop = choose_drop(scores, meta, n, n - lay.num_hidden_layers, cfg.depth_metric)
         loss = eval_loss(materialize(teacher, src, lay, drop, scores), val, cfg.batch_size)
         rows.append({"hidden_size": lay.hidden_size, "intermediate_size": lay.intermediate_size,

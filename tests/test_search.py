@@ -40,6 +40,19 @@ def test_budget_layout_is_the_largest_width_only_shape():
         candidates(LLAMA31_8B, 1e8)
 
 
+def test_width_only_candidates_under_a_non_embedding_budget():
+    """search_depth=False keeps every layer; params_scope=non_embedding leaves the embeddings out of the count
+    (a width student's embedding shrinks with its hidden size, so a total budget lets it keep fewer layer
+    parameters than the same budget on a depth student)."""
+    budget = 0.5 * LLAMA31_8B.non_embedding_params()
+    cands = candidates(LLAMA31_8B, budget, depth=False, scope="non_embedding")
+    assert cands and {c.num_hidden_layers for c in cands} == {32}
+    assert all((1 - TOLERANCE) * budget <= c.non_embedding_params() <= budget for c in cands)
+    assert any(c.num_params() > budget for c in cands)  # the total count would have refused these
+    lay = budget_layout(LLAMA31_8B, budget, scope="non_embedding")
+    assert lay.non_embedding_params() <= budget < lay.num_params()
+
+
 def test_short_kd_reduces_the_kl():
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
