@@ -150,6 +150,23 @@ def _eval_metrics(eval_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+LOWER_IS_BETTER = {"val_loss", "wikitext2_ppl", "text_val_loss"}
+
+
+def retention(rows: dict[str, dict], reference: str = "teacher") -> dict[str, dict[str, float]]:
+    """Each distilled student's share of the reference's quality per metric: student / teacher for scores,
+    teacher / student for losses and perplexity (1.0 = fully retained)."""
+    ref = rows.get(reference, {})
+    out = {}
+    for label, r in rows.items():
+        if not label.endswith("distilled"):
+            continue
+        cols = [c for c in ["val_loss", "wikitext2_ppl", "text_val_loss"] + [c for _, _, c in EVAL_COLUMNS]
+                if isinstance(r.get(c), float) and isinstance(ref.get(c), float) and ref[c] and r[c]]
+        out[label] = {c: (ref[c] / r[c] if c in LOWER_IS_BETTER else r[c] / ref[c]) for c in cols}
+    return out
+
+
 def _fmt(v: Any, se: Any = None) -> str:
     if isinstance(v, float):
         text = f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
@@ -183,6 +200,13 @@ def write_report(root: Path, models: dict[str, Path], timings: dict[str, float],
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, r in rows.items():
         lines.append(f"| {label} | " + " | ".join(_fmt(r.get(c, ""), r.get(f"{c}_se")) for c in cols) + " |")
+    kept = retention(rows)
+    if any(kept.values()):
+        cols_r = sorted({c for v in kept.values() for c in v}, key=lambda c: (LM_COLUMNS + [x for _, _, x in EVAL_COLUMNS]).index(c))
+        lines += ["", "Retention of the teacher (student / teacher for scores, teacher / student for losses):", "",
+                  "| model | " + " | ".join(cols_r) + " |", "|---" * (len(cols_r) + 1) + "|"]
+        for label, v in kept.items():
+            lines.append(f"| {label} | " + " | ".join(f"{v[c]:.2f}" if c in v else "" for c in cols_r) + " |")
     ns = sorted({f"{c}: n={r[c + '_n']}" for r in rows.values() for _, _, c in EVAL_COLUMNS if r.get(c + "_n")})
     lines += ["", "Items per eval metric: " + ("; ".join(ns) if ns else "-"),
               "", "Stage wall-clock seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()), "",
@@ -190,7 +214,7 @@ def write_report(root: Path, models: dict[str, Path], timings: dict[str, float],
     for f in [root / "eval" / "report.md"] + sorted((root / "eval").glob("*/report.md")):
         if f.exists():
             lines.append(f"Eval details: [{f.relative_to(root)}]({f.relative_to(root)})")
-    write_json(root / "report.json", {"models": rows, "timings_s": timings,
+    write_json(root / "report.json", {"models": rows, "timings_s": timings, "retention": kept,
                                       "report_config": dataclasses.asdict(cfg) if cfg else None})
     _plot(rows, root / "report.png")
     out = write_text(root / "report.md", "\n".join(lines) + "\n")

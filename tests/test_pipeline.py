@@ -97,6 +97,9 @@ def test_mix_finetune_named_evals_and_report_columns(tiny_run, tmp_path):
     assert rows["width distilled"]["wikitext2_ppl"] > 1.0 and rows["width finetuned"]["text_val_loss"] > 0
     assert "MMLU letter" in rows["width distilled"] and "MMLU letter" not in rows["width pruned"]
     assert rows["width pruned"]["non_embedding_params"] < rows["teacher"]["non_embedding_params"]
+    kept = json.loads((out / "report.json").read_text())["retention"]["width distilled"]
+    assert kept["wikitext2_ppl"] == pytest.approx(rows["teacher"]["wikitext2_ppl"] / rows["width distilled"]["wikitext2_ppl"])
+    assert "Retention of the teacher" in (out / "report.md").read_text()
 
 
 def test_real_recipe_dry_run_offline():
