@@ -142,6 +142,17 @@ def requested_shape(cfg: PruneConfig) -> dict[str, int]:
     return shape
 
 
+def check_loadable(config: Any, tgt: Layout) -> None:
+    """The target's config must pass transformers' own validation (e.g. Llama wants hidden_size divisible by
+    the number of heads), checked before any work instead of failing at save time."""
+    try:
+        type(config).from_dict(pruned_config(config, tgt, list(range(tgt.num_hidden_layers))).to_dict())
+    except Exception as e:  # noqa: BLE001 (transformers raises its own validation error classes)
+        reason = str(e).strip().splitlines()[-1].strip()
+        raise PruneTargetError(f"target hidden_size={tgt.hidden_size}, num_attention_heads={tgt.num_attention_heads}: "
+                               f"transformers refuses the pruned config ({reason}); pick another shape") from None
+
+
 def check_shape(src: Layout, tgt: Layout) -> None:
     """Raise PruneTargetError naming the first constraint ``tgt`` breaks."""
     for name in SHAPE_FIELDS:
@@ -398,6 +409,7 @@ def _preflight(cfg: PruneConfig) -> tuple[Any, Layout, Target]:
     config = AutoConfig.from_pretrained(cfg.model)
     src = Layout.from_config(config)
     target = resolve_target(cfg, src)
+    check_loadable(config, target.layout)
     if needs_scores(src, target) or cfg.search:
         if cfg.search and not cfg.calib:
             raise ConfigError("--search needs --calib DATA (candidates are ranked by LM loss on it)")

@@ -62,6 +62,8 @@ def budget_layout(src: Layout, budget: float, scope: str = "total") -> Layout:
     _check_budget(src, budget, scope)
     a = _align(src.hidden_size)
     for hidden in range(src.hidden_size // a * a, 0, -a):
+        if hidden % src.num_attention_heads:  # transformers (Llama, ...) wants hidden divisible by the heads
+            continue
         ratio = hidden / src.hidden_size
         shape = src.replace(hidden_size=hidden, intermediate_size=_round(src.intermediate_size, ratio))
         if count(shape, scope) <= budget:
@@ -84,7 +86,8 @@ def candidates(src: Layout, budget: float, depth: bool = True, scope: str = "tot
                              {_round(src.intermediate_size, f) for f in FRACTIONS}, groups,
                              {max(1, round(src.num_hidden_layers * f)) for f in (DEPTH_FRACTIONS if depth else (1.0,))})
     shapes = [src.replace(hidden_size=h, intermediate_size=i, num_attention_heads=src.num_key_value_heads * gs,
-                          num_hidden_layers=n) for h, i, gs, n in grid]
+                          num_hidden_layers=n) for h, i, gs, n in grid
+              if h % (src.num_key_value_heads * gs) == 0]  # transformers wants hidden divisible by the heads
     fit = [s for s in shapes if (1 - TOLERANCE) * budget <= count(s, scope) <= budget]
     if not fit:
         under = [s for s in shapes if count(s, scope) <= budget]

@@ -177,6 +177,13 @@ def test_impossible_targets_fail_and_leave_nothing(tiny_model_dir, tmp_path, cal
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_shape_transformers_refuses_fails_before_any_work(tiny_model_dir, tmp_path):
+    """hidden 62 with 4 heads: Llama's config validation refuses it; prune says so up front, writes nothing."""
+    with pytest.raises(PruneTargetError, match="transformers refuses the pruned config"):
+        prune(tiny_model_dir, tmp_path / "out", hidden_size=62)
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_needs_force(tiny_model_dir, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(MinitronError, match="--force"):
