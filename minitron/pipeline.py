@@ -54,8 +54,8 @@ class PipelineConfig:
     align_student: str = arg("width", "which distilled student to align")
     eval_config: str | None = arg(None, "eval recipe file (configs/eval/...)")
     eval: dict = arg({}, "EvalConfig overrides")
-    evals: dict = arg({}, "named eval runs instead of eval_config: name -> {config: FILE, models: [labels or "
-                          "label prefixes], EvalConfig overrides}; each writes eval/<name>")
+    evals: dict = arg({}, "named eval runs instead of eval_config: name -> {config: FILE, models: [labels as in "
+                          "the report], EvalConfig overrides}; each writes eval/<name>")
     report: dict = arg({}, "ReportConfig overrides (WikiText-2, plain-text validation, chat KL; see minitron.report)")
     stages: list[str] = arg(list(STAGE_NAMES), f"stages to run: {', '.join(STAGE_NAMES)}")
     force: bool = arg(False, "redo finished stages")
@@ -257,14 +257,13 @@ class Pipeline:
         return out
 
     def make_evals(self) -> None:
-        """Named eval runs (``evals:``), each on the models whose label starts with one of its ``models``."""
+        """Named eval runs (``evals:``), each on the models whose label is one of its ``models`` (all when absent)."""
         from evals import harness
 
         for name, spec in self.cfg.evals.items():
             spec = dict(spec)
             wanted, file = spec.pop("models", None), spec.pop("config", None)
-            labels = {k: v for k, v in self.models().items()
-                      if wanted is None or any(k == w or k.startswith(w + " ") for w in wanted)}
+            labels = {k: v for k, v in self.models().items() if wanted is None or k in wanted}
             cfg = _stage_config("evals.harness:EvalConfig", _file_section(file, "eval"), self.cfg.eval, spec,
                                 {"model": [str(p) for p in labels.values()], "names": list(labels),
                                  "out": str(self.paths.eval / name)})
