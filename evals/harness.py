@@ -40,6 +40,7 @@ from minitron.model_source import resolve_model
 
 TASKS = ("mmlu", "mmlu_cloze", "ifeval", "rag", "bfcl", "roleplay")
 DEFAULT_TASKS = ("mmlu", "ifeval", "rag", "bfcl", "roleplay")  # what ``demo`` and ``full`` run
+DATA_OF = {"mmlu_cloze": "mmlu"}  # tasks that read another task's data, limit and --<task>-data flag
 WORLD, SHARED = "runs/demo/world", "../shared/data"
 # suite -> (data per task, default item limit per task, default generation lengths)
 SUITES: dict[str, dict[str, Any]] = {
@@ -114,12 +115,12 @@ class EvalConfig:
 
     def data(self, task: str) -> str:
         """The task's data path: its ``--<task>-data`` override, else the suite's (both MMLU formats: mmlu's)."""
-        task = "mmlu" if task == "mmlu_cloze" else task
+        task = DATA_OF.get(task, task)
         return getattr(self, f"{task}_data") or self.preset()["data"][task]
 
     def task_limit(self, task: str) -> int | None:
         """``--limit`` when given, else the suite's default for the task (None = every item)."""
-        task = "mmlu" if task == "mmlu_cloze" else task
+        task = DATA_OF.get(task, task)
         return self.limit if self.limit is not None else self.preset()["limit"].get(task)
 
 

@@ -188,10 +188,9 @@ def default_layer_map(student_dir: str | Path, n_student: int, n_teacher: int) -
 
 
 def _load(path: str | Path, dtype=torch.float32):
-    """(model, tokenizer) of a resolved model directory (see ``minitron.model_source.resolve_model``)."""
+    """(model, tokenizer) of a model directory the caller resolved (``minitron.model_source.resolve_model``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
 
 

@@ -123,12 +123,11 @@ class Pipeline:
     def trained(self, name: str, fn, cfg: Any) -> Path:
         """A training stage: skipped when its output is complete, else resumed from its last checkpoint
         (``--force`` starts it over)."""
-        from minitron.io import is_model_dir
+        from minitron.distill import already_done
 
-        out = Path(cfg.out)
-        if is_model_dir(out) and (out / "metrics.json").exists() and not self.cfg.force:
-            print(f"{out} is complete: skipping ({name})")
-            return out
+        cfg.resume = False  # the pipeline decides: a complete output is kept, an incomplete one resumed
+        if already_done(cfg, Path(cfg.out)):
+            return Path(cfg.out)
         cfg.resume = not self.cfg.force
         return self.timed(name, fn, cfg)
 
@@ -313,9 +312,10 @@ class Pipeline:
             from minitron.report import write_report
 
             rcfg = _stage_config("minitron.report:ReportConfig", self.cfg.report) if self.cfg.report else None
-            return write_report(self.paths.root, self.models(), self.timings, world_dir=self.paths.world,
+            models = self.models()
+            return write_report(self.paths.root, models, self.timings, world_dir=self.paths.world,
                                 corpus=self.corpus() if cfg.data != "world" or cfg.mix is not None else None,
-                                cfg=rcfg, teacher=self.models()["teacher"])
+                                cfg=rcfg, teacher=models["teacher"])
         return self.paths.root
 
 
