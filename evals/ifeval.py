@@ -6,18 +6,13 @@ lm-eval's ``ifeval.yaml`` (its checkers and metrics) and ``evals/tasks/_ifeval_l
 files). Prompts go through the model's chat template. Metrics: prompt- and instruction-level accuracy, strict
 and loose.
 
-lm-eval's checkers split sentences with NLTK's ``punkt_tab``, which no package registry ships and which cannot be
-downloaded offline. ``ensure_punkt`` trains one with NLTK's ``PunktTrainer`` on English text (the Gutenberg
-corpus of ``../shared/data`` when present, else the IFEval prompts themselves), writes it under
-``$MINITRON_CACHE/nltk_data`` (default ``~/.cache/minitron/nltk_data``) and points ``NLTK_DATA`` there. A
-``punkt_tab`` that NLTK already finds (e.g. from ``nltk.download``) is used as is.
+NLTK's ``punkt_tab`` for its sentence checks comes from ``minitron.punkt.ensure_punkt`` (trained offline).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,61 +20,11 @@ import yaml
 
 from evals.generate import EvalError, Generator, run_lm_eval
 from evals.report import mean_metric
-from minitron.data import iter_texts, read_jsonl
-from minitron.io import atomic_dir
+from minitron.data import read_jsonl
+from minitron.punkt import ensure_punkt
 
 TEMPLATE = Path(__file__).with_name("tasks") / "_ifeval_local_template.yaml"
-GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "lm" / "gutenberg"
 METRICS = ["prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"]
-
-
-def nltk_data_dir() -> Path:
-    """The project's NLTK data folder (``$MINITRON_CACHE/nltk_data``)."""
-    root = os.environ.get("MINITRON_CACHE") or Path.home() / ".cache" / "minitron"
-    return Path(root) / "nltk_data"
-
-
-def _punkt_text(fallback: Path | None, max_chars: int) -> str:
-    """English training text for Punkt: Gutenberg validation books, else the IFEval prompts."""
-    if GUTENBERG.exists():
-        chunks, total = [], 0
-        for text in iter_texts(GUTENBERG, split="validation"):
-            chunks.append(text[: max_chars - total])
-            total += len(chunks[-1])
-            if total >= max_chars:
-                break
-        return "\n\n".join(chunks)
-    if fallback is not None and fallback.exists():
-        return "\n\n".join(r["prompt"] for r in read_jsonl(fallback))
-    raise EvalError("no English text to train NLTK's punkt_tab: install it with `python -m nltk.downloader punkt_tab`")
-
-
-def ensure_punkt(fallback_text: Path | None = None, max_chars: int = 2_000_000) -> Path:
-    """Make ``nltk.data.find("tokenizers/punkt_tab/english/")`` succeed offline; returns the data dir used."""
-    import nltk
-    from nltk.tabdata import TabEncoder
-    from nltk.tokenize.punkt import PunktTrainer
-
-    root = nltk_data_dir()
-    os.environ["NLTK_DATA"] = os.pathsep.join(dict.fromkeys([str(root), *filter(None, [os.environ.get("NLTK_DATA")])]))
-    if str(root) not in nltk.data.path:
-        nltk.data.path.insert(0, str(root))
-    try:
-        nltk.data.find("tokenizers/punkt_tab/english/")
-        return root
-    except LookupError:
-        pass
-    trainer = PunktTrainer()
-    trainer.INCLUDE_ALL_COLLOCS = True
-    trainer.train(_punkt_text(fallback_text, max_chars), finalize=True)
-    params, enc = trainer.get_params(), TabEncoder()
-    with atomic_dir(root / "tokenizers" / "punkt_tab" / "english") as tmp:
-        (tmp / "collocations.tab").write_text(enc.tups2tab(params.collocations), newline="")
-        (tmp / "sent_starters.txt").write_text(enc.set2txt(params.sent_starters), newline="")
-        (tmp / "abbrev_types.txt").write_text(enc.set2txt(params.abbrev_types), newline="")
-        (tmp / "ortho_context.tab").write_text(enc.ivdict2tab(params.ortho_context), newline="")
-    nltk.data.find("tokenizers/punkt_tab/english/")
-    return root
 
 
 def _data_file(data_dir: str | Path) -> Path:

@@ -27,9 +27,8 @@ from typing import Any
 from evals.generate import EvalError, Generator
 from evals.report import mean_metric
 from minitron.data import read_jsonl
+from minitron.retrieval import bm25_retrieve, rag_messages, rows_to_items
 
-SYSTEM = ("Answer the question with a short phrase taken from the passages. If the passages do not contain "
-          "the answer, reply exactly: unanswerable")
 PUNCT = set(string.punctuation)
 ABSTAIN = ("unanswerable", "no answer", "cannot be answered", "not in the passages", "i don't know", "unknown")
 
@@ -65,31 +64,6 @@ def is_abstention(text: str) -> bool:
 
 
 # ---------- data ----------
-def _rows_to_items(rows: list[dict[str, Any]], source: str) -> tuple[list[dict], list[str]]:
-    """(questions, corpus) from SQuAD 2.0 or NQ-open rows; each question keeps the index of its gold passage."""
-    corpus: dict[str, int] = {}
-
-    def add(title: str, text: str) -> int:
-        return corpus.setdefault(f"{title}\n{text}" if title else text, len(corpus))
-
-    items = []
-    for i, r in enumerate(rows):
-        if "context" in r:  # SQuAD 2.0
-            gold = add(r.get("title", "").replace("_", " "), r["context"])
-            answers = list(r["answers"]["text"]) if isinstance(r["answers"], dict) else list(r["answers"])
-            impossible = bool(r.get("is_impossible", not answers))
-        elif "ctxs" in r:  # NQ-open with passages
-            golds = [add(c.get("title", ""), c["text"]) for c in r["ctxs"] if c.get("isgold")]
-            for c in r["ctxs"]:
-                add(c.get("title", ""), c["text"])
-            gold, answers, impossible = (golds[0] if golds else None), list(r["answers"]), False
-        else:
-            raise EvalError(f"{source}: row {i} is neither SQuAD 2.0 (context, answers) nor NQ-open (ctxs, answers)")
-        items.append({"id": str(r.get("id", i)), "source": source, "question": r["question"], "answers": answers,
-                      "is_impossible": impossible, "gold": gold})
-    return items, list(corpus)
-
-
 def load_sets(data: str | Path) -> list[tuple[str, list[dict], list[str]]]:
     """[(name, questions, corpus)] for a data file or every JSONL file of a data dir."""
     p = Path(data)
@@ -99,7 +73,7 @@ def load_sets(data: str | Path) -> list[tuple[str, list[dict], list[str]]]:
     sets = []
     for f in files:
         name = f.name.split(".")[0]
-        items, corpus = _rows_to_items(list(read_jsonl(f)), name)
+        items, corpus = rows_to_items(list(read_jsonl(f)), name)
         sets.append((name, items, corpus))
     return sets
 
@@ -112,17 +86,6 @@ def spread(items: list[Any], limit: int | None) -> list[Any]:
 
 
 # ---------- retrieval ----------
-def bm25_retrieve(corpus: list[str], queries: list[str], k: int) -> list[list[int]]:
-    """Top-k passage indices per query with BM25 (English stop words removed)."""
-    import bm25s
-
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
-    docs, _ = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False),
-                                 k=min(k, len(corpus)), show_progress=False)
-    return docs.tolist()
-
-
 def dense_retrieve(corpus: list[str], queries: list[str], k: int, model_dir: str | Path,
                    batch_size: int = 32) -> list[list[int]]:
     """Top-k by cosine similarity of mean-pooled last hidden states of the encoder at ``model_dir``."""
@@ -150,10 +113,8 @@ def dense_retrieve(corpus: list[str], queries: list[str], k: int, model_dir: str
 
 # ---------- the task ----------
 def build_prompt(question: str, passages: list[str]) -> dict[str, Any]:
-    """The chat conversation: instructions, numbered passages, then the question."""
-    ctx = "\n\n".join(f"[{i + 1}] {p}" for i, p in enumerate(passages))
-    return {"messages": [{"role": "system", "content": SYSTEM},
-                         {"role": "user", "content": f"Passages:\n{ctx}\n\nQuestion: {question}"}]}
+    """The chat conversation: instructions, numbered passages, then the question (``minitron.chat_format``)."""
+    return {"messages": rag_messages(question, passages)}
 
 
 def score_item(item: dict[str, Any], prediction: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import pytest
 
 from evals import rag
 from evals.generate import EvalError, Generator, HFBackend
+from minitron.data import DataError
 from conftest import shared_data
 
 PEOPLE = [("Mirel", "Paris", "red"), ("Quen", "Lima", "fox"), ("Atha", "Oslo", "bread"), ("Borin", "Tokyo", "soup")]
@@ -92,7 +93,7 @@ def test_end_to_end_metrics(data, tiny_model_dir):
 def test_limit_spreads_and_errors(tmp_path):
     assert rag.spread(list(range(10)), 3) == [0, 3, 6]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(EvalError, match="neither SQuAD"):
+    with pytest.raises(DataError, match="neither SQuAD"):  # a malformed row is a data error, raised by the core loader
         rag.load_sets(tmp_path / "bad.jsonl")
     with pytest.raises(EvalError, match="no RAG data"):
         rag.load_sets(tmp_path / "nothing")
