@@ -36,11 +36,15 @@ class TrainArgs:
     warmup_ratio: float = arg(0.05, "fraction of the steps spent warming the learning rate up")
     save_steps: int = arg(25, "checkpoint every N steps (the resume point after an interruption)")
     logging_steps: int = arg(5, "log training metrics every N steps")
+    freeze_embeddings: bool = arg(False, "keep the token embeddings (and a tied LM head) frozen")
+    freeze_layers: int = arg(0, "keep the bottom N decoder layers frozen (backward stops above them: faster)")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{type(self).__name__}.{name} must be positive (got {getattr(self, name)})")
+        if self.freeze_layers < 0:
+            raise ConfigError(f"{type(self).__name__}.freeze_layers must be >= 0 (got {self.freeze_layers})")
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"{type(self).__name__}: lr must be > 0 and warmup_ratio in [0, 1)")
 
@@ -87,6 +91,20 @@ def trl_args(config_cls: type, args: TrainArgs, ctx: StageContext, stage: str, *
     if "max_length" not in {f.name for f in dataclasses.fields(config_cls)}:
         kw.pop("max_length")  # RL configs bound the completion instead (max_completion_length)
     return config_cls(**kw)
+
+
+def freeze(model: Any, args: TrainArgs) -> Any:
+    """Partial fine-tuning: freeze the embeddings and/or the bottom ``freeze_layers`` decoder layers in place."""
+    if args.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if args.freeze_layers:
+        layers = model.base_model.layers
+        if args.freeze_layers >= len(layers):
+            raise ConfigError(f"freeze_layers={args.freeze_layers} leaves nothing to train: the model has "
+                              f"{len(layers)} decoder layers")
+        for layer in layers[: args.freeze_layers]:
+            layer.requires_grad_(False)
+    return model
 
 
 def last_checkpoint(ctx: StageContext, stage: str) -> str | None:

@@ -253,6 +253,27 @@ def to_preference(row: dict[str, Any]) -> list[dict[str, Any]]:
     return [pair]
 
 
+def fit_pairs(pairs: list[dict[str, Any]], length: Any, max_length: int) -> tuple[list[dict[str, Any]], int]:
+    """Drop a pair's earliest turns until prompt + either answer fits ``max_length`` tokens; (kept pairs, dropped).
+
+    ``length(messages)`` counts the tokens of a rendered conversation. TRL's RewardTrainer silently drops pairs
+    that are too long and its DPOTrainer cuts their ends (the answers); multi-turn HH-RLHF conversations keep their
+    last exchange this way. A pair whose last user turn alone is too long is dropped and counted.
+    """
+    kept, dropped = [], 0
+    for pair in pairs:
+        prompt = list(pair["prompt"])
+        system = prompt[:1] if prompt[0]["role"] == "system" else []
+        turns = prompt[len(system):]
+        while max(length(system + turns + pair[k]) for k in ("chosen", "rejected")) > max_length and len(turns) > 1:
+            turns = turns[2:] if len(turns) > 2 else turns[-1:]  # one user + assistant exchange at a time
+        if max(length(system + turns + pair[k]) for k in ("chosen", "rejected")) > max_length:
+            dropped += 1
+            continue
+        kept.append({**pair, "prompt": system + turns})
+    return kept, dropped
+
+
 # ----------------------------------------------------------------------------------------------- datasets
 def _arrow_safe(example: dict[str, Any]) -> dict[str, Any]:
     """JSON-encode tool schemas and call arguments: Arrow would merge their differing keys into null-filled structs."""

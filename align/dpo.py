@@ -12,11 +12,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from align.common import (StageContext, TrainArgs, last_checkpoint, load_causal_lm, load_tokenizer, measured_once,
-                          save_stage, train_history, trl_args)
+from align.common import (StageContext, TrainArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
+                          measured_once, save_stage, train_history, trl_args)
 from align.data import to_dataset
 from align.lora import peft_config
-from align.scoring import completion_logps
+from align.scoring import completion_logps, mean_se
 from minitron.config import ConfigError, arg
 
 
@@ -51,6 +51,7 @@ def train(ctx: StageContext, args: DPOArgs, model_dir: str | Path, train_pairs: 
     model = load_causal_lm(model_dir, tok)
     # Before training the policy is the reference, so these margins are also the reference's (for the implicit reward).
     ref = measured_once(ctx, "dpo", "margins", lambda: margins(model, tok, eval_pairs).tolist())
+    freeze(model, args)
     config = trl_args(DPOConfig, args, ctx, "dpo", beta=args.beta, loss_type=list(args.loss_type))
     trainer = DPOTrainer(model=model, args=config, train_dataset=to_dataset(train_pairs), processing_class=tok,
                          peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
@@ -58,11 +59,14 @@ def train(ctx: StageContext, args: DPOArgs, model_dir: str | Path, train_pairs: 
     trainer.train(resume_from_checkpoint=resume)
     after = margins(trainer.model, tok, eval_pairs)
     implicit = args.beta * (after - after.new_tensor(ref))  # the DPO implicit reward margin per pair
+    ref_t = after.new_tensor(ref)
     metrics = {"stage": "dpo", "logp_margin_before": sum(ref) / len(ref), "logp_margin": after.mean().item(),
+               "logp_margin_se_before": mean_se(ref_t)[1], "logp_margin_se": mean_se(after)[1],
+               "margin_gain_se": mean_se(after - ref_t)[1], "preferred_se": mean_se((after > 0).float())[1],
                "reward_margin": implicit.mean().item(), "reward_accuracy": (implicit > 0).float().mean().item(),
                "preferred_before": sum(r > 0 for r in ref) / len(ref),
                "preferred": (after > 0).float().mean().item(), "train_pairs": len(train_pairs),
-               "eval_pairs": len(eval_pairs), "steps": trainer.state.global_step, "resumed_from": resume,
+               "eval_pairs": len(eval_pairs), "eval_n": len(eval_pairs), "steps": trainer.state.global_step, "resumed_from": resume,
                "data": data_stats, "history": train_history(trainer)}
     return save_stage(trainer.model, tok, ctx, "dpo", metrics, args, str(model_dir), "DPO model",
                       f"Direct preference optimisation (loss {args.loss_type}, beta {args.beta}) with TRL's DPOTrainer.")

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,9 @@ from align.report import STAGES, write_report
 from align.reward import RMArgs
 from align.rl import RLArgs
 from align.sft import SFTArgs
+from align.sft_mix import SFTMixArgs
 from minitron.config import ConfigError, MinitronError, arg, save_resolved
-from minitron.io import is_model_dir
+from minitron.io import is_model_dir, write_text
 from minitron.model_source import resolve_model
 
 WORLD = "runs/demo/world"
@@ -51,7 +54,8 @@ class AlignConfig:
     sft_eval_data: list[str] = arg([f"{WORLD}/sft/validation.jsonl"], "held-out SFT sources ([] = hold out eval_rows)")
     pref_data: list[str] = arg([f"{WORLD}/preference/train.jsonl"], "preference sources (RM, DPO, RL prompts)")
     pref_eval_data: list[str] = arg([f"{WORLD}/preference/test.jsonl"], "held-out preference sources ([] = hold out)")
-    eval_rows: int = arg(64, "held-out examples per data kind (taken from training data when no eval source)")
+    eval_rows: int = arg(64, "held-out examples per data kind (split over the eval sources; an eval source that is "
+                              "also a training source is held out of it; no eval source: held out of all training)")
     max_train_rows: int | None = arg(None, "cap on training examples per data kind (None = all)")
     skip_bad_rows: bool = arg(False, "skip rows that fit no schema (counted in metrics) instead of failing")
     max_steps: int | None = arg(None, "cap on every stage's steps (smoke runs)")
@@ -62,6 +66,7 @@ class AlignConfig:
     eval_suite: str | None = arg(None, "run evals.harness with this suite on the model and every stage output")
     eval_limit: int | None = arg(None, "examples per eval task (with eval_suite)")
     lora: LoraArgs = _section(LoraArgs, "LoRA for every stage (merged on export)")
+    sft_mix: SFTMixArgs = _section(SFTMixArgs, "what joins the SFT data: teacher answers, RAG QA, format constraints")
     sft: SFTArgs = _section(SFTArgs, "SFT stage settings")
     rm: RMArgs = _section(RMArgs, "reward-model stage settings")
     dpo: DPOArgs = _section(DPOArgs, "DPO stage settings")
@@ -84,20 +89,52 @@ class AlignConfig:
 
 
 def _load(cfg: AlignConfig, train_src: list[str], eval_src: list[str], convert: Any) -> tuple[list, list, dict]:
-    """(train, eval, stats): eval from its own sources, else held out of the training rows."""
-    # With a row cap, read just enough rows for the cap plus a possible hold-out (large real sets stream).
-    rows, stats = D.load_rows(train_src, "train", convert, cfg.skip_bad_rows,
-                              None if cfg.max_train_rows is None else cfg.max_train_rows + cfg.eval_rows)
-    if eval_src:
-        held, eval_stats = D.load_rows(eval_src, "validation", convert, cfg.skip_bad_rows, cfg.eval_rows)
-        info = {"train": stats.as_dict(), "eval": eval_stats.as_dict()}
+    """(train, eval, stats). Held-out rows come from the eval sources; an eval source that is also a training
+    source is split: its share of ``eval_rows`` is held out of it and the rest trains. With no eval source,
+    ``eval_rows`` are held out of all the training rows. Training rows are shuffled (seeded), then capped."""
+    per_source = {s: D.load_rows([s], "train", convert, cfg.skip_bad_rows) for s in train_src}
+    info: dict[str, Any] = {"train": {s: st.as_dict() for s, (_, st) in per_source.items()}}
+    rows_of = {s: rows for s, (rows, _) in per_source.items()}
+    held: list = []
+    if not eval_src:
+        rows, held = D.holdout([r for s in train_src for r in rows_of[s]], cfg.eval_rows, cfg.seed)
+        rows_of = {"all": rows}
+        info["eval"] = f"{len(held)} rows held out of train"
     else:
-        rows, held = D.holdout(rows, cfg.eval_rows, cfg.seed)
-        info = {"train": stats.as_dict(), "eval": f"{len(held)} rows held out of train"}
+        n = max(1, cfg.eval_rows // len(eval_src))
+        for s in eval_src:
+            if s in rows_of:
+                rows_of[s], h = D.holdout(rows_of[s], n, cfg.seed)
+                info.setdefault("eval", {})[s] = f"{len(h)} rows held out of this training source"
+            else:
+                h, st = D.load_rows([s], "validation", convert, cfg.skip_bad_rows, n)
+                info.setdefault("eval", {})[s] = st.as_dict()
+            held += h
+    rows = [r for v in rows_of.values() for r in v]
+    random.Random(cfg.seed).shuffle(rows)
     rows = rows[: cfg.max_train_rows] if cfg.max_train_rows else rows
     if not rows or not held:
         raise D.DataError(f"no usable examples in {train_src} / {eval_src}: check the paths and the row schema")
     return rows, held, info
+
+
+def _fit(cfg: AlignConfig, base: Path, loaded: tuple[list, list, dict]) -> tuple[list, list, dict]:
+    """Preference pairs trimmed to ``max_length`` tokens (earliest turns first), train and held-out alike."""
+    from align.common import load_tokenizer
+    from align.scoring import chat_ids
+
+    tok = load_tokenizer(base)
+    length = lambda msgs: len(chat_ids(tok, msgs))  # noqa: E731
+    train, held, info = loaded
+    train, dropped_train = D.fit_pairs(train, length, cfg.max_length)
+    held, dropped_held = D.fit_pairs(held, length, cfg.max_length)
+    info["too_long_dropped"] = {"train": dropped_train, "eval": dropped_held}
+    return train, held, info
+
+
+def _write_heldout(path: Path, rows: list[dict]) -> None:
+    """The held-out rows as JSONL (the evals can read them: e.g. roleplay prompts no stage trained on)."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _done(out: Path, stage: str) -> bool:
@@ -111,14 +148,19 @@ def _input(out: Path, base: Path, *prefer: str) -> Path:
 
 def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, base: Path, data: dict) -> None:
     """Train one stage on its input model (loading the data it needs once)."""
-    from align import dpo, reward, rl, sft
+    from align import dpo, reward, rl, sft, sft_mix
 
     out = ctx.out
     if stage == "sft":
-        data.setdefault("sft", _load(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples))
-        sft.train(ctx, cfg.sft, base, *data["sft"])
+        train, held, info = _load(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
+        _write_heldout(out / "data" / "sft_heldout.jsonl", [{"messages": ex["prompt"] + ex["completion"]} for ex in held])
+        train, info["mix"] = sft_mix.build(cfg.sft_mix, train, ctx.work_dir("sft"), cfg.seed)
+        print(f"[align] sft mix: {info['mix']}")
+        sft.train(ctx, cfg.sft, base, train, held, info)
         return
-    data.setdefault("pref", _load(cfg, cfg.pref_data, cfg.pref_eval_data, D.to_preference))
+    if "pref" not in data:
+        data["pref"] = _fit(cfg, base, _load(cfg, cfg.pref_data, cfg.pref_eval_data, D.to_preference))
+        _write_heldout(out / "data" / "pref_heldout.jsonl", data["pref"][1])
     train_pairs, eval_pairs, info = data["pref"]
     if stage == "rm":
         reward.train(ctx, cfg.rm, _input(out, base, "sft"), train_pairs, eval_pairs, info)

@@ -34,6 +34,12 @@ def _num(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _se(m: dict[str, Any], key: str, se_key: str) -> str:
+    """The value, with "± s.e." when the stage recorded one."""
+    se = m.get(se_key)
+    return _num(m.get(key)) + (f" ± {se:.4f}" if isinstance(se, float) else "")
+
+
 def table(metrics: dict[str, dict[str, Any]]) -> str:
     """The per-stage Markdown table."""
     lines = ["| stage | measured on held-out data | before | after | also | steps | seconds (wall / CPU) |",
@@ -41,7 +47,9 @@ def table(metrics: dict[str, dict[str, Any]]) -> str:
     for stage, m in metrics.items():
         what, k0, k1, extra = HEADLINE[stage]
         also = ", ".join(f"{k} {_num(m.get(k))}" for k in extra)
-        lines.append(f"| {stage} | {what} | {_num(m.get(k0))} | {_num(m.get(k1))} | {also} | {m.get('steps')} "
+        n = f" (n={m['eval_n']})" if m.get("eval_n") else ""
+        lines.append(f"| {stage} | {what}{n} | {_se(m, k0, f'{k1}_se_before')} | {_se(m, k1, f'{k1}_se')} | {also} "
+                     f"| {m.get('steps')} "
                      f"| {m.get('seconds')} / {m.get('cpu_seconds')} |")
     return "\n".join(lines)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from align.common import (StageContext, TrainArgs, last_checkpoint, load_tokenizer, measured_once, save_stage,
-                          train_history, trl_args)
+from align.common import (StageContext, TrainArgs, freeze, last_checkpoint, load_tokenizer, measured_once,
+                          save_stage, train_history, trl_args)
 from align.data import to_dataset
 from align.lora import peft_config
 from align.scoring import pairwise_accuracy
@@ -50,6 +50,7 @@ def train(ctx: StageContext, args: RMArgs, model_dir: str | Path, train_pairs: l
     tok = load_tokenizer(model_dir)
     rm = load_reward_model(model_dir, tok)
     before = measured_once(ctx, "rm", "pairwise", lambda: pairwise_accuracy(rm.eval(), tok, eval_pairs))
+    freeze(rm, args)
     config = trl_args(RewardConfig, args, ctx, "rm", center_rewards_coefficient=args.center_rewards)
     trainer = RewardTrainer(model=rm, args=config, train_dataset=to_dataset(train_pairs), processing_class=tok,
                             peft_config=peft_config(ctx.lora, "SEQ_CLS"), callbacks=ctx.callbacks or None)
@@ -57,8 +58,9 @@ def train(ctx: StageContext, args: RMArgs, model_dir: str | Path, train_pairs: l
     trainer.train(resume_from_checkpoint=resume)
     after = pairwise_accuracy(trainer.model.eval(), tok, eval_pairs)
     metrics = {"stage": "rm", "accuracy_before": before["accuracy"], "accuracy": after["accuracy"],
-               "margin_before": before["margin"], "margin": after["margin"], "train_pairs": len(train_pairs),
-               "eval_pairs": len(eval_pairs), "steps": trainer.state.global_step, "resumed_from": resume,
+               "accuracy_se": after["accuracy_se"], "margin_before": before["margin"], "margin": after["margin"],
+               "margin_se": after["margin_se"], "train_pairs": len(train_pairs),
+               "eval_pairs": len(eval_pairs), "eval_n": len(eval_pairs), "steps": trainer.state.global_step, "resumed_from": resume,
                "data": data_stats, "history": train_history(trainer)}
     return save_stage(trainer.model, tok, ctx, "rm", metrics, args, str(model_dir), "Reward model",
                       "Bradley-Terry reward model (sequence classifier, one score) trained with TRL's RewardTrainer.")

@@ -15,8 +15,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from align.common import (StageContext, TrainArgs, last_checkpoint, load_causal_lm, load_tokenizer, measured_once,
-                          save_stage, train_history, trl_args)
+from align.common import (StageContext, TrainArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
+                          measured_once, save_stage, train_history, trl_args)
 from align.data import to_dataset
 from align.lora import peft_config
 from align.reward import load_reward_model
@@ -64,7 +64,8 @@ def _config(args: RLArgs, ctx: StageContext) -> Any:
 def _measure(policy: Any, tok: Any, rm: Any, rm_tok: Any, prompts: list, args: RLArgs, seed: int) -> dict:
     samples = sample(policy.eval(), tok, prompts, args.max_completion_length, seed, args.temperature)
     lengths = [len(s["completion_ids"]) for s in samples]
-    return {"reward": mean_reward(rm, rm_tok, samples), "length": sum(lengths) / len(lengths),
+    reward, reward_se = mean_reward(rm, rm_tok, samples)
+    return {"reward": reward, "reward_se": reward_se, "length": sum(lengths) / len(lengths),
             "example": samples[0]["text"][:200], "_samples": samples}
 
 
@@ -78,6 +79,7 @@ def train(ctx: StageContext, args: RLArgs, model_dir: str | Path, rm_dir: str | 
     ref = copy.deepcopy(policy).eval()  # frozen start policy, for our KL estimate (TRL keeps its own)
     before = measured_once(ctx, "rl", "sampled", lambda: {
         k: v for k, v in _measure(policy, tok, rm, rm_tok, eval_prompts, args, ctx.seed).items() if k != "_samples"})
+    freeze(policy, args)
     cls = RLOOTrainer if args.algo == "rloo" else GRPOTrainer
     trainer = cls(model=policy, reward_funcs=[rm], args=_config(args, ctx),
                   train_dataset=to_dataset([{"prompt": p} for p in prompts]), processing_class=tok,
@@ -89,10 +91,11 @@ def train(ctx: StageContext, args: RLArgs, model_dir: str | Path, rm_dir: str | 
     history = train_history(trainer)
     logged = [h["reward"] for h in history if "reward" in h]
     metrics = {"stage": "rl", "algo": args.algo, "reward_before": before["reward"], "reward": after["reward"],
+               "reward_se_before": before.get("reward_se"), "reward_se": after["reward_se"],
                "kl_to_reference": kl, "length_before": before["length"], "length": after["length"],
                "train_reward_first": logged[0] if logged else None, "train_reward_last": logged[-1] if logged else None,
                "example_before": before["example"], "example": after["example"], "prompts": len(prompts),
-               "eval_prompts": len(eval_prompts), "steps": trainer.state.global_step, "resumed_from": resume,
+               "eval_prompts": len(eval_prompts), "eval_n": len(eval_prompts), "steps": trainer.state.global_step, "resumed_from": resume,
                "data": data_stats, "history": history}
     return save_stage(trainer.model, tok, ctx, "rl", metrics, args, str(model_dir), f"{args.algo.upper()} model",
                       f"Online RL ({args.algo.upper()}) with the reward model {rm_dir} in TRL's reward_funcs.")

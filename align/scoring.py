@@ -75,17 +75,26 @@ def reward_scores(rm: Any, tok: Any, conversations: list[list[dict]], batch_size
     return torch.cat(scores)
 
 
+def mean_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for a single value)."""
+    v = values.float()
+    return v.mean().item(), (v.std().item() / len(v) ** 0.5) if len(v) > 1 else 0.0
+
+
 def pairwise_accuracy(rm: Any, tok: Any, pairs: list[dict]) -> dict[str, float]:
-    """Share of held-out pairs where r(chosen) > r(rejected), and the mean margin."""
+    """Share of held-out pairs where r(chosen) > r(rejected), and the mean margin, each with its standard error."""
     chosen = reward_scores(rm, tok, [p["prompt"] + p["chosen"] for p in pairs])
     rejected = reward_scores(rm, tok, [p["prompt"] + p["rejected"] for p in pairs])
-    return {"accuracy": (chosen > rejected).float().mean().item(), "margin": (chosen - rejected).mean().item()}
+    acc, acc_se = mean_se((chosen > rejected).float())
+    margin, margin_se = mean_se(chosen - rejected)
+    return {"accuracy": acc, "accuracy_se": acc_se, "margin": margin, "margin_se": margin_se, "n": len(pairs)}
 
 
 @torch.no_grad()
 def sample(model: Any, tok: Any, prompts: list[list[dict]], max_new_tokens: int, seed: int,
            temperature: float = 1.0, batch_size: int = 8) -> list[dict[str, Any]]:
-    """One sampled completion per prompt: ``{"prompt", "prompt_ids", "completion_ids", "text"}``."""
+    """One completion per prompt (greedy when ``temperature`` is 0): ``{"prompt", "prompt_ids", "completion_ids",
+    "text", "stopped"}`` (``stopped``: it ended with a stop token rather than at ``max_new_tokens``)."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     stops = stop_token_ids(tok)
@@ -94,20 +103,22 @@ def sample(model: Any, tok: Any, prompts: list[list[dict]], max_new_tokens: int,
         batch = prompts[s:s + batch_size]
         rows = [chat_ids(tok, p, add_generation_prompt=True) for p in batch]
         ids, mask = _pad(rows, tok.pad_token_id, left=True)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                             temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                             top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, use_cache=True)
+        how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+            dict(do_sample=False)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             eos_token_id=stops, pad_token_id=tok.pad_token_id, use_cache=True, **how)
         for p, r, g in zip(batch, rows, gen[:, ids.shape[1]:].tolist()):
             cut = next((i + 1 for i, t in enumerate(g) if t in stops), len(g))  # keep the stop token, drop padding
             text = tok.decode([t for t in g[:cut] if t not in stops], skip_special_tokens=True).strip()
-            out.append({"prompt": p, "prompt_ids": r, "completion_ids": g[:cut], "text": text})
+            out.append({"prompt": p, "prompt_ids": r, "completion_ids": g[:cut], "text": text,
+                        "stopped": any(t in stops for t in g[:cut])})
     return out
 
 
-def mean_reward(rm: Any, rm_tok: Any, samples: list[dict]) -> float:
-    """Mean reward-model score of sampled completions (rendered as assistant turns, as TRL does)."""
+def mean_reward(rm: Any, rm_tok: Any, samples: list[dict]) -> tuple[float, float]:
+    """Mean reward-model score of sampled completions (rendered as assistant turns, as TRL does) and its s.e."""
     convs = [s["prompt"] + [{"role": "assistant", "content": s["text"]}] for s in samples]
-    return reward_scores(rm, rm_tok, convs).mean().item()
+    return mean_se(reward_scores(rm, rm_tok, convs))
 
 
 def kl_to_reference(policy: Any, ref: Any, tok: Any, samples: list[dict]) -> float:

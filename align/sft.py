@@ -11,8 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from align.common import (StageContext, TrainArgs, last_checkpoint, load_causal_lm, load_tokenizer, measured_once,
-                          save_stage, train_history, trl_args)
+from align.common import (StageContext, TrainArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
+                          measured_once, save_stage, train_history, trl_args)
 from align.data import to_dataset
 from align.lora import peft_config
 from minitron.config import arg
@@ -45,7 +45,7 @@ def train(ctx: StageContext, args: SFTArgs, model_dir: str | Path, train_rows: l
     from trl import SFTConfig, SFTTrainer
 
     tok = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir, tok)
+    model = freeze(load_causal_lm(model_dir, tok), args)
     # Tool-schema conversations are ~5x longer than plain ones: batching by length saves most of the padding.
     config = trl_args(SFTConfig, args, ctx, "sft", completion_only_loss=True, packing=False,
                       train_sampling_strategy="group_by_length")
@@ -58,7 +58,7 @@ def train(ctx: StageContext, args: SFTArgs, model_dir: str | Path, train_rows: l
     after = trainer.evaluate()["eval_loss"]
     context = extend_context(trainer.model.config, trainer.train_dataset["input_ids"], ctx.max_length)
     metrics = {"stage": "sft", "eval_loss_before": before, "eval_loss": after, "max_position_embeddings": context,
-               "train_examples": len(train_rows), "eval_examples": len(eval_rows),
+               "train_examples": len(train_rows), "eval_examples": len(eval_rows), "eval_n": len(eval_rows),
                "steps": trainer.state.global_step, "resumed_from": resume, "data": data_stats,
                "history": train_history(trainer)}
     return save_stage(trainer.model, tok, ctx, "sft", metrics, args, str(model_dir), "SFT model",

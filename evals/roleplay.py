@@ -1,7 +1,8 @@
 """Roleplay: persona consistency on held-out role-play prompts, as a pairwise win rate against a baseline.
 
 Data: GPTeacher roleplay rows ``{"instruction", "input", "output"}`` (a JSONL file or a dir of them; the demo
-world's ``sft/roleplay_eval.jsonl``). The user turn is the instruction, then the input after a blank line (as
+world's ``sft/roleplay_eval.jsonl``), or chats ``{"messages": [..., assistant reply]}`` such as the SFT rows that
+``minitron align`` held out (``OUT/data/sft_heldout.jsonl``). The user turn is the instruction, then the input after a blank line (as
 the SFT data). The evaluated model replies greedily; the baseline is another model's greedy reply (the first
 model of the run, e.g. the teacher) or the data set's reference ``output``.
 
@@ -42,8 +43,14 @@ def load_prompts(data: str | Path, limit: int | None) -> list[dict[str, Any]]:
     rows = []
     for f in files:
         for i, r in enumerate(read_jsonl(f)):
+            if "messages" in r and r["messages"] and r["messages"][-1].get("role") == "assistant":
+                # a held-out chat (e.g. minitron align's data/sft_heldout.jsonl): the last reply is the reference
+                rows.append({"id": f"{f.stem}/{i}", "messages": r["messages"][:-1],
+                             "reference": r["messages"][-1]["content"]})
+                continue
             if "instruction" not in r or "output" not in r:
-                raise EvalError(f"{f}:{i + 1}: not GPTeacher format (needs instruction, input, output)")
+                raise EvalError(f"{f}:{i + 1}: not GPTeacher format (instruction, input, output) nor a chat "
+                                "(messages ending with the assistant's reply)")
             user = r["instruction"].strip()
             if str(r.get("input") or "").strip():
                 user += "\n\n" + r["input"].strip()

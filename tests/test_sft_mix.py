@@ -1,0 +1,131 @@
+"""The SFT mix: IFEval-type constraints checked by lm-eval, teacher answers (cached), RAG examples, held-out splits."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from align import constraints, sft_mix
+from align import data as D
+from align import pipeline as AP
+from minitron.config import ConfigError
+
+ANSWER = ("Paris is the capital of France. It lies on the Seine river. About two million people live in the city. "
+          "Many visitors come for its museums and food.")
+
+
+def _checker(rule_id: str):
+    registry, _, _ = constraints._instructions()
+    return registry[rule_id](rule_id)
+
+
+@pytest.mark.parametrize("rule_id", sorted(constraints.RULES))
+def test_every_rule_rewrites_the_answer_so_that_lm_evals_checker_accepts_it(rule_id):
+    _, _, util = constraints._instructions()
+    rng = random.Random(1)
+    made = constraints.RULES[rule_id](ANSWER, "Tell me about Paris.", rng, util)
+    assert made is not None
+    kwargs, text = made
+    checker = _checker(rule_id)
+    description = checker.build_description(**kwargs)
+    assert checker.check_following(text), (rule_id, kwargs, text)
+    assert description and description not in ANSWER
+
+
+def test_constrain_appends_descriptions_and_drops_what_the_checker_rejects():
+    rng = random.Random(0)
+    made = [constraints.constrain("Tell me about Paris.", ANSWER, rng, 2) for _ in range(40)]
+    kept = [m for m in made if m is not None]
+    assert len(kept) >= 20
+    for m in kept:
+        assert m["prompt"].startswith("Tell me about Paris.") and len(m["prompt"]) > len("Tell me about Paris.")
+        for rule_id, kw in zip(m["instruction_id_list"], m["kwargs"]):
+            checker = _checker(rule_id)
+            checker.build_description(**kw)
+            assert checker.check_following(m["answer"])
+    # a combination that cannot hold is dropped, not emitted: 40 words asked "at least" of a 5-word answer
+    registry, _, util = constraints._instructions()
+    words = registry["length_constraints:number_words"]("length_constraints:number_words")
+    words.build_description(relation="at least", num_words=40)
+    assert not words.check_following("Paris is in France today.")
+
+
+def test_constraints_respect_lm_evals_conflict_table():
+    _, conflicts, _ = constraints._instructions()
+    rng = random.Random(3)
+    for _ in range(60):
+        m = constraints.constrain("Tell me about Paris.", ANSWER, rng, 3)
+        if m is None:
+            continue
+        ids = m["instruction_id_list"]
+        assert len(ids) == len(set(ids))
+        assert not any(b in conflicts.get(a, ()) for a in ids for b in ids if a != b)
+
+
+def _sft_rows(n: int) -> list[dict]:
+    return [ex for i in range(n) for ex in D.to_sft_examples(
+        {"instruction": f"Question {i}: name a colour.", "input": "", "output": f"Colour number {i} is blue. It is calm."})]
+
+
+def test_mix_replaces_a_share_with_cached_teacher_answers_and_adds_rag_and_constraints(tmp_path, tiny_model_dir):
+    nq = tmp_path / "nq.jsonl"
+    names = ["alder", "birch", "cedar", "dogwood", "elm", "fir", "ginkgo", "hazel", "juniper", "larch", "maple", "oak"]
+    nq.write_text("".join(json.dumps({"question": f"who wrote the {n} book", "answers": [f"Author {n.title()}"],
+                                      "ctxs": [{"title": f"The {n} book", "text": f"The {n} book was written by "
+                                                f"Author {n.title()}.", "isgold": True}]}) + "\n" for n in names))
+    args = sft_mix.SFTMixArgs(teacher=str(tiny_model_dir), teacher_share=0.5, teacher_max_new_tokens=8,
+                              teacher_dtype="float32", rag_data=[str(nq)], rag_examples=6, rag_top_k=2,
+                              constraint_share=0.5)
+    rows = _sft_rows(12)
+    mixed, stats = sft_mix.build(args, rows, tmp_path / "work", seed=0)
+    assert stats["teacher_asked"] == 6 and stats["teacher_answers"] + stats["teacher_cut"] == 6
+    cache = (tmp_path / "work" / "teacher_answers.jsonl").read_text().splitlines()
+    assert len(cache) == 6
+    assert stats["rag_examples"] == 6 and len(mixed) == 18
+    rag = [ex for ex in mixed if ex["prompt"][0]["role"] == "system"]
+    assert len(rag) == 6 and all("Passages:" in ex["prompt"][-1]["content"] for ex in rag)
+    # the gold passage is the only one naming the book, so BM25 finds it: the answer is the gold answer
+    assert all(ex["completion"][0]["content"].startswith("Author") for ex in rag)
+    assert stats["constrained"] >= 1
+    # a second build reads the teacher's answers from the cache: nothing new is generated
+    again, stats2 = sft_mix.build(args, rows, tmp_path / "work", seed=0)
+    assert (tmp_path / "work" / "teacher_answers.jsonl").read_text().splitlines() == cache
+    assert stats2 == stats and again == mixed
+
+
+def test_mix_config_errors():
+    with pytest.raises(ConfigError, match="teacher"):
+        sft_mix.SFTMixArgs(teacher_share=0.2)
+    with pytest.raises(ConfigError, match="rag_data"):
+        sft_mix.SFTMixArgs(rag_examples=5)
+    with pytest.raises(ConfigError, match="\\[0, 1\\]"):
+        sft_mix.SFTMixArgs(constraint_share=1.5)
+
+
+def test_eval_source_that_is_also_a_training_source_is_held_out_of_it(tmp_path):
+    a = tmp_path / "a.jsonl"
+    b = tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"instruction": f"a{i}", "input": "", "output": "x"}) + "\n" for i in range(20)))
+    b.write_text("".join(json.dumps({"instruction": f"b{i}", "input": "", "output": "y"}) + "\n" for i in range(20)))
+    cfg = AP.AlignConfig(model="unused", sft_data=[str(a), str(b)], sft_eval_data=[str(b)], eval_rows=5)
+    train, held, info = AP._load(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
+    held_users = {ex["prompt"][0]["content"] for ex in held}
+    train_users = {ex["prompt"][0]["content"] for ex in train}
+    assert len(held) == 5 and all(u.startswith("b") for u in held_users)
+    assert not held_users & train_users and len(train) == 35
+
+
+def test_fit_pairs_drops_the_earliest_turns_then_whole_pairs():
+    turn = lambda r, c: {"role": r, "content": c}  # noqa: E731
+    pair = {"prompt": [turn("user", "a " * 50), turn("assistant", "b " * 50), turn("user", "short?")],
+            "chosen": [turn("assistant", "yes")], "rejected": [turn("assistant", "no")]}
+    words = lambda msgs: sum(len(m["content"].split()) for m in msgs)  # noqa: E731
+    kept, dropped = D.fit_pairs([pair], words, 20)
+    assert dropped == 0 and kept[0]["prompt"] == [turn("user", "short?")]
+    kept, dropped = D.fit_pairs([pair], words, 200)
+    assert kept[0]["prompt"] == pair["prompt"]
+    kept, dropped = D.fit_pairs([pair], words, 1)
+    assert kept == [] and dropped == 1
