@@ -85,11 +85,13 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama", tiny_tokenizer)
 
 
-def write_tiny_gguf(path: Path, model, tokenizer, qtype: str = "F32") -> Path:
+def write_tiny_gguf(path: Path, model, tokenizer, qtype: str = "F32", user_defined: bool = False) -> Path:
     """Write ``model`` (a Llama CausalLM) and its byte-level BPE ``tokenizer`` as a llama.cpp GGUF file.
 
     Tensors use llama.cpp's names and its q/k row permutation (what ``convert_hf_to_gguf.py`` writes), so
-    transformers' GGUF loader must undo it; ``qtype`` "Q8_0" quantizes the 2-D weights.
+    transformers' GGUF loader must undo it; ``qtype`` "Q8_0" quantizes the 2-D weights. ``user_defined`` marks
+    the added tokens that are not special (the tool tokens) USER_DEFINED, as ``convert_hf_to_gguf.py`` does, so
+    that the imported tokenizer keeps them whole (left NORMAL, they come back cut into bytes).
     """
     import json
 
@@ -116,11 +118,13 @@ def write_tiny_gguf(path: Path, model, tokenizer, qtype: str = "F32") -> Path:
         vocab[added["content"]] = added["id"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     special = {a["content"] for a in spec["added_tokens"] if a["special"]}
+    added = {a["content"] for a in spec["added_tokens"] if not a["special"]} if user_defined else set()
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
-    w.add_token_types([TokenType.CONTROL if t in special else TokenType.NORMAL for t in tokens])
+    w.add_token_types([TokenType.CONTROL if t in special else TokenType.USER_DEFINED if t in added
+                       else TokenType.NORMAL for t in tokens])
     w.add_token_merges(merges)
     w.add_bos_token_id(tokenizer.bos_token_id)
     w.add_eos_token_id(tokenizer.eos_token_id)
