@@ -274,8 +274,16 @@ class EndpointBackend:
         return results
 
     def chat(self, conversation: dict[str, Any], max_new_tokens: int) -> str:
-        """One reply through ``/v1/chat/completions``; tool calls come back as ``<tool_call>`` text."""
+        """One reply through ``/v1/chat/completions``; tool calls come back as ``<tool_call>`` text.
+
+        When the server reports its context (vLLM), the prompt is fitted as token-id prompts are (``fit_prompts``):
+        the reply gets at most half the context and the prompt keeps its last tokens (vLLM's left truncation), so
+        a long prompt is scored as in-process instead of being refused with HTTP 400.
+        """
         body = {"messages": conversation["messages"], "max_tokens": max_new_tokens, "temperature": 0.0}
+        if self.max_length:
+            new = fit_prompts([], max_new_tokens, self.max_length)[1]
+            body.update(max_tokens=new, truncate_prompt_tokens=self.max_length - new, truncation_side="left")
         if conversation.get("tools"):
             body["tools"] = conversation["tools"]
         msg = self._post("/v1/chat/completions", body)["choices"][0]["message"]
