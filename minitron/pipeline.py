@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from minitron.config import ConfigError, arg, from_dict, read_yaml, save_resolved
-from minitron.io import write_json
+from minitron.config import ConfigError, MinitronError, arg, from_dict, read_yaml, save_resolved
+from minitron.io import read_json, write_json
 
 STAGE_NAMES = ["world", "teacher", "mix", "correct", "prune", "distill", "finetune", "scratch", "align", "eval", "report"]
 
@@ -52,6 +52,9 @@ class PipelineConfig:
     align_config: str | None = arg(None, "align recipe file (configs/align/...)")
     align: dict = arg({}, "AlignConfig overrides")
     align_student: str = arg("width", "which distilled student to align")
+    align_guard: dict = arg({}, "aligned vs student after the evals: {baseline: label (default '<align_student> "
+                                "distilled'), must_beat: [report columns], must_hold: [columns] or 'all' (default)}; "
+                                "a violation fails the run after the reports are written")
     eval_config: str | None = arg(None, "eval recipe file (configs/eval/...)")
     eval: dict = arg({}, "EvalConfig overrides")
     evals: dict = arg({}, "named eval runs instead of eval_config: name -> {config: FILE, models: [labels as in "
@@ -251,6 +254,10 @@ class Pipeline:
                 if kind in p and Path(p[kind]).exists():
                     out[f"{name} {kind}"] = Path(p[kind])
         final = self.paths.aligned / "final"
+        for stage in ("sft", "dpo"):  # the intermediate policies, for the per-stage benchmark rows
+            p = self.paths.aligned / stage
+            if (p / "config.json").exists() and (not final.exists() or p.resolve() != final.resolve()):
+                out[f"aligned {stage}"] = p
         if final.exists():
             out["aligned"] = final.resolve()
         return out
@@ -278,8 +285,11 @@ class Pipeline:
                 "bfcl_data": str(world / "bfcl"), "roleplay_data": str(world / "sft" / "roleplay_eval.jsonl")
                 } if self.cfg.data == "world" else {}
         rm = self.paths.aligned / "rm"
+        judged = {"judge_model": str(rm) if rm.exists() else None}
+        if "aligned" in labels:  # roleplay: the aligned model's win rate against the student it came from
+            judged["roleplay_baseline"] = str(self.students[self.cfg.align_student]["distilled"])
         cfg = _stage_config("evals.harness:EvalConfig", _file_section(self.cfg.eval_config, "eval"), data,
-                            {"judge_model": str(rm) if rm.exists() else None}, self.cfg.eval,
+                            judged, self.cfg.eval,
                             {"model": [str(p) for p in labels.values()], "names": list(labels), "out": str(self.paths.eval)})
         return self.timed("eval", harness.run, cfg)
 
@@ -313,10 +323,29 @@ class Pipeline:
 
             rcfg = _stage_config("minitron.report:ReportConfig", self.cfg.report) if self.cfg.report else None
             models = self.models()
-            return write_report(self.paths.root, models, self.timings, world_dir=self.paths.world,
-                                corpus=self.corpus() if cfg.data != "world" or cfg.mix is not None else None,
-                                cfg=rcfg, teacher=models["teacher"])
+            out = write_report(self.paths.root, models, self.timings, world_dir=self.paths.world,
+                               corpus=self.corpus() if cfg.data != "world" or cfg.mix is not None else None,
+                               cfg=rcfg, teacher=models["teacher"])
+            if "aligned" in models:
+                self.check_alignment()
+            return out
         return self.paths.root
+
+    def check_alignment(self) -> None:
+        """Benchmarks of the aligned model against its student into ``aligned/report.md``; enforce the guard."""
+        from align.report import write_report as write_align_report
+        from minitron.report import alignment_benchmarks
+
+        g = self.cfg.align_guard
+        baseline = g.get("baseline", f"{self.cfg.align_student} distilled")
+        bench = alignment_benchmarks(read_json(self.paths.root / "report.json")["models"], baseline, "aligned",
+                                     g.get("must_beat", []), g.get("must_hold", "all"))
+        write_json(self.paths.aligned / "benchmarks.json", bench)
+        write_align_report(self.paths.aligned, str(self.students[self.cfg.align_student]["distilled"]))
+        print(bench["markdown"])
+        if bench["failed"]:
+            raise MinitronError(f"alignment guard: the aligned model is not where it must be against {baseline} on "
+                                f"{', '.join(bench['failed'])} (see {self.paths.aligned / 'report.md'})")
 
 
 def _fields(cls: type) -> set[str]:

@@ -26,6 +26,7 @@ from minitron.io import count_parameters, write_json, write_text
 EVAL_COLUMNS = [("mmlu", "acc", "MMLU letter"), ("mmlu_cloze", "acc_norm", "MMLU cloze"),
                 ("ifeval", "prompt_level_strict_acc", "IFEval strict"), ("ifeval", "inst_level_loose_acc", "IFEval inst loose"),
                 ("rag", "f1", "RAG F1"), ("bfcl", "accuracy", "FC acc"), ("roleplay", "win_rate", "roleplay win")]
+WIN = "roleplay win"
 LM_COLUMNS = ["params", "non_embedding_params", "val_loss", "wikitext2_ppl", "text_val_loss", "chat_kl_to_teacher",
               "world_mc_cloze", "fwd_tokens_per_s"]
 
@@ -220,6 +221,46 @@ def write_report(root: Path, models: dict[str, Path], timings: dict[str, float],
     out = write_text(root / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines[:6 + len(rows)]))
     return out
+
+
+def alignment_benchmarks(rows: dict[str, dict], baseline: str, final: str, must_beat: list[str],
+                         must_hold: list[str] | str) -> dict[str, Any]:
+    """The aligned model against the unaligned student on every eval metric both have: the difference, its
+    standard error (sqrt(se_a^2 + se_b^2)) and a verdict (better / same / worse at two standard errors).
+
+    The roleplay win rate is measured against ``baseline`` itself (the eval's ``roleplay_baseline``), so the
+    baseline's own value is a tie, 0.5. ``must_beat`` metrics fail the guard unless better; ``must_hold`` ones ("all" for every metric) fail when worse.
+    Returns ``{"rows": [...], "failed": [...], "markdown": str}`` for the other models of ``rows`` too.
+    """
+    base, fin = dict(rows.get(baseline, {})), rows.get(final, {})
+    if isinstance(fin.get(WIN), float) and WIN not in base:
+        base[WIN], base[f"{WIN}_se"] = 0.5, 0.0  # the roleplay eval judged against the baseline itself: a tie
+    cols = [c for _, _, c in EVAL_COLUMNS if isinstance(base.get(c), float) and isinstance(fin.get(c), float)]
+    hold = cols if must_hold == "all" else list(must_hold)
+    out, failed = [], []
+    for c in cols:
+        diff = fin[c] - base[c]
+        se = math.sqrt((fin.get(f"{c}_se") or 0.0) ** 2 + (base.get(f"{c}_se") or 0.0) ** 2)
+        verdict = "better" if diff > 2 * se else "worse" if diff < -2 * se else "same"
+        need = "beat" if c in must_beat else "hold" if c in hold else ""
+        ok = {"beat": verdict == "better", "hold": verdict != "worse", "": True}[need]
+        if not ok:
+            failed.append(c)
+        out.append({"metric": c, "baseline": base[c], "final": fin[c], "diff": diff, "diff_se": se,
+                    "verdict": verdict, "guard": need, "pass": ok})
+    labels = [k for k in rows if any(isinstance(rows[k].get(c), float) for c in cols)]
+    md = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label in labels:
+        md.append(f"| {label} | " + " | ".join(_fmt(rows[label].get(c, ""), rows[label].get(f"{c}_se"))
+                                               for c in cols) + " |")
+    md += ["", f"{final} against {baseline} (difference ± s.e. of the difference; guard: beat = better by more than "
+           "two s.e., hold = not worse by more than two):", "", "| metric | difference | verdict | guard |",
+           "|---|---|---|---|"]
+    md += [f"| {r['metric']} | {r['diff']:+.3f} ± {r['diff_se']:.3f} | {r['verdict']} | "
+           f"{(r['guard'] + (' ok' if r['pass'] else ' FAILED')) if r['guard'] else '-'} |" for r in out]
+    ns = sorted({f"{c}: n={rows[k][c + '_n']}" for k in labels for c in cols if rows[k].get(c + "_n")})
+    md += ["", "Items per metric: " + "; ".join(ns)]
+    return {"rows": out, "failed": failed, "markdown": "\n".join(md)}
 
 
 def _plot(rows: dict[str, dict], path: Path) -> None:

@@ -114,6 +114,8 @@ class WorldConfig:
     n_mc_test: int = arg(200, "held-out MMLU-format questions")
     n_ifeval: int = arg(60, "IFEval-format eval prompts")
     n_rag: int = arg(60, "RAG eval questions (a third unanswerable)")
+    n_rag_train: int = arg(300, "RAG training questions (sft/rag_train.jsonl) over passages about entities of their "
+                                "own, never the eval's or the corpus's")
     n_bfcl: int = arg(30, "function-calling items per category")
     n_sft: int = arg(9600, "SFT conversations (a third of them tool calls)")
     n_errands: int = arg(1500, "corpus documents that restate requests as call logs (in-context copying practice)")
@@ -447,7 +449,7 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 
 
 # Bumped whenever the generator's output changes for the same config, so that old worlds are rebuilt.
-WORLD_FORMAT = 4
+WORLD_FORMAT = 5
 
 
 def config_hash(cfg: WorldConfig) -> str:
@@ -476,6 +478,10 @@ def build(cfg: WorldConfig) -> dict[str, list[dict]]:
             if item is not None:
                 pool.append(item)
     rag = rag_items(rng, rag_entities, cfg.n_rag)
+    # RAG practice for SFT: its own random stream and its own entities (no eval fact, no corpus fact)
+    trng = random.Random(f"{cfg.seed}:rag-train")
+    train_entities = make_entities(trng, make_names(trng, max(1, cfg.n_rag_train // 3), set(names)))
+    rag_train = rag_items(trng, train_entities, cfg.n_rag_train)
     bfcl = {cat: bfcl_items(rng, entities, cat, cfg.n_bfcl, prefix="world_")
             for cat in ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance")}
     # Errands and SFT data have their own random streams: their sizes never change the eval sets drawn above,
@@ -505,6 +511,7 @@ def build(cfg: WorldConfig) -> dict[str, list[dict]]:
         "sft/train.jsonl": sft[n_sft_val:],
         "sft/validation.jsonl": sft[:n_sft_val],
         "sft/roleplay_eval.jsonl": rp_eval,
+        "sft/rag_train.jsonl": rag_train,
         "preference/train.jsonl": [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                                    for r in if_train[: int(len(if_train) * 0.9)]],
         "preference/test.jsonl": [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}

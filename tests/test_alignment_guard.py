@@ -1,0 +1,38 @@
+"""The alignment guard: the aligned model against its student at two standard errors of the difference."""
+
+from __future__ import annotations
+
+from minitron.report import alignment_benchmarks
+
+ROWS = {
+    "teacher": {"IFEval strict": 0.30, "IFEval strict_se": 0.04, "RAG F1": 0.10, "RAG F1_se": 0.02},
+    "width distilled": {"IFEval strict": 0.10, "IFEval strict_se": 0.03, "RAG F1": 0.10, "RAG F1_se": 0.02,
+                        "MMLU letter": 0.30, "MMLU letter_se": 0.02},
+    "aligned": {"IFEval strict": 0.20, "IFEval strict_se": 0.04, "RAG F1": 0.03, "RAG F1_se": 0.01,
+                "MMLU letter": 0.27, "MMLU letter_se": 0.02, "roleplay win": 0.80, "roleplay win_se": 0.05},
+}
+
+
+def _by_metric(bench):
+    return {r["metric"]: r for r in bench["rows"]}
+
+
+def test_verdicts_at_two_standard_errors_of_the_difference():
+    bench = alignment_benchmarks(ROWS, "width distilled", "aligned", must_beat=["IFEval strict"], must_hold="all")
+    rows = _by_metric(bench)
+    # IFEval: +0.10 with s.e. sqrt(0.03^2 + 0.04^2) = 0.05: exactly two s.e. is not "better"
+    assert abs(rows["IFEval strict"]["diff_se"] - 0.05) < 1e-9 and rows["IFEval strict"]["verdict"] == "same"
+    # RAG: -0.07 with s.e. sqrt(0.02^2 + 0.01^2) = 0.0224: worse
+    assert rows["RAG F1"]["verdict"] == "worse"
+    # MMLU: -0.03 with s.e. 0.028: the same
+    assert rows["MMLU letter"]["verdict"] == "same"
+    # roleplay was judged against the student itself: the student's own value is a tie (0.5)
+    assert rows["roleplay win"]["baseline"] == 0.5 and rows["roleplay win"]["verdict"] == "better"
+    assert sorted(bench["failed"]) == ["IFEval strict", "RAG F1"]
+    assert "FAILED" in bench["markdown"] and "| teacher |" in bench["markdown"]
+
+
+def test_guard_only_covers_the_metrics_it_names():
+    bench = alignment_benchmarks(ROWS, "width distilled", "aligned", must_beat=[], must_hold=["MMLU letter"])
+    assert bench["failed"] == []
+    assert _by_metric(bench)["RAG F1"]["guard"] == "" and _by_metric(bench)["RAG F1"]["verdict"] == "worse"
