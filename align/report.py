@@ -18,7 +18,8 @@ HEADLINE = {
     "sft": ("held-out loss", "eval_loss_before", "eval_loss", []),
     "rm": ("pairwise accuracy", "accuracy_before", "accuracy", ["margin"]),
     "dpo": ("log-prob margin chosen-rejected", "logp_margin_before", "logp_margin", ["reward_accuracy", "reward_margin"]),
-    "rl": ("mean RM reward of samples", "reward_before", "reward", ["kl_to_reference", "algo"]),
+    "rl": ("mean RM reward of samples", "reward_before", "reward",
+           ["reward_gain_in_se", "kl_to_reference", "kl_within_budget", "algo"]),
 }
 CURVE = {"sft": "loss", "rm": "loss", "dpo": "loss", "rl": "reward"}
 
@@ -89,5 +90,7 @@ def write_report(out: Path, base_model: str, evals: Any = None) -> dict[str, Any
         text += ["![training curves](report.png)", ""]
     if evals is not None:
         text += ["Eval suite on each stage's output: see `evals/` in this folder.", ""]
+    if (out / "benchmarks.json").exists():  # written by `minitron run` after its evals (minitron.report)
+        text += ["## Benchmarks", "", read_json(out / "benchmarks.json")["markdown"], ""]
     write_text(out / "report.md", "\n".join(text))
     return summary

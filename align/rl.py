@@ -39,6 +39,9 @@ class RLArgs(TrainArgs):
     temperature: float = arg(1.0, "sampling temperature")
     beta: float = arg(0.05, "KL penalty to the reference policy (0 turns it off)")
     eval_prompts: int = arg(32, "held-out prompts for the before/after reward and the KL estimate")
+    normalize_advantages: bool = arg(True, "rloo: scale advantages to unit variance per batch (the reward model's "
+                                           "scale then does not set the step size; GRPO always does this per group)")
+    kl_budget: float = arg(10.0, "nats per completion: the report says whether the final KL estimate stays within it")
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,7 +57,7 @@ def _config(args: RLArgs, ctx: StageContext) -> Any:
 
     cls = RLOOConfig if args.algo == "rloo" else GRPOConfig
     # TRL counts completions, not prompts, in a batch: it must be a multiple of num_generations.
-    extra = {"loss_type": "grpo"} if args.algo == "grpo" else {}
+    extra = {"loss_type": "grpo"} if args.algo == "grpo" else {"normalize_advantages": args.normalize_advantages}
     return trl_args(cls, args, ctx, "rl", per_device_train_batch_size=args.batch_size * args.num_generations,
                     num_generations=args.num_generations, max_completion_length=args.max_completion_length,
                     temperature=args.temperature, beta=args.beta, log_completions=False,
@@ -92,7 +95,10 @@ def train(ctx: StageContext, args: RLArgs, model_dir: str | Path, rm_dir: str | 
     logged = [h["reward"] for h in history if "reward" in h]
     metrics = {"stage": "rl", "algo": args.algo, "reward_before": before["reward"], "reward": after["reward"],
                "reward_se_before": before.get("reward_se"), "reward_se": after["reward_se"],
-               "kl_to_reference": kl, "length_before": before["length"], "length": after["length"],
+               "kl_to_reference": kl, "kl_budget": args.kl_budget, "kl_within_budget": kl <= args.kl_budget,
+               "reward_gain_in_se": (after["reward"] - before["reward"]) / max(1e-9, (
+                   after["reward_se"] ** 2 + (before.get("reward_se") or 0.0) ** 2) ** 0.5),
+               "length_before": before["length"], "length": after["length"],
                "train_reward_first": logged[0] if logged else None, "train_reward_last": logged[-1] if logged else None,
                "example_before": before["example"], "example": after["example"], "prompts": len(prompts),
                "eval_prompts": len(eval_prompts), "eval_n": len(eval_prompts), "steps": trainer.state.global_step, "resumed_from": resume,

@@ -121,6 +121,8 @@ class WorldConfig:
     n_errands: int = arg(1500, "corpus documents that restate requests as call logs (in-context copying practice)")
     n_preference: int = arg(600, "preference pairs")
     n_roleplay_eval: int = arg(24, "held-out roleplay prompts")
+    n_roleplay_pairs: int = arg(200, "roleplay preference pairs (in character and right vs out of character or "
+                                     "wrong), so the reward model that judges the roleplay eval knows the task")
     force: bool = arg(False, "regenerate even if the output exists with the same config")
 
     def __post_init__(self):
@@ -433,6 +435,31 @@ def no_call_conversation(rng: random.Random, e: dict, attr: str) -> dict:
     return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "tools": tools}
 
 
+def roleplay_pairs(rng: random.Random, entities: list[dict], facts: list[tuple[int, str]], n: int) -> list[dict]:
+    """Preference pairs on roleplay prompts (system persona, or the persona inline as the eval writes it):
+    chosen stays in character with the right fact; rejected drops the character, plays another one, or
+    states a wrong value in character."""
+    pairs = []
+    for k in range(n):
+        i, a = facts[k % len(facts)]
+        e, persona = entities[i], rng.choice(PERSONAS)
+        q = ATTRIBUTES[a]["question"].format(n=e["name"])
+        right = ATTRIBUTES[a]["answer"].format(n=e["name"], v=e[a])
+        msgs = roleplay_messages(persona, q, right)
+        prompt = msgs[:2] if k % 2 else [{"role": "user", "content": f"{msgs[0]['content']} {q}"}]
+        kind = k % 3
+        if kind == 0:
+            rejected = right
+        elif kind == 1:
+            other = rng.choice([p for p in PERSONAS if p is not persona])
+            rejected = f"{other['open']} {right} {other['close']}"
+        else:
+            wrong = rng.choice([v for v in ATTRIBUTES[a]["values"] if v != e[a]])
+            rejected = f"{persona['open']} {ATTRIBUTES[a]['answer'].format(n=e['name'], v=wrong)} {persona['close']}"
+        pairs.append({"prompt": prompt, "chosen": msgs[2]["content"], "rejected": rejected})
+    return pairs
+
+
 def roleplay_messages(persona: dict, question: str, answer: str) -> list[dict]:
     system = f"You are {persona['name']}, a {persona['kind']}. Stay in character."
     reply = f"{persona['open']} {answer} {persona['close']}"
@@ -478,6 +505,9 @@ def build(cfg: WorldConfig) -> dict[str, list[dict]]:
             if item is not None:
                 pool.append(item)
     rag = rag_items(rng, rag_entities, cfg.n_rag)
+    rp_pairs = roleplay_pairs(random.Random(f"{cfg.seed}:roleplay-pairs"), entities, split["practice"] + split["dev"],
+                              cfg.n_roleplay_pairs)
+    n_rp_test = len(rp_pairs) // 10
     # RAG practice for SFT: its own random stream and its own entities (no eval fact, no corpus fact)
     trng = random.Random(f"{cfg.seed}:rag-train")
     train_entities = make_entities(trng, make_names(trng, max(1, cfg.n_rag_train // 3), set(names)))
@@ -513,9 +543,9 @@ def build(cfg: WorldConfig) -> dict[str, list[dict]]:
         "sft/roleplay_eval.jsonl": rp_eval,
         "sft/rag_train.jsonl": rag_train,
         "preference/train.jsonl": [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                                   for r in if_train[: int(len(if_train) * 0.9)]],
+                                   for r in if_train[: int(len(if_train) * 0.9)]] + rp_pairs[n_rp_test:],
         "preference/test.jsonl": [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                                  for r in if_train[int(len(if_train) * 0.9):]],
+                                  for r in if_train[int(len(if_train) * 0.9):]] + rp_pairs[:n_rp_test],
         "world.jsonl": entities + [{**e, "rag_only": True} for e in rag_entities],
     }
     for cat, items in bfcl.items():

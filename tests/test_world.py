@@ -69,7 +69,11 @@ def test_splits_do_not_overlap(world):
     assert not any(q in practice for q in test_q)
     assert not (test_q & {d.split("[")[0] for d in dev_q})
     eval_prompts = {r["prompt"] for r in read_jsonl(world / "ifeval" / "input_data.jsonl")}
-    train_prompts = {r["prompt"] for r in read_jsonl(world / "preference" / "train.jsonl")}
+    # roleplay pairs carry a system persona as a message list: compare the user's text
+    train_prompts = {r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
+                     for r in read_jsonl(world / "preference" / "train.jsonl")}
+    roleplay_eval = {r["instruction"] for r in read_jsonl(world / "sft" / "roleplay_eval.jsonl")}
+    assert not roleplay_eval & train_prompts
     assert not eval_prompts & train_prompts
 
 
