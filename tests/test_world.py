@@ -114,7 +114,12 @@ def test_errand_logs_copy_their_request(world):
 
 def test_preferences_verified_by_lm_eval_checkers(world):
     by_text = {spec[2]: spec[0] for spec in IF_SPECS}
-    for r in read_jsonl(world / "preference" / "train.jsonl"):
+    rows = list(read_jsonl(world / "preference" / "train.jsonl"))
+    roleplay = [r for r in rows if "Stay in character." in json.dumps(r["prompt"])]
+    assert roleplay and all(r["chosen"] != r["rejected"] for r in roleplay)
+    for r in rows:
+        if r in roleplay:
+            continue
         iid = next(i for t, i in by_text.items() if r["prompt"].endswith(t))
         kwargs = next(s[1](None) for s in IF_SPECS if s[0] == iid)
         check = _checker(iid, kwargs)
