@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from align.lora import LoraArgs, merge_for_export
-from minitron.chat_format import install_chat_template, stop_token_ids
+from minitron.chat_format import ensure_tool_template, install_chat_template, stop_token_ids
 from minitron.config import ConfigError, arg
 from minitron.io import atomic_dir, count_parameters, write_json, write_model_card
 
@@ -121,6 +121,7 @@ def load_tokenizer(path: str | Path) -> Any:
 
     tok = AutoTokenizer.from_pretrained(str(path))
     install_chat_template(tok)
+    ensure_tool_template(tok)  # a ChatML template without tool support gets the project's (tools in SFT, BFCL)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

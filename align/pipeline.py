@@ -57,6 +57,7 @@ class AlignConfig:
     eval_rows: int = arg(64, "held-out examples per data kind (split over the eval sources; an eval source that is "
                               "also a training source is held out of it; no eval source: held out of all training)")
     max_train_rows: int | None = arg(None, "cap on training examples per data kind (None = all)")
+    max_rows_per_source: int | None = arg(None, "cap on training examples per source file (balances a mix; None = all)")
     skip_bad_rows: bool = arg(False, "skip rows that fit no schema (counted in metrics) instead of failing")
     max_steps: int | None = arg(None, "cap on every stage's steps (smoke runs)")
     max_length: int = arg(512, "token limit of a training sequence (prompt + answer)")
@@ -110,6 +111,8 @@ def _load(cfg: AlignConfig, train_src: list[str], eval_src: list[str], convert: 
                 h, st = D.load_rows([s], "validation", convert, cfg.skip_bad_rows, n)
                 info.setdefault("eval", {})[s] = st.as_dict()
             held += h
+    if cfg.max_rows_per_source:
+        rows_of = {s: random.Random(cfg.seed).sample(v, min(len(v), cfg.max_rows_per_source)) for s, v in rows_of.items()}
     rows = [r for v in rows_of.values() for r in v]
     random.Random(cfg.seed).shuffle(rows)
     rows = rows[: cfg.max_train_rows] if cfg.max_train_rows else rows

@@ -41,6 +41,18 @@ def install_chat_template(tokenizer: Any, force: bool = False) -> bool:
     return True
 
 
+def ensure_tool_template(tokenizer: Any) -> bool:
+    """Replace a ChatML template that cannot render tools (SmolLM2's ignores ``tools`` and ``tool_calls``) by the
+    project's, so that SFT on tool use, the function-calling eval and vLLM's tool parser see the tools; True if
+    replaced. Only for ChatML vocabularies: no token is added (tool tags stay plain text for such a model)."""
+    template = getattr(tokenizer, "chat_template", None)
+    vocab = tokenizer.get_vocab()
+    if not template or "tools" in template or IM_START not in vocab or IM_END not in vocab:
+        return False
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return True
+
+
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """EOS and end-of-turn ids: the generation config's ``eos_token_id`` list."""
     ids = [tokenizer.eos_token_id]
