@@ -129,3 +129,27 @@ def test_fit_pairs_drops_the_earliest_turns_then_whole_pairs():
     assert kept[0]["prompt"] == pair["prompt"]
     kept, dropped = D.fit_pairs([pair], words, 1)
     assert kept == [] and dropped == 1
+
+
+SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_chatml_template_without_tools_gets_the_project_template(tiny_tokenizer):
+    import copy
+
+    from minitron.chat_format import ensure_tool_template
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = SMOL_TEMPLATE  # SmolLM2-135M's: tools and tool_calls vanish from the rendering
+    call = [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    assert "get_weather" not in tok.apply_chat_template(call, tools=tools, tokenize=False)
+    size = len(tok)
+    assert ensure_tool_template(tok) and len(tok) == size  # no token added
+    text = tok.apply_chat_template(call, tools=tools, tokenize=False)
+    assert '<tools>\n{"name": "get_weather"' in text and '<tool_call>{"name": "get_weather"' in text
+    assert not ensure_tool_template(tok)  # a template that renders tools is kept
