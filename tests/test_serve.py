@@ -1,8 +1,11 @@
-"""vLLM serving: the real OpenAI-compatible server on a tiny random model (CPU), the client, the chat REPL.
+"""vLLM serving: the real OpenAI-compatible server on a tiny model (CPU), the client, the chat REPL, and
+``minitron eval --endpoint`` against in-process evaluation for every task.
 
-One server is shared by the module (a start costs ~25-90 s and ~3 GB on this machine). Tests marked ``vllm``
-skip with the reason when vLLM is not installed (``scripts/install_serve.sh`` installs it); the model-dir
-and port checks run everywhere.
+One server is shared by the module (a start costs ~25-90 s and ~3 GB on this machine): ``minitron serve`` run
+as a user runs it (with an API key), on a tiny Llama written as GGUF and imported, trained for a few seconds to
+hold one short conversation with a real tool call. Its first test checks the banner and the key, its last one
+stops it with Ctrl-C. Tests marked ``vllm`` skip with the reason when vLLM is not installed
+(``scripts/install_serve.sh`` installs it); the model-dir and port checks run everywhere.
 """
 
 from __future__ import annotations
@@ -35,15 +38,64 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_color", "description": "The favourite color of a person.",
     "parameters": {"type": "object", "properties": {"name": {"type": "string", "enum": ["Mirel", "Quen"]}},
                    "required": ["name"]}}}]
-# Forces a Hermes tool call out of an untrained model; the server's `hermes` parser must then extract it.
+# Forces a Hermes tool call out of any model; the server's `hermes` parser must then extract it.
 TOOL_CALL_REGEX = r'<tool_call>\{"name": "get_color", "arguments": \{"name": "(Mirel|Quen)"\}\}</tool_call>'
 MAX_NEW = 24
+KEY = "k3y"  # the shared server requires it, as `minitron serve --api-key` does
+
+# The conversation the served model is trained to hold (system prompt, a greeting, then with tools offered a
+# question it answers with a real tool call, and after the tool's result a plain answer): `minitron chat` replays it.
+SYSTEM = "You are terse."
+GREETING = ("Hello Atha", "Hello! I know the colors of people.")
+QUESTION, CALL_ARGS = "What is the favourite color of Quen?", '{"name": "Quen"}'
+RESULT, ANSWER = '{"color": "red"}', "The favourite color of Quen is red."
+
+
+def chat_lessons() -> list[tuple[list[dict], list[dict] | None]]:
+    """(conversation, tools) whose last assistant turn the served model learns, as `minitron chat` sends them."""
+    hello = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": GREETING[0]},
+             {"role": "assistant", "content": GREETING[1]}]
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "get_color", "arguments": CALL_ARGS}}]}
+    ask = hello + [{"role": "user", "content": QUESTION}, call]
+    answer = ask + [{"role": "tool", "tool_call_id": "call_0", "content": RESULT},
+                    {"role": "assistant", "content": ANSWER}]
+    return [(hello, None), (ask, TOOLS), (answer, TOOLS)]
+
+
+def teach_chat(model, tok, max_steps: int = 400) -> int:
+    """Overfit ``model`` on the last assistant turn of each lesson (AdamW, ~100 steps, ~10 s); the steps taken."""
+    rows = []
+    for conv, tools in chat_lessons():
+        prompt = tok.apply_chat_template(conv[:-1], tools=tools, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(conv, tools=tools, tokenize=False)
+        p, f = (tok(t, add_special_tokens=False).input_ids for t in (prompt, full))
+        assert f[: len(p)] == p
+        rows.append((f, len(p)))
+    width = max(len(f) for f, _ in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (f, n) in enumerate(rows):
+        ids[i, : len(f)], mask[i, : len(f)], labels[i, n : len(f)] = torch.tensor(f), 1, torch.tensor(f[n:])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for step in range(1, max_steps + 1):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < 0.02:
+            break
+    model.eval()
+    return step
 
 
 @pytest.fixture(scope="module")
 def serve_dir(tmp_path_factory, tiny_tokenizer):
-    """A tiny Llama that vLLM's CPU backend accepts (head_dim 32) with a 1k context for tool prompts, written
-    as a GGUF file and imported with ``minitron import``: every server test runs on an imported directory."""
+    """A tiny Llama that vLLM's CPU backend accepts (head_dim 32) with a 1k context for tool prompts, taught the
+    chat lessons, written as a GGUF file and imported with ``minitron import``: every server test runs on an
+    imported directory."""
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_config, write_tiny_gguf
@@ -53,23 +105,77 @@ def serve_dir(tmp_path_factory, tiny_tokenizer):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tiny_tokenizer), head_dim=32,
                                                          max_position_embeddings=1024, rope_scaling=None))
-    return import_gguf(write_tiny_gguf(root / "tiny-llama.gguf", model, tiny_tokenizer), root / "tiny-llama")
+    teach_chat(model, tiny_tokenizer)
+    gguf = write_tiny_gguf(root / "tiny-llama.gguf", model, tiny_tokenizer, user_defined=True)  # as llama.cpp writes
+    return import_gguf(gguf, root / "tiny-llama")
+
+
+def _minitron(*args: str, **kw) -> subprocess.Popen:
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "minitron.cli", *args], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), **kw)
+
+
+def _wait_for_curl(proc: subprocess.Popen, timeout: float = 400, log=None) -> str:
+    """Read the command's stdout until it prints the ready-to-paste curl (the server is up then)."""
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if line.strip().startswith("curl "):
+            return "".join(seen)
+    err = log.read_text() if log is not None else proc.stderr.read()
+    raise AssertionError(f"no curl line; stdout: {''.join(seen)[-2000:]}; stderr: {err[-3000:]}")
+
+
+def _server_processes(proc: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+class Served:
+    """The shared server: ``minitron serve`` running in a subprocess (its stderr, vLLM's log, goes to a file)."""
+
+    def __init__(self, model_dir, log):
+        from evals.serve import free_port
+
+        self.model_dir, self.name, self.log, self.api_key = model_dir, model_dir.name, log, KEY
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log_file = open(log, "w")
+        self.proc = _minitron("serve", "--model", str(model_dir), "--port", str(self.port), "--api-key", KEY,
+                              stderr=self._log_file)
+        try:
+            self.banner = _wait_for_curl(self.proc, log=log)
+            while "minitron chat" not in self.banner and self.proc.poll() is None:  # the rest of the banner
+                self.banner += self.proc.stdout.readline()
+            self.children = _server_processes(self.proc)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Ctrl-C the command if it still runs (it stops vLLM), and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(timeout=60)
+        self._log_file.close()
 
 
 @pytest.fixture(scope="module")
-def server(serve_dir):
-    """One real vLLM server for the module (stopped, and checked, by the last test)."""
+def server(serve_dir, tmp_path_factory):
+    """One real vLLM server for the module, started by ``minitron serve`` (stopped, and checked, by the last test)."""
     if not HAS_VLLM:
         pytest.skip("vLLM is not installed (run scripts/install_serve.sh)")
-    srv = VLLMServer(serve_dir)
-    srv.start()
+    srv = Served(serve_dir, tmp_path_factory.mktemp("serve-log") / "stderr.txt")
     yield srv
-    srv.stop()
+    srv.close()  # (already stopped when the last test ran)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return OpenAIClient(server.url + "/v1", model=server.name)
+    return OpenAIClient(server.url + "/v1", api_key=KEY, model=server.name)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +275,17 @@ def test_chat_errors_keep_the_session_usable(tmp_path):
 # --- the real server ---------------------------------------------------------------------------------
 
 @pytest.mark.vllm
+def test_serve_banner_and_api_key(server):
+    """``minitron serve`` prints the URL, a curl and the chat command with the key, and enforces the key."""
+    assert f"{server.url}/v1" in server.banner and f"Bearer {KEY}" in server.banner
+    assert f"minitron chat --endpoint {server.url}/v1 --api-key {KEY}" in server.banner
+    assert len(server.children) >= 2  # vLLM's API server and at least its engine process
+    assert OpenAIClient(server.url, api_key=KEY).models() == [str(server.model_dir.resolve()), server.name]
+    with pytest.raises(ClientError, match="HTTP 401"):
+        OpenAIClient(server.url, api_key="wrong", model="x").chat([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.vllm
 def test_greedy_chat_equals_hf_generate(client, hf):
     """Served greedy chat == HF ``generate`` (same prompt tokens, same new tokens, same text)."""
     messages = [{"role": "system", "content": "You answer briefly."},
@@ -246,25 +363,166 @@ def test_client_reports_server_errors(client):
         OpenAIClient("http://127.0.0.1:9", model="x", timeout=2).chat([{"role": "user", "content": "hi"}])
 
 
+# --- `minitron eval --endpoint` == in-process, every task ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eval_world(tmp_path_factory, tiny_tokenizer):
+    """Every task's data in its real format (a few items each), a tiny reward model (the offline roleplay
+    judge) and a small punkt_tab for IFEval's checkers."""
+    from conftest import tiny_config
+    from test_eval_harness import write_bfcl
+    from test_eval_ifeval import ROWS as IFEVAL_ROWS
+    from test_eval_mmlu import write_mmlu
+    from test_eval_rag import write_squad
+    from test_eval_roleplay import ROWS as ROLEPLAY_ROWS
+    from transformers import AutoModelForSequenceClassification
+
+    from evals.ifeval import ensure_punkt
+
+    root = tmp_path_factory.mktemp("eval-world")
+    write_mmlu(root / "mmlu", n_test=2)
+    (root / "ifeval").mkdir()
+    (root / "ifeval" / "input_data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in IFEVAL_ROWS))
+    (root / "rag").mkdir()
+    write_squad(root / "rag" / "rag_eval.jsonl")
+    write_bfcl(root / "bfcl")
+    (root / "roleplay.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROLEPLAY_ROWS))
+    torch.manual_seed(3)
+    rm = AutoModelForSequenceClassification.from_config(tiny_config(vocab_size=len(tiny_tokenizer), num_labels=1))
+    rm.save_pretrained(root / "rm")
+    tiny_tokenizer.save_pretrained(root / "rm")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINITRON_CACHE", str(root / "minitron_cache"))
+    ensure_punkt(root / "ifeval" / "input_data.jsonl", max_chars=300_000)  # small (the eval would train on 2M chars)
+    yield root
+    mp.undo()
+
+
 @pytest.mark.vllm
-def test_chat_session_from_stdin(client, server, tmp_path):
-    """The terminal chat fed by stdin: system prompt, a plain turn, forced tool calls answered by hand, /save."""
+def test_generator_endpoint_equals_in_process(server, serve_dir):
+    """Greedy chats and log-likelihoods agree in-process and through the server, prompts longer than the
+    context included (both fit them to the same window: vLLM reports its max_model_len)."""
+    from evals.generate import EndpointBackend, Generator, HFBackend
+
+    from test_eval_generate import CHATS, PAIRS
+
+    local = Generator(HFBackend(serve_dir), None)
+    remote = Generator(EndpointBackend(server.url, api_key=KEY), None)
+    assert remote.backend.path == serve_dir.resolve() and remote.tokenizer is not None  # served id: the model dir
+    assert remote.backend.max_length == local.backend.max_length == 1024
+    long_chat = {"messages": [{"role": "user", "content": "Mirel likes red things. " * 250}]}  # > 1024 tokens
+    chats = CHATS + [long_chat, {"messages": chat_lessons()[1][0][:-1], "tools": TOOLS}]
+    pairs = PAIRS + [("Quen lives in Lima. " * 250, " fox")]
+    assert len(local._encode(local.render_chat(long_chat), bos=False)) > 1024
+    assert len(local._encode(pairs[-1][0], bos=True)) > 1024
+    replies = remote.chat(chats, max_new_tokens=64)
+    assert replies == local.chat(chats, max_new_tokens=64)
+    assert replies[-1] == f'<tool_call>{{"name": "get_color", "arguments": {CALL_ARGS}}}</tool_call>'
+    for (a, ga), (b, gb) in zip(remote.loglikelihood(pairs), local.loglikelihood(pairs)):
+        assert a == pytest.approx(b, abs=1e-3) and ga == gb
+
+
+@pytest.mark.vllm
+def test_chat_completions_path_equals_in_process(server, serve_dir, eval_world):
+    """Without a local tokenizer (a remote server) the endpoint answers chats through ``/v1/chat/completions``:
+    the server renders the template, parses tool calls (sent back as ``<tool_call>`` text) and, as in-process,
+    fits a prompt longer than its context by keeping its last tokens. The replies of the chat tasks (RAG,
+    function calling, roleplay) equal the in-process ones."""
+    from evals import bfcl, rag, roleplay
+    from evals.generate import EndpointBackend, Generator, HFBackend
+
+    backend = EndpointBackend(server.url, api_key=KEY)
+    backend.tokenizer, backend.native_chat = None, True  # as when the served id is no local directory
+    remote, local = Generator(backend, None), Generator(HFBackend(serve_dir), None)
+    convs = [{"messages": r["messages"], "tools": r["tools"]} for r in bfcl.build_requests(eval_world / "bfcl")]
+    convs += [{"messages": it["messages"]} for it in roleplay.load_prompts(eval_world / "roleplay.jsonl", None)]
+    convs += [rag.build_prompt("Where does Mirel live?", ["Mirel lives in Paris.", "Quen lives in Lima."])]
+    convs += [{"messages": c[:-1], "tools": t} for c, t in chat_lessons()]
+    convs += [{"messages": [{"role": "user", "content": "Mirel likes red things. " * n}]} for n in (150, 250)]
+    replies = remote.chat(convs, max_new_tokens=64)
+    assert replies == local.chat(convs, max_new_tokens=64)
+    assert f'<tool_call>{{"name": "get_color", "arguments": {CALL_ARGS}}}</tool_call>' in replies  # a parsed call
+
+
+def _items(out, name: str, task: str) -> list[dict]:
+    return [json.loads(line) for line in (out / "items" / name / f"{task}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.vllm
+def test_eval_endpoint_equals_in_process_every_task(server, serve_dir, eval_world, tmp_path):
+    """``minitron eval --endpoint`` on the served model == ``minitron eval --model`` on its directory (greedy),
+    for every task of the harness: the same metrics, item by item."""
+    from evals.harness import TASKS, EvalConfig, run
+
+    def evaluate(out, **where):
+        return run(EvalConfig(suite=",".join(TASKS), out=str(out), limit=4, mmlu_data=str(eval_world / "mmlu"),
+                              ifeval_data=str(eval_world / "ifeval"), rag_data=str(eval_world / "rag"),
+                              bfcl_data=str(eval_world / "bfcl"), roleplay_data=str(eval_world / "roleplay.jsonl"),
+                              judge_model=str(eval_world / "rm"), ifeval_max_new_tokens=24, rag_max_new_tokens=16,
+                              bfcl_max_new_tokens=40, roleplay_max_new_tokens=16, plots=False, **where))
+
+    served = evaluate(tmp_path / "served", endpoint=f"{server.url}/v1", endpoint_api_key=KEY)
+    direct = evaluate(tmp_path / "direct", model=[str(serve_dir)])
+    a, b = (json.loads((p / "results.json").read_text())["models"][0] for p in (served, direct))
+    assert a["name"] == "endpoint" and b["name"] == serve_dir.name and a["params"] == b["params"]
+    assert set(a["tasks"]) == set(b["tasks"]) == set(TASKS)
+    for task in TASKS:
+        assert a["tasks"][task]["note"] == b["tasks"][task]["note"], task
+        assert a["tasks"][task]["metrics"] and a["tasks"][task]["metrics"] == b["tasks"][task]["metrics"], task
+        ia, ib = _items(served, "endpoint", task), _items(direct, serve_dir.name, task)
+        assert len(ia) == len(ib) > 0, task
+        for x, y in zip(ia, ib):
+            lls = x.pop("loglikelihoods", None), y.pop("loglikelihoods", None)
+            assert x == y, task
+            if lls[0] is not None:
+                assert lls[0] == pytest.approx(lls[1], abs=1e-3), task
+
+
+@pytest.mark.vllm
+def test_endpoint_judge_asks_both_orders(server, serve_dir, eval_world, tmp_path):
+    """The served model as the roleplay judge (tiny: no verdict parses, ties) sees each pair in both orders."""
+    from evals import roleplay
+    from evals.cache import ItemCache
+    from evals.generate import EndpointBackend, Generator, HFBackend
+
+    gen = Generator(HFBackend(serve_dir), None)
+    judge = Generator(EndpointBackend(server.url, api_key=KEY), ItemCache(tmp_path / "judge.sqlite"))
+    res = roleplay.evaluate(gen, eval_world / "roleplay.jsonl", 2, "reference", judge=judge, max_new_tokens=8)
+    assert len(judge.cache) == 4  # 2 items x 2 orders
+    assert all(len(i["verdicts"]) == 2 for i in res["items"])
+    expected = sum(i["score"] for i in res["items"]) / 2
+    assert res["metrics"]["win_rate"]["value"] == expected and "position_consistency" in res["metrics"]
+
+
+# --- `minitron chat` against the server --------------------------------------------------------------------
+
+@pytest.mark.vllm
+def test_chat_session_with_a_real_tool_call(client, server, tmp_path):
+    """The terminal chat fed by stdin, as `make chat` runs it: a system prompt, a plain turn, then with a /tools
+    file a question the model answers with its own tool call (parsed by the server: no forcing), the typed
+    result, the model's answer; then forced calls (/extra) stop after MAX_TOOL_ROUNDS; /save."""
     (tmp_path / "tools.json").write_text(json.dumps([TOOLS[0]["function"]]))  # a bare schema is accepted
     force = json.dumps({"structured_outputs": {"regex": TOOL_CALL_REGEX}})
-    results = [f'{{"color": "c{i}"}}' for i in range(3)]
-    script = ["/system You are terse.", "Hello Atha", f"/tools {tmp_path / 'tools.json'}", f"/extra {force}",
-              "color of Quen?", *results, f"/save {tmp_path / 'chat.json'}", "/quit"]
+    forced = [f'{{"color": "c{i}"}}' for i in range(3)]
+    script = [f"/system {SYSTEM}", GREETING[0], f"/tools {tmp_path / 'tools.json'}", QUESTION, RESULT,
+              f"/save {tmp_path / 'chat.json'}", f"/extra {force}", "color of Mirel?", *forced, "/quit"]
     out = io.StringIO()
-    cfg = ChatConfig(endpoint=server.url + "/v1", temperature=0, max_tokens=64)
+    cfg = ChatConfig(endpoint=server.url + "/v1", api_key=KEY, temperature=0, max_tokens=64)
     ChatSession(cfg, inp=io.StringIO("\n".join(script) + "\n"), out=out).loop()
     saved = json.loads((tmp_path / "chat.json").read_text())
-    assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "user"] + ["assistant", "tool"] * 3
-    assert saved["system"] == "You are terse." and saved["tools"][0]["function"]["name"] == "get_color"
-    first = client.chat([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello Atha"}],
+    assert saved["system"] == SYSTEM and saved["tools"][0]["function"]["name"] == "get_color"
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "user", "assistant", "tool", "assistant"]
+    assert saved["messages"][1]["content"] == GREETING[1]
+    first = client.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": GREETING[0]}],
                         max_tokens=64, temperature=0)["choices"][0]["message"]["content"]
-    assert saved["messages"][1]["content"] == first  # streamed in the REPL == the plain greedy reply
-    assert [m["content"] for m in saved["messages"][4::2]] == results  # typed results went back as tool turns
-    assert out.getvalue().count("[tool call] get_color(") == 3 and "stopped after 3 tool rounds" in out.getvalue()
+    assert first == GREETING[1]  # streamed in the REPL == the plain greedy reply
+    (call,) = saved["messages"][3]["tool_calls"]
+    assert call["function"]["name"] == "get_color" and json.loads(call["function"]["arguments"]) == {"name": "Quen"}
+    assert call["id"] and saved["messages"][4] == {"role": "tool", "tool_call_id": call["id"], "content": RESULT}
+    assert saved["messages"][5]["content"] == ANSWER  # the model read the tool's result back
+    text = out.getvalue()
+    assert f"[tool call] get_color({CALL_ARGS})" in text and f"assistant> {ANSWER}" in text
+    assert text.count("[tool call] get_color(") == 4 and "stopped after 3 tool rounds" in text
 
 
 @pytest.mark.vllm
@@ -277,24 +535,19 @@ def test_server_death_is_reported_with_logs(serve_dir):
 
 
 @pytest.mark.vllm
-def test_stop_leaves_no_process(server):
-    """Last: stop the shared server; every process it had (API server, engine core, workers) is gone."""
-    pids = dict(server.pids)
-    assert len(pids) >= 2  # the API server and at least its engine process
-    server.stop()
-    assert server.alive() == []
-    leftovers = [p.pid for p in psutil.process_iter(["status"])
-                 if p.pid in pids and p.create_time() == pids[p.pid] and p.info["status"] != psutil.STATUS_ZOMBIE]
+def test_ctrl_c_stops_every_process(server):
+    """Last: Ctrl-C on the shared ``minitron serve`` exits 0 and every process it had (API server, engine
+    core, workers) is gone; the port is free again."""
+    server.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    assert server.proc.wait(timeout=60) == 0, server.log.read_text()[-3000:]
+    assert "no server process left" in server.log.read_text()
+    leftovers = [c.pid for c in server.children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert leftovers == []  # (exited children may stay zombies until init reaps them: not running)
     assert not OpenAIClient(server.url).health()
+    check_port("127.0.0.1", server.port)  # free again
 
 
-# --- the `minitron serve` command ----------------------------------------------------------------------
-
-def _minitron(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "minitron.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), **kw)
-
+# --- the `minitron serve` command on its own ---------------------------------------------------------------
 
 @pytest.mark.vllm
 @needs_vllm
@@ -310,47 +563,6 @@ def test_cli_busy_port_and_public_host_warning(serve_dir):
     assert "WARNING: binding to 0.0.0.0" in err and f"port {port} on 0.0.0.0 is not available" in err
 
 
-def _wait_for_curl(proc: subprocess.Popen, timeout: float = 400) -> str:
-    """Read the command's stdout until it prints the ready-to-paste curl (the server is up then)."""
-    deadline, seen = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if line.strip().startswith("curl "):
-            return "".join(seen)
-    raise AssertionError(f"no curl line; stdout: {''.join(seen)[-2000:]}; stderr: {proc.stderr.read()[-3000:]}")
-
-
-def _server_processes(proc: subprocess.Popen) -> list[psutil.Process]:
-    return psutil.Process(proc.pid).children(recursive=True)
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-@needs_vllm
-def test_cli_serve_then_ctrl_c(serve_dir):
-    """``minitron serve``: URL + curl banner, --api-key enforced, Ctrl-C exits 0 and frees everything."""
-    port = __import__("evals.serve", fromlist=["free_port"]).free_port()
-    proc = _minitron("serve", "--model", str(serve_dir), "--port", str(port), "--api-key", "k3y")
-    banner = _wait_for_curl(proc)
-    assert f"http://127.0.0.1:{port}/v1" in banner and "Bearer k3y" in banner
-    children = _server_processes(proc)
-    reply = OpenAIClient(f"http://127.0.0.1:{port}/v1", api_key="k3y").chat(
-        [{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
-    assert reply["usage"]["completion_tokens"] == 4
-    with pytest.raises(ClientError, match="HTTP 401"):  # the key is enforced
-        OpenAIClient(f"http://127.0.0.1:{port}/v1", api_key="wrong", model="x").chat([{"role": "user", "content": "x"}])
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-3000:]
-    assert "no server process left" in err
-    assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    check_port("127.0.0.1", port)  # free again
-
-
-@pytest.mark.slow
 @pytest.mark.vllm
 @needs_vllm
 def test_cli_exits_nonzero_with_logs_when_vllm_dies(serve_dir):
@@ -391,18 +603,19 @@ def test_bench_helpers(tmp_path, tiny_tokenizer):
     assert "| width | 5 | 8 | " in table and "throughput_ratio_width_c8 = 1.8" in table
 
 
-@pytest.mark.slow
 @pytest.mark.vllm
 @needs_vllm
 def test_bench_serve_runs_end_to_end(serve_dir, tmp_path, capsys):
-    """A bounded ``bench serve`` run: one JSON object on stdout, exact token counts, files written."""
+    """A bounded ``bench serve`` run (one model: one more server start): one JSON object on stdout, exact token
+    counts, files written, absent students skipped."""
     from evals.bench_serve import BenchServeConfig, run
 
-    cfg = BenchServeConfig(teacher=str(serve_dir), width=str(serve_dir), depth=str(tmp_path / "absent"),
+    cfg = BenchServeConfig(teacher=str(serve_dir), width=str(tmp_path / "absent"), depth=str(tmp_path / "absent"),
                            concurrency=[1, 2], requests=2, max_tokens=8, warmup=1, repeats=1, out=str(tmp_path / "b"))
     result = run(cfg)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
-    assert result["skipped"] == {"depth": str(tmp_path / "absent")}
+    assert result["skipped"] == {"width": str(tmp_path / "absent"), "depth": str(tmp_path / "absent")}
     assert result["models"]["teacher"]["levels"]["c2"]["output_tokens"] == 4 * 2 * 8  # ignore_eos: exact counts
-    assert result["throughput_ratio_width_c8"] is None  # no c8 level here
+    assert result["throughput_ratio_width_c8"] is None  # no width model, no c8 level here
     assert (tmp_path / "b" / "serve.json").exists() and (tmp_path / "b" / "serve.md").exists()
+
