@@ -46,7 +46,8 @@ WORLD, SHARED = "runs/demo/world", "../shared/data"
 SUITES: dict[str, dict[str, Any]] = {
     "demo": {"data": {"mmlu": f"{WORLD}/mmlu", "ifeval": f"{WORLD}/ifeval", "rag": f"{WORLD}/rag",
                       "bfcl": f"{WORLD}/bfcl", "roleplay": f"{WORLD}/sft/roleplay_eval.jsonl"},
-             "limit": {"mmlu": 8, "ifeval": 24, "rag": 24, "bfcl": 15, "roleplay": 16},
+             # every item the demo world makes: 200 MC (40 per subject), 60 IFEval, 60 RAG, 150 FC, 24 roleplay
+             "limit": {"mmlu": 40, "ifeval": 60, "rag": 60, "bfcl": 30, "roleplay": 24},
              "ifeval_max_new_tokens": 64, "judge_model": "runs/demo/aligned/rm"},
     "full": {"data": {"mmlu": f"{SHARED}/mmlu", "ifeval": f"{SHARED}/ifeval", "rag": f"{SHARED}/rag",
                       "bfcl": f"{SHARED}/bfcl", "roleplay": f"{SHARED}/sft/gpteacher_roleplay.jsonl"},
