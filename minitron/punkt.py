@@ -25,7 +25,8 @@ def nltk_data_dir() -> Path:
 
 
 def _punkt_text(fallback: Path | None, max_chars: int) -> str:
-    """English training text for Punkt: Gutenberg validation books, else the IFEval prompts."""
+    """English training text for Punkt: Gutenberg validation books, else the fallback's IFEval prompts, else
+    Python's own English documentation (``pydoc_data.topics``, in every CPython install)."""
     if GUTENBERG.exists():
         chunks, total = [], 0
         for text in iter_texts(GUTENBERG, split="validation"):
@@ -36,7 +37,12 @@ def _punkt_text(fallback: Path | None, max_chars: int) -> str:
         return "\n\n".join(chunks)
     if fallback is not None and fallback.exists():
         return "\n\n".join(r["prompt"] for r in read_jsonl(fallback))
-    raise DataError("no English text to train NLTK's punkt_tab: install it with `python -m nltk.downloader punkt_tab`")
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise DataError("no English text to train NLTK's punkt_tab: install it with "
+                        "`python -m nltk.downloader punkt_tab`") from None
+    return "\n\n".join(topics.values())[:max_chars]
 
 
 def ensure_punkt(fallback_text: Path | None = None, max_chars: int = 2_000_000) -> Path:
