@@ -299,14 +299,18 @@ class VLLMServer:
         self.stop()
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 @dataclass
 class ServeConfig:
     """``minitron serve``: one model directory behind vLLM's OpenAI-compatible API."""
 
     model: str = arg("", "model directory a pipeline stage wrote (config, safetensors, tokenizer + chat template)")
     port: int = arg(8000, "TCP port")
-    host: str = arg("127.0.0.1", "bind address; 0.0.0.0 exposes the server to the network (a warning is printed)")
-    api_key: str | None = arg(None, "require this key (`Authorization: Bearer KEY`); passed to vLLM's --api-key")
+    host: str = arg("127.0.0.1", "bind address; any other than loopback needs an API key (--api-key or $MINITRON_API_KEY)")
+    api_key: str | None = arg(None, "require this key (`Authorization: Bearer KEY`; default $MINITRON_API_KEY); "
+                                    "passed to vLLM's --api-key")
     max_model_len: int | None = arg(None, "context length (default: the model's, at most 2048)")
     kv_cache_gb: int = arg(1, "KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE)")
     startup_timeout: float = arg(300.0, "seconds to wait for /health")
@@ -320,6 +324,10 @@ class ServeConfig:
             raise ConfigError(f"--port {self.port} is not a TCP port (1-65535)")
         if self.kv_cache_gb < 1:
             raise ConfigError("--kv-cache-gb must be at least 1 (GiB)")
+        self.api_key = self.api_key or os.environ.get("MINITRON_API_KEY") or None
+        if self.host not in LOOPBACK and not self.api_key:
+            raise ConfigError(f"--host {self.host} exposes the model beyond this machine: pass --api-key KEY or set "
+                              "MINITRON_API_KEY (vLLM then refuses requests without it), or keep --host 127.0.0.1")
 
 
 def usage_text(server: VLLMServer) -> str:
@@ -335,9 +343,9 @@ def usage_text(server: VLLMServer) -> str:
 
 def run(cfg: ServeConfig) -> None:
     """Serve until Ctrl-C / SIGTERM (exit 0) or until vLLM dies (ServeError with its last log lines)."""
-    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"WARNING: binding to {cfg.host}: any machine that can reach this one can use the model"
-              + ("" if cfg.api_key else " (no --api-key set)"), file=sys.stderr)
+    if cfg.host not in LOOPBACK:
+        print(f"serving on {cfg.host}: any machine that can reach this one can use the model with the API key",
+              file=sys.stderr)
     server = VLLMServer(resolve_model(cfg.model), port=cfg.port, host=cfg.host, api_key=cfg.api_key,
                         max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb, extra_args=cfg.extra_args,
                         dtype=cfg.dtype,

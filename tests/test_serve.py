@@ -629,3 +629,16 @@ def test_bench_serve_runs_end_to_end(serve_dir, tmp_path, capsys):
     assert result["throughput_ratio_width_c8"] is None  # no width model, no c8 level here
     assert (tmp_path / "b" / "serve.json").exists() and (tmp_path / "b" / "serve.md").exists()
 
+
+
+def test_serving_beyond_loopback_needs_an_api_key(monkeypatch):
+    from evals.serve import ServeConfig
+    from minitron.config import ConfigError
+
+    monkeypatch.delenv("MINITRON_API_KEY", raising=False)
+    assert ServeConfig(model="m").host == "127.0.0.1"  # the default binds loopback, no key needed
+    with pytest.raises(ConfigError, match="--api-key KEY or set MINITRON_API_KEY"):
+        ServeConfig(model="m", host="0.0.0.0")
+    assert ServeConfig(model="m", host="0.0.0.0", api_key="k").api_key == "k"
+    monkeypatch.setenv("MINITRON_API_KEY", "from-env")
+    assert ServeConfig(model="m", host="0.0.0.0").api_key == "from-env"  # then passed to vLLM's --api-key
