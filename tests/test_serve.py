@@ -562,15 +562,19 @@ def test_ctrl_c_stops_every_process(server):
 @pytest.mark.vllm
 @needs_vllm
 def test_cli_busy_port_and_public_host_warning(serve_dir):
-    """``minitron serve`` exits 2 on a busy port, after warning about --host 0.0.0.0."""
+    """``minitron serve`` refuses --host 0.0.0.0 without a key; with one, it exits 2 on a busy port after the notice."""
+    refused = _minitron("serve", "--model", str(serve_dir), "--host", "0.0.0.0")
+    out, err = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and "--api-key KEY or set MINITRON_API_KEY" in " ".join(err.split())
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = _minitron("serve", "--model", str(serve_dir), "--port", str(port), "--host", "0.0.0.0")
+        proc = _minitron("serve", "--model", str(serve_dir), "--port", str(port), "--host", "0.0.0.0",
+                         "--api-key", "k3y")
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert "WARNING: binding to 0.0.0.0" in err and f"port {port} on 0.0.0.0 is not available" in err
+    assert "serving on 0.0.0.0" in err and f"port {port} on 0.0.0.0 is not available" in err
 
 
 @pytest.mark.vllm
