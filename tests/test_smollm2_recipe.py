@@ -43,6 +43,17 @@ def test_smollm2_recipe_small(tmp_path):
     for spec in raw["evals"].values():
         spec["limit"] = 1
     raw["evals"]["ifeval"]["ifeval_max_new_tokens"] = 16
+    run_dir = str(tmp_path / "run")
+    for spec in raw["evals"].values():  # the roleplay run names the run's own aligned outputs
+        for k, v in spec.items():
+            if isinstance(v, str) and v.startswith("runs/smollm2"):
+                spec[k] = v.replace("runs/smollm2", run_dir, 1)
+    align = yaml.safe_load((ROOT / raw["align_config"]).read_text())["align"]
+    raw["align"] = {"max_steps": 2, "max_train_rows": 48, "max_rows_per_source": 16, "eval_rows": 8,
+                    "sft_mix": {**align["sft_mix"], "teacher": str(teacher), "teacher_max_new_tokens": 16,
+                                "rag_examples": 8},
+                    "rl": {**align["rl"], "eval_prompts": 4, "max_completion_length": 16}}
+    raw["align_guard"] = {"must_beat": [], "must_hold": []}  # two steps of alignment prove nothing
     f = tmp_path / "recipe.yaml"
     f.write_text(yaml.safe_dump(raw))
     run(load_config(PipelineConfig, f))
@@ -53,3 +64,5 @@ def test_smollm2_recipe_small(tmp_path):
     assert 0.4 < rows["width pruned"]["non_embedding_params"] / rows["teacher"]["non_embedding_params"] < 0.55
     assert abs(rows["depth pruned"]["non_embedding_params"] / rows["teacher"]["non_embedding_params"] - 0.5) < 0.01
     assert "MMLU cloze" in rows["teacher"] and "IFEval strict" in rows["width distilled"]
+    assert {"aligned sft", "aligned dpo", "aligned"} <= set(rows) and "roleplay win" in rows["aligned"]
+    assert "## Benchmarks" in (tmp_path / "run" / "aligned" / "report.md").read_text()
