@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from minitron.config import ConfigError, MinitronError, arg, from_dict, read_yaml, save_resolved
-from minitron.io import read_json, write_json
+from minitron.io import write_json
 
 STAGE_NAMES = ["world", "teacher", "mix", "correct", "prune", "distill", "finetune", "scratch", "align", "eval", "report"]
 
@@ -318,6 +318,8 @@ class Pipeline:
             self.make_evals()
         elif self.want("eval") and cfg.eval_config is not None:
             self.make_eval()
+        failed = self.check_alignment() if self.want("eval") and "aligned" in self.models() else None
+        out = self.paths.root
         if self.want("report"):
             from minitron.report import write_report
 
@@ -326,26 +328,29 @@ class Pipeline:
             out = write_report(self.paths.root, models, self.timings, world_dir=self.paths.world,
                                corpus=self.corpus() if cfg.data != "world" or cfg.mix is not None else None,
                                cfg=rcfg, teacher=models["teacher"])
-            if "aligned" in models:
-                self.check_alignment()
-            return out
-        return self.paths.root
+        if failed:  # after every report is written
+            raise MinitronError(failed)
+        return out
 
-    def check_alignment(self) -> None:
-        """Benchmarks of the aligned model against its student into ``aligned/report.md``; enforce the guard."""
+    def check_alignment(self) -> str | None:
+        """The aligned model's eval metrics against its student's into ``aligned/report.md``; the guard's verdict
+        (a message when it failed)."""
         from align.report import write_report as write_align_report
-        from minitron.report import alignment_benchmarks
+        from minitron.report import alignment_benchmarks, eval_metrics
 
         g = self.cfg.align_guard
         baseline = g.get("baseline", f"{self.cfg.align_student} distilled")
-        bench = alignment_benchmarks(read_json(self.paths.root / "report.json")["models"], baseline, "aligned",
-                                     g.get("must_beat", []), g.get("must_hold", "all"))
+        by_path = eval_metrics(self.paths.eval)
+        rows = {label: by_path[str(Path(p).resolve())] for label, p in self.models().items()
+                if str(Path(p).resolve()) in by_path}
+        bench = alignment_benchmarks(rows, baseline, "aligned", g.get("must_beat", []), g.get("must_hold", "all"))
         write_json(self.paths.aligned / "benchmarks.json", bench)
         write_align_report(self.paths.aligned, str(self.students[self.cfg.align_student]["distilled"]))
         print(bench["markdown"])
         if bench["failed"]:
-            raise MinitronError(f"alignment guard: the aligned model is not where it must be against {baseline} on "
-                                f"{', '.join(bench['failed'])} (see {self.paths.aligned / 'report.md'})")
+            return (f"alignment guard: the aligned model is not where it must be against {baseline} on "
+                    f"{', '.join(bench['failed'])} (see {self.paths.aligned / 'report.md'})")
+        return None
 
 
 def _fields(cls: type) -> set[str]:

@@ -135,7 +135,7 @@ def wikitext_rows(source: str, tokenizer: Any, seq_len: int, max_tokens: int) ->
     return pack(torch.tensor(ids), seq_len)
 
 
-def _eval_metrics(eval_dir: Path) -> dict[str, dict[str, Any]]:
+def eval_metrics(eval_dir: Path) -> dict[str, dict[str, Any]]:
     """path -> {column: value, column_se: stderr, column_n: n} from every results.json under ``eval_dir``."""
     out: dict[str, dict[str, Any]] = {}
     files = [eval_dir / "results.json"] + sorted(eval_dir.glob("*/results.json")) if eval_dir.exists() else []
@@ -186,7 +186,7 @@ def write_report(root: Path, models: dict[str, Path], timings: dict[str, float],
 
     corpus = corpus or (str(world_dir / "corpus") if world_dir and (world_dir / "corpus").exists() else None)
     mc_file = world_dir / "mmlu" / "mmlu_test.jsonl" if world_dir else None
-    evals = _eval_metrics(root / "eval")
+    evals = eval_metrics(root / "eval")
     ref = None
     if cfg is not None and cfg.chat_val and (cfg.teacher or teacher):
         ref = AutoModelForCausalLM.from_pretrained(cfg.teacher or teacher, dtype=torch.float32).eval()

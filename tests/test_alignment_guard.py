@@ -36,3 +36,32 @@ def test_guard_only_covers_the_metrics_it_names():
     bench = alignment_benchmarks(ROWS, "width distilled", "aligned", must_beat=[], must_hold=["MMLU letter"])
     assert bench["failed"] == []
     assert _by_metric(bench)["RAG F1"]["guard"] == "" and _by_metric(bench)["RAG F1"]["verdict"] == "worse"
+
+
+def test_pipeline_writes_the_benchmarks_into_the_aligned_report_and_reports_a_failed_guard(tmp_path):
+    import json
+    import os
+
+    from minitron.pipeline import Pipeline, PipelineConfig
+
+    root = tmp_path / "run"
+    student, rl = root / "distilled" / "width", root / "aligned" / "rl"
+    for d in (root / "teacher", student, rl):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+    os.symlink("rl", root / "aligned" / "final")
+
+    def scored(path, value):
+        return {"path": str(path), "tasks": {"ifeval": {"metrics": {
+            "prompt_level_strict_acc": {"value": value, "stderr": 0.03, "n": 120}}}}}
+
+    (root / "eval" / "ifeval").mkdir(parents=True)
+    (root / "eval" / "ifeval" / "results.json").write_text(json.dumps({"models": [scored(student, 0.10),
+                                                                                  scored(rl, 0.14)]}))
+    cfg = PipelineConfig(out=str(root), align_guard={"must_beat": ["IFEval strict"]})
+    pipe = Pipeline(cfg)
+    pipe.students = {"width": {"distilled": student}}
+    failed = pipe.check_alignment()  # +0.04 with s.e. 0.042: not better by two s.e.
+    assert failed is not None and "IFEval strict" in failed
+    report = (root / "aligned" / "report.md").read_text()
+    assert "## Benchmarks" in report and "| IFEval strict | +0.040 ± 0.042 | same | beat FAILED |" in report
