@@ -141,11 +141,11 @@ def prepare_model(model: Any, tok: Any) -> Any:
     return model
 
 
-def load_causal_lm(path: str | Path, tok: Any) -> Any:
-    """A causal LM in fp32 (TRL's mixed precision handles bf16 on GPU), ready for the chat template."""
+def load_causal_lm(path: str | Path, tok: Any, dtype: torch.dtype = torch.float32) -> Any:
+    """A causal LM, fp32 by default (TRL's mixed precision handles bf16 on GPU), ready for the chat template."""
     from transformers import AutoModelForCausalLM
 
-    return prepare_model(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32), tok)
+    return prepare_model(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype), tok)
 
 
 def save_stage(model: Any, tok: Any, ctx: StageContext, stage: str, metrics: dict[str, Any], args: Any,

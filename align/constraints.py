@@ -16,21 +16,12 @@ import random
 import re
 from typing import Any, Callable
 
-from minitron.punkt import ensure_punkt
+from minitron.punkt import ifeval_instructions
 
 _WORD = re.compile(r"[A-Za-z]{5,}")
 _FORBIDDEN_POOL = ["banana", "volcano", "submarine", "penguin", "galaxy", "orchestra", "umbrella", "dinosaur",
                    "pyramid", "tornado", "saxophone", "glacier", "lantern", "meadow", "compass", "harbor"]
 _PLACEHOLDERS = ["[name]", "[date]", "[address]", "[email]", "[phone number]", "[company]"]
-
-
-def _instructions() -> tuple[dict[str, Any], dict[str, set[str]], Any]:
-    """lm-eval's IFEval registry (punkt must exist first: the module downloads it at import otherwise)."""
-    ensure_punkt()
-    from lm_eval.tasks.ifeval import instructions_registry as registry
-    from lm_eval.tasks.ifeval import instructions_util as util
-
-    return registry.INSTRUCTION_DICT, registry.INSTRUCTION_CONFLICTS, util
 
 
 def _sentences(util: Any, text: str) -> list[str]:
@@ -204,7 +195,7 @@ def _conflict(ids: list[str], new: str, conflicts: dict[str, set[str]]) -> bool:
 
 def constrain(prompt: str, answer: str, rng: random.Random, max_constraints: int = 2) -> dict[str, Any] | None:
     """``{"prompt", "answer", "instruction_id_list", "kwargs"}`` with 1..max constraints, or None if none verified."""
-    registry, conflicts, util = _instructions()
+    registry, conflicts, util = ifeval_instructions()
     ids: list[str] = []
     for rule_id in rng.sample(list(RULES), len(RULES)):
         if len(ids) >= rng.randint(1, max_constraints):

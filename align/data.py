@@ -265,12 +265,15 @@ def fit_pairs(pairs: list[dict[str, Any]], length: Any, max_length: int) -> tupl
         prompt = list(pair["prompt"])
         system = prompt[:1] if prompt[0]["role"] == "system" else []
         turns = prompt[len(system):]
-        while max(length(system + turns + pair[k]) for k in ("chosen", "rejected")) > max_length and len(turns) > 1:
+        fits = lambda: max(length(system + turns + pair[k]) for k in ("chosen", "rejected")) <= max_length  # noqa: E731
+        ok = fits()
+        while not ok and len(turns) > 1:
             turns = turns[2:] if len(turns) > 2 else turns[-1:]  # one user + assistant exchange at a time
-        if max(length(system + turns + pair[k]) for k in ("chosen", "rejected")) > max_length:
+            ok = fits()
+        if ok:
+            kept.append({**pair, "prompt": system + turns})
+        else:
             dropped += 1
-            continue
-        kept.append({**pair, "prompt": system + turns})
     return kept, dropped
 
 

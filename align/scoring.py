@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from minitron.chat_format import stop_token_ids
+from minitron.stats import mean_stderr
 
 
 def chat_ids(tok: Any, messages: list[dict], tools: Any = None, add_generation_prompt: bool = False) -> list[int]:
@@ -76,9 +77,8 @@ def reward_scores(rm: Any, tok: Any, conversations: list[list[dict]], batch_size
 
 
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for a single value)."""
-    v = values.float()
-    return v.mean().item(), (v.std().item() / len(v) ** 0.5) if len(v) > 1 else 0.0
+    """Mean and standard error of a 1-D tensor of per-item values (``minitron.stats.mean_stderr``)."""
+    return mean_stderr(values.float().tolist())
 
 
 def pairwise_accuracy(rm: Any, tok: Any, pairs: list[dict]) -> dict[str, float]:
@@ -108,10 +108,11 @@ def sample(model: Any, tok: Any, prompts: list[list[dict]], max_new_tokens: int,
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              eos_token_id=stops, pad_token_id=tok.pad_token_id, use_cache=True, **how)
         for p, r, g in zip(batch, rows, gen[:, ids.shape[1]:].tolist()):
-            cut = next((i + 1 for i, t in enumerate(g) if t in stops), len(g))  # keep the stop token, drop padding
+            stop = next((i for i, t in enumerate(g) if t in stops), None)
+            cut = len(g) if stop is None else stop + 1  # keep the stop token, drop padding
             text = tok.decode([t for t in g[:cut] if t not in stops], skip_special_tokens=True).strip()
             out.append({"prompt": p, "prompt_ids": r, "completion_ids": g[:cut], "text": text,
-                        "stopped": any(t in stops for t in g[:cut])})
+                        "stopped": stop is not None})
     return out
 
 

@@ -67,7 +67,7 @@ def teacher_answers(teacher: str, prompts: list[list[dict]], args: SFTMixArgs, c
     import torch
     from tqdm import tqdm
 
-    from align.common import load_tokenizer, prepare_model
+    from align.common import load_causal_lm, load_tokenizer
     from align.scoring import sample
     from minitron.model_source import resolve_model
 
@@ -76,12 +76,9 @@ def teacher_answers(teacher: str, prompts: list[list[dict]], args: SFTMixArgs, c
         done = {r["key"]: r for r in map(json.loads, cache.read_text().splitlines()) if r}
     todo = [p for p in prompts if _key(p) not in done]
     if todo:
-        from transformers import AutoModelForCausalLM
-
         path = resolve_model(teacher, "sft_mix.teacher")
         tok = load_tokenizer(path)
-        model = prepare_model(AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, args.teacher_dtype)),
-                              tok).eval()
+        model = load_causal_lm(path, tok, getattr(torch, args.teacher_dtype)).eval()
         tok.padding_side = "left"
         todo.sort(key=lambda p: len(json.dumps(p)))  # similar lengths per batch: less padding
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from minitron.io import write_json, write_text
+from minitron.stats import mean_stderr
 
 # task -> its headline metrics (the main table's columns), in display order.
 HEADLINE = {
@@ -34,12 +35,8 @@ def mean_metric(values: Sequence[float], raw: bool = False) -> dict[str, Any]:
 
     ``raw=True`` marks a metric that is not a rate in [0, 1] (reports show it unscaled).
     """
-    n = len(values)
-    if n == 0:
-        return {"value": float("nan"), "stderr": float("nan"), "n": 0}
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    out = {"value": mean, "stderr": math.sqrt(var / n), "n": n}
+    mean, stderr = mean_stderr(values)
+    out = {"value": mean, "stderr": stderr, "n": len(values)}
     return {**out, "scale": "raw"} if raw else out
 
 

@@ -9,8 +9,10 @@ Call it before importing ``lm_eval.tasks.ifeval.instructions``, which otherwise 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
+from typing import Any
 
 from minitron.data import DataError, iter_texts, read_jsonl
 from minitron.io import atomic_dir
@@ -71,3 +73,14 @@ def ensure_punkt(fallback_text: Path | None = None, max_chars: int = 2_000_000) 
         (tmp / "ortho_context.tab").write_text(enc.ivdict2tab(params.ortho_context), newline="")
     nltk.data.find("tokenizers/punkt_tab/english/")
     return root
+
+
+@functools.cache
+def ifeval_instructions() -> tuple[dict, dict, Any]:
+    """lm-eval's IFEval instruction registry, its conflict table and its util module, imported once, after punkt
+    is in place (the SFT mix's constraints and the demo world's instruction pairs both use its checkers)."""
+    ensure_punkt()
+    from lm_eval.tasks.ifeval import instructions_registry as registry
+    from lm_eval.tasks.ifeval import instructions_util as util
+
+    return registry.INSTRUCTION_DICT, registry.INSTRUCTION_CONFLICTS, util

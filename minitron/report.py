@@ -197,10 +197,7 @@ def write_report(root: Path, models: dict[str, Path], timings: dict[str, float],
             rows[label].update(evals.get(str(Path(path).resolve()), {}))
     cols = [c for c in LM_COLUMNS + [c for _, _, c in EVAL_COLUMNS] if any(c in r for r in rows.values())]
     lines = ["# Pipeline report", "", f"Run: `{root}`. Values ± one standard error where one applies "
-             "(losses and KL: over windows; accuracies: over items).", "",
-             "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for label, r in rows.items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(r.get(c, ""), r.get(f"{c}_se")) for c in cols) + " |")
+             "(losses and KL: over windows; accuracies: over items).", "", *_metric_table(rows, cols)]
     kept = retention(rows)
     if any(kept.values()):
         cols_r = sorted({c for v in kept.values() for c in v}, key=lambda c: (LM_COLUMNS + [x for _, _, x in EVAL_COLUMNS]).index(c))
@@ -208,8 +205,7 @@ def write_report(root: Path, models: dict[str, Path], timings: dict[str, float],
                   "| model | " + " | ".join(cols_r) + " |", "|---" * (len(cols_r) + 1) + "|"]
         for label, v in kept.items():
             lines.append(f"| {label} | " + " | ".join(f"{v[c]:.2f}" if c in v else "" for c in cols_r) + " |")
-    ns = sorted({f"{c}: n={r[c + '_n']}" for r in rows.values() for _, _, c in EVAL_COLUMNS if r.get(c + "_n")})
-    lines += ["", "Items per eval metric: " + ("; ".join(ns) if ns else "-"),
+    lines += ["", "Items per eval metric: " + _item_counts(rows, [c for _, _, c in EVAL_COLUMNS]),
               "", "Stage wall-clock seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()), "",
               "![report](report.png)", ""]
     for f in [root / "eval" / "report.md"] + sorted((root / "eval").glob("*/report.md")):
@@ -221,6 +217,19 @@ def write_report(root: Path, models: dict[str, Path], timings: dict[str, float],
     out = write_text(root / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines[:6 + len(rows)]))
     return out
+
+
+def _metric_table(rows: dict[str, dict], cols: list[str]) -> list[str]:
+    """A Markdown table, one row per model, each value with "± s.e." where it has one."""
+    return ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"] + [
+        f"| {label} | " + " | ".join(_fmt(r.get(c, ""), r.get(f"{c}_se")) for c in cols) + " |"
+        for label, r in rows.items()]
+
+
+def _item_counts(rows: dict[str, dict], cols: list[str]) -> str:
+    """"col: n=N; ..." for every column that recorded its number of items ("-" for none)."""
+    ns = sorted({f"{c}: n={r[c + '_n']}" for r in rows.values() for c in cols if r.get(c + "_n")})
+    return "; ".join(ns) if ns else "-"
 
 
 def alignment_benchmarks(rows: dict[str, dict], baseline: str, final: str, must_beat: list[str],
@@ -248,18 +257,14 @@ def alignment_benchmarks(rows: dict[str, dict], baseline: str, final: str, must_
             failed.append(c)
         out.append({"metric": c, "baseline": base[c], "final": fin[c], "diff": diff, "diff_se": se,
                     "verdict": verdict, "guard": need, "pass": ok})
-    labels = [k for k in rows if any(isinstance(rows[k].get(c), float) for c in cols)]
-    md = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for label in labels:
-        md.append(f"| {label} | " + " | ".join(_fmt(rows[label].get(c, ""), rows[label].get(f"{c}_se"))
-                                               for c in cols) + " |")
+    scored = {k: r for k, r in rows.items() if any(isinstance(r.get(c), float) for c in cols)}
+    md = _metric_table(scored, cols)
     md += ["", f"{final} against {baseline} (difference ± s.e. of the difference; guard: beat = better by more than "
            "two s.e., hold = not worse by more than two):", "", "| metric | difference | verdict | guard |",
            "|---|---|---|---|"]
     md += [f"| {r['metric']} | {r['diff']:+.3f} ± {r['diff_se']:.3f} | {r['verdict']} | "
            f"{(r['guard'] + (' ok' if r['pass'] else ' FAILED')) if r['guard'] else '-'} |" for r in out]
-    ns = sorted({f"{c}: n={rows[k][c + '_n']}" for k in labels for c in cols if rows[k].get(c + "_n")})
-    md += ["", "Items per metric: " + "; ".join(ns)]
+    md += ["", "Items per metric: " + _item_counts(scored, cols)]
     return {"rows": out, "failed": failed, "markdown": "\n".join(md)}
 
 

@@ -219,12 +219,9 @@ def corpus_docs(rng: random.Random, entities: list[dict], practice: list[dict], 
 
 # ----------------------------------------------------------------------------------------- IFEval format
 def _checker(instruction_id: str, kwargs: dict) -> Callable[[str], bool]:
-    from minitron.punkt import ensure_punkt
+    from minitron.punkt import ifeval_instructions
 
-    ensure_punkt()  # lm-eval's IFEval module otherwise tries to download punkt_tab at import
-    from lm_eval.tasks.ifeval import instructions_registry
-
-    inst = instructions_registry.INSTRUCTION_DICT[instruction_id](instruction_id)
+    inst = ifeval_instructions()[0][instruction_id](instruction_id)
     inst.build_description(**kwargs)
     return inst.check_following
 

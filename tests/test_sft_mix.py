@@ -12,19 +12,20 @@ from align import constraints, sft_mix
 from align import data as D
 from align import pipeline as AP
 from minitron.config import ConfigError
+from minitron.punkt import ifeval_instructions
 
 ANSWER = ("Paris is the capital of France. It lies on the Seine river. About two million people live in the city. "
           "Many visitors come for its museums and food.")
 
 
 def _checker(rule_id: str):
-    registry, _, _ = constraints._instructions()
+    registry, _, _ = ifeval_instructions()
     return registry[rule_id](rule_id)
 
 
 @pytest.mark.parametrize("rule_id", sorted(constraints.RULES))
 def test_every_rule_rewrites_the_answer_so_that_lm_evals_checker_accepts_it(rule_id):
-    _, _, util = constraints._instructions()
+    _, _, util = ifeval_instructions()
     rng = random.Random(1)
     made = constraints.RULES[rule_id](ANSWER, "Tell me about Paris.", rng, util)
     assert made is not None
@@ -47,14 +48,14 @@ def test_constrain_appends_descriptions_and_drops_what_the_checker_rejects():
             checker.build_description(**kw)
             assert checker.check_following(m["answer"])
     # a combination that cannot hold is dropped, not emitted: 40 words asked "at least" of a 5-word answer
-    registry, _, util = constraints._instructions()
+    registry, _, util = ifeval_instructions()
     words = registry["length_constraints:number_words"]("length_constraints:number_words")
     words.build_description(relation="at least", num_words=40)
     assert not words.check_following("Paris is in France today.")
 
 
 def test_constraints_respect_lm_evals_conflict_table():
-    _, conflicts, _ = constraints._instructions()
+    _, conflicts, _ = ifeval_instructions()
     rng = random.Random(3)
     for _ in range(60):
         m = constraints.constrain("Tell me about Paris.", ANSWER, rng, 3)
