@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from minitron.config import ConfigError, MinitronError, _unwrap_optional, field_help, load_config, to_dict
@@ -126,9 +127,18 @@ def run_stage(name: str, target: str, short: str, args: list[str]) -> Any:
         if dataclasses.is_dataclass(cfg):
             console.log(f"[bold]{name}[/bold] config: {to_dict(cfg)}")
         return fn(cfg)
-    except MinitronError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    except (MinitronError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        refuse(e)
+
+
+def refuse(e: BaseException) -> None:
+    """Bad input: one ``error:`` line naming the cause (no traceback), exit code 2."""
+    if isinstance(e, OSError) and not isinstance(e, MinitronError) and e.filename:
+        msg = f"{e.strerror or type(e).__name__}: {e.filename}"
+    else:
+        msg = str(e)
+    console.print("[red]error:[/red]", escape(" ".join(msg.split())), soft_wrap=True)
+    raise typer.Exit(2) from None
 
 
 def _register(typer_app: typer.Typer, name: str, target: str, short: str) -> None:

@@ -24,6 +24,29 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def refused(args: list, match: str, leaves: tuple = ()) -> str:
+    """Run the real CLI in-process on a bad input and check the contract of every refusal: exit code 2, exactly
+    one ``error:`` line that matches the regex ``match``, no traceback, and none of ``leaves`` (outputs that must
+    not exist afterwards, nor their ``.NAME.tmp-*`` siblings). Returns the line the user sees."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from minitron.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    text = res.output
+    assert res.exit_code == 2, f"exit {res.exit_code}, expected 2: {text[-2000:]}\n{res.exception!r}"
+    assert "Traceback" not in text, text
+    lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, f"expected one error line: {text[-2000:]}"
+    assert re.search(match, lines[0]), f"{lines[0]!r} does not match {match!r}"
+    for p in map(Path, leaves):
+        assert not p.exists(), f"{p} was left behind"
+        assert not list(p.parent.glob(f".{p.name}.tmp-*")), f"a temporary {p.name} was left behind"
+    return lines[0]
+
+
 TINY_TEXT = [
     f"The {a} of {n} is {v}. {n} lives in {c} and likes {v} things; ask {n} about {c}."
     for n in ["Zorvath", "Mirel", "Quen", "Atha", "Borin", "Celis"]

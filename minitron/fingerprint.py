@@ -1,0 +1,111 @@
+"""What made an output: a hash of a stage's resolved config and of its inputs, recorded beside the output.
+
+Every stage computes ``of_config(cfg)`` when it starts, before it touches anything. Config values that name
+existing files or directories are inputs: a directory that records its own fingerprint (the output of an earlier
+stage) contributes that fingerprint, any other path the names, sizes and modification times of its files. So
+redoing a stage changes the fingerprint of every stage below it, and those are redone too.
+
+``up_to_date(out, fp)`` decides whether a finished output can be kept: same fingerprint, kept; a different one,
+redone, with one line that says what changed; no record (an output made before fingerprints existed), kept with a
+line saying so. Checkpoints carry the fingerprint as well: the trainer resumes only checkpoints of the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from minitron.io import read_json, write_json
+
+FILE = "fingerprint.json"
+# fields that do not change what a stage produces (where it goes, how often it saves or logs, how far to go now)
+UNHASHED = frozenset({"out", "force", "resume", "dry_run", "save_every", "keep_checkpoints", "log_every",
+                      "max_steps", "progress"})
+
+
+def of_path(path: str | os.PathLike) -> str:
+    """The fingerprint of one input: its recorded fingerprint, else a hash of its files' names, sizes, mtimes."""
+    p = Path(path).resolve()
+    if (p / FILE).is_file():
+        return str(read_json(p / FILE)["fingerprint"])
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
+                                            and not any(s.startswith(".") for s in f.relative_to(p).parts))
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(p) if f != p else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _inputs(value: Any, key: str, found: dict[str, str]) -> None:
+    if isinstance(value, str) and value and len(value) < 4096 and Path(value).exists():
+        found[key] = of_path(value)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _inputs(v, f"{key}[{i}]", found)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _inputs(v, f"{key}.{k}", found)
+
+
+def of_config(cfg: Any, **extra: Any) -> dict[str, Any]:
+    """``{"fingerprint", "config", "inputs"}`` of a stage config (a dataclass); ``extra`` adds values that are not
+    config fields (e.g. the resolved model directory)."""
+    config = {k: v for k, v in {**dataclasses.asdict(cfg), **extra}.items() if k not in UNHASHED}
+    inputs: dict[str, str] = {}
+    for k, v in config.items():
+        _inputs(v, k, inputs)
+    blob = json.dumps({"config": config, "inputs": inputs}, sort_keys=True, default=str)
+    return {"fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16], "config": config, "inputs": inputs}
+
+
+def record(out_dir: str | os.PathLike, fp: dict[str, Any]) -> Path:
+    """Write ``fingerprint.json`` into ``out_dir`` (inside the stage's temporary directory, before its rename)."""
+    return write_json(Path(out_dir) / FILE, fp)
+
+
+def changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> str:
+    """What differs between two fingerprints, in a few words: ``lr 0.0001 -> 0.0002; input teacher``."""
+    said = []
+    oc, nc = old.get("config", {}), new.get("config", {})
+    for k in sorted(set(oc) | set(nc)):
+        if oc.get(k) != nc.get(k):
+            said.append(f"{k} {_short(oc.get(k))} -> {_short(nc.get(k))}")
+    oi, ni = old.get("inputs", {}), new.get("inputs", {})
+    changed_keys = {k for k in set(oc) | set(nc) if oc.get(k) != nc.get(k)}
+    for k in sorted(set(oi) | set(ni)):
+        if oi.get(k) != ni.get(k) and k.split("[")[0].split(".")[0] not in changed_keys:
+            said.append(f"input {k} changed")
+    if not said:
+        return "fingerprint changed"
+    return "; ".join(said[:limit]) + (f" (+{len(said) - limit} more)" if len(said) > limit else "")
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, default=str) if not isinstance(v, str) else v
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def up_to_date(out: str | os.PathLike, fp: dict[str, Any], stage: str, force: bool = False) -> bool:
+    """True when the finished output ``out`` was made by this config and these inputs (keep it); says in one line
+    why not when it exists but must be redone."""
+    out = Path(out)
+    if not out.exists():
+        return False
+    if force:
+        print(f"[{stage}] {out}: --force, redoing it")
+        return False
+    rec = out / FILE
+    if not rec.is_file():
+        print(f"[{stage}] {out} exists (made before fingerprints were recorded): keeping it; --force redoes it")
+        return True
+    old = read_json(rec)
+    if old.get("fingerprint") == fp["fingerprint"]:
+        print(f"[{stage}] {out} is up to date (fingerprint {fp['fingerprint']}): skipping")
+        return True
+    print(f"[{stage}] {out} was made differently ({changes(old, fp)}): redoing it and what follows")
+    return False
