@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from evals.bfcl_checker import Verdict, check, language_of
 from evals.bfcl_decode import DecodeError, decode_output, normalize_calls
+from evals.jsonl import read_rows
 from minitron.config import ConfigError, MinitronError, arg
 from minitron.io import write_text
 
@@ -59,20 +60,12 @@ class BFCLError(MinitronError):
     """Unreadable or inconsistent BFCL files or predictions."""
 
 
+QUESTION = {"a BFCL question": ("id", "question", "function")}
+ANSWER = {"a BFCL answer": ("id", "ground_truth")}
+PREDICTION = {"a prediction": ("id", "calls"), "a raw-text prediction": ("id", "text")}
+
+
 # ---------------------------------------------------------------- data
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Objects of a JSONL file (BFCL's ``.json`` files are JSONL); errors name the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise BFCLError(f"{path}:{n}: not JSON ({e.msg}); BFCL files hold one object per line") from e
-    return rows
 
 
 def category_of_file(path: str | Path) -> str:
@@ -111,9 +104,7 @@ def load_questions(path: str | Path) -> dict[str, tuple[str, dict]]:
     out = {}
     for f in files:
         category = category_of_file(f) if FILE_RE.match(f.name) else None
-        for q in read_jsonl(f):
-            if "id" not in q or "function" not in q:
-                raise BFCLError(f"{f}: question without 'id'/'function': {str(q)[:120]}")
+        for q in read_rows(f, QUESTION):
             out[q["id"]] = (category or category_of_id(q["id"]), q)
     return out
 
@@ -131,9 +122,9 @@ def load_answers(path: str | Path | None, questions: str | Path) -> dict[str, li
     files = sorted(f for f in path.iterdir() if FILE_RE.match(f.name)) if path.is_dir() else [path]
     out = {}
     for f in files:
-        for a in read_jsonl(f):
-            if "id" not in a or not isinstance(a.get("ground_truth"), list):
-                raise BFCLError(f"{f}: answer without 'id'/'ground_truth' list: {str(a)[:120]}")
+        for a in read_rows(f, ANSWER):
+            if not isinstance(a["ground_truth"], list):
+                raise BFCLError(f"{f}: answer {a['id']!r}: 'ground_truth' is not a list of calls")
             out[a["id"]] = a["ground_truth"]
     return out
 
@@ -266,7 +257,7 @@ def _category_requests(cat: str, qfile: Path, afile: Path | None, limit: int | N
         raise BFCLError(f"{qfile} has no possible_answer/{qfile.name}: only (ir)relevance categories may lack one")
     answers = load_answers(afile, qfile) if afile else {}
     out = []
-    for q in read_jsonl(qfile)[: limit if limit else None]:
+    for q in read_rows(qfile, QUESTION)[: limit if limit else None]:
         turns, gt = q.get("question") or [], answers.get(q["id"])
         if afile and gt is None:
             raise BFCLError(f"{q['id']}: no ground truth in {afile}")
@@ -345,7 +336,7 @@ def run(cfg: CheckConfig) -> dict[str, Any]:
     """Score every prediction, print per-category accuracy as JSON (stdout), write verdicts if asked."""
     questions = load_questions(cfg.questions)
     answers = load_answers(cfg.answers, cfg.questions)
-    records = check_predictions(questions, answers, read_jsonl(cfg.predictions))
+    records = check_predictions(questions, answers, read_rows(cfg.predictions, PREDICTION))
     if cfg.verdicts:
         lines = [json.dumps({"id": r["id"], "valid": r["valid"], "error": r["error"]}) for r in records]
         write_text(cfg.verdicts, "".join(line + "\n" for line in lines))

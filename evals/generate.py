@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
+import requests
 import torch
 from tqdm.auto import tqdm
 
@@ -40,6 +42,12 @@ from minitron.model_source import resolve_model
 
 class EvalError(MinitronError):
     """An eval that cannot run as configured (missing data, unreachable endpoint...)."""
+
+
+def _reason(e: Exception) -> str:
+    """The short cause of a failed HTTP call (``[Errno 111] Connection refused``), not urllib3's whole repr."""
+    m = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(e))
+    return m.group(0).strip() if m else type(e).__name__
 
 
 def _truncate_at_stops(text: str, stop: Sequence[str]) -> str:
@@ -87,6 +95,12 @@ def decode_until_stop(tokenizer: Any, ids: list[int], stop_ids: Sequence[int]) -
     return tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
 
+def model_dir_key(path: Path) -> list:
+    """A model directory's identity: its resolved path, and the size and modification time of its weights and config."""
+    files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    return [str(path.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime] for f in files]
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -114,9 +128,7 @@ class HFBackend:
 
     def fingerprint(self) -> str:
         """Changes when the weights or config change (file sizes and modification times)."""
-        files = sorted(self.path.glob("*.safetensors")) + [self.path / "config.json"]
-        key = [str(self.path.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime] for f in files]
-        return request_key("hf", key + ([self.dtype] if self.dtype != "float32" else []))
+        return request_key("hf", model_dir_key(self.path) + ([self.dtype] if self.dtype != "float32" else []))
 
     @torch.no_grad()
     def _score_shared(self, seqs: list[list[int]], conts: list[list[int]]) -> list[tuple[float, bool]]:
@@ -209,18 +221,26 @@ class EndpointBackend:
 
     def __init__(self, url: str, model: str | None = None, tokenizer: str | None = None, timeout: float = 600.0,
                  api_key: str | None = None):
-        import requests
-
         self.url, self.timeout, self._session = url.rstrip("/"), timeout, requests.Session()
         if self.url.endswith("/v1"):
             self.url = self.url[:-3]
         if api_key:
             self._session.headers["Authorization"] = f"Bearer {api_key}"
         try:
-            served = self._session.get(f"{self.url}/v1/models", timeout=30).json()["data"]
+            r = self._session.get(f"{self.url}/v1/models", timeout=30)
+        except requests.RequestException as e:
+            raise EvalError(f"no server answers at {self.url} ({_reason(e)}): start one with `minitron serve --model DIR` "
+                            "or fix the URL") from None
+        if r.status_code == 401:
+            raise EvalError(f"{self.url} refused the API key (HTTP 401): pass --endpoint-api-key KEY or set OPENAI_API_KEY")
+        try:
+            served = r.json()["data"]
             ids = [m["id"] for m in served]
-        except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
-            raise EvalError(f"no OpenAI-compatible server at {self.url} ({e}); start one with `minitron serve`") from e
+        except (ValueError, KeyError, TypeError):
+            raise EvalError(f"{self.url}/v1/models answered HTTP {r.status_code} without a model list: "
+                            "not an OpenAI-compatible server (pass its base URL, e.g. http://HOST:PORT/v1)") from None
+        if not ids:
+            raise EvalError(f"{self.url} serves no model")
         self.model = model or ids[0]
         # vLLM reports its context length: prompts are fitted to it exactly as in-process
         self.max_length = next((m.get("max_model_len") for m in served if m["id"] == self.model), None)
@@ -238,12 +258,22 @@ class EndpointBackend:
         self.stop_ids = model_stop_ids(self.path or tok_dir, self.tokenizer) if self.tokenizer is not None else []
 
     def fingerprint(self) -> str:
-        return request_key("endpoint", [self.url, self.model])
+        """The served model directory's files when it is local (a restarted server, on any port, reuses the cache),
+        else the URL and model id; and the server's context length."""
+        where = model_dir_key(self.path) if self.path is not None else [self.url, self.model]
+        return request_key("endpoint", where + [self.max_length])
 
     def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        r = self._session.post(f"{self.url}{route}", json={"model": self.model, **body}, timeout=self.timeout)
+        """One request; a server that went away or failed is one EvalError saying that a rerun resumes."""
+        resume = "restart the server and rerun the same command: finished items are read back from the eval's cache"
+        try:
+            r = self._session.post(f"{self.url}{route}", json={"model": self.model, **body}, timeout=self.timeout)
+        except requests.RequestException as e:
+            raise EvalError(f"the server at {self.url} stopped answering ({_reason(e)}); {resume}") from None
+        if r.status_code >= 500:
+            raise EvalError(f"{self.url}{route} failed with HTTP {r.status_code} ({r.text[:200]}); {resume}")
         if r.status_code != 200:
-            raise EvalError(f"{self.url}{route} answered {r.status_code}: {r.text[:500]}")
+            raise EvalError(f"{self.url}{route} answered HTTP {r.status_code}: {r.text[:500]}")
         return r.json()
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:

@@ -40,6 +40,7 @@ from minitron.model_source import resolve_model
 
 TASKS = ("mmlu", "mmlu_cloze", "ifeval", "rag", "bfcl", "roleplay")
 DEFAULT_TASKS = ("mmlu", "ifeval", "rag", "bfcl", "roleplay")  # what ``demo`` and ``full`` run
+CHAT_TASKS = ("ifeval", "rag", "bfcl", "roleplay")  # prompts rendered by the chat template
 DATA_OF = {"mmlu_cloze": "mmlu"}  # tasks that read another task's data, limit and --<task>-data flag
 WORLD, SHARED = "runs/demo/world", "../shared/data"
 # suite -> (data per task, default item limit per task, default generation lengths)
@@ -135,13 +136,9 @@ def default_names(paths: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names)]
 
 
-def make_generator(cfg: EvalConfig, model: str | None, cache_dir: Path) -> Generator:
-    """An in-process generator for ``model`` (or the endpoint when None), with its own cache file."""
-    if model is None:
-        backend: Any = EndpointBackend(cfg.endpoint, cfg.endpoint_model, cfg.tokenizer,
-                                       api_key=cfg.endpoint_api_key or os.environ.get("OPENAI_API_KEY"))
-    else:
-        backend = HFBackend(model, device=cfg.device, dtype=cfg.dtype)
+def make_generator(cfg: EvalConfig, model: str | EndpointBackend, cache_dir: Path) -> Generator:
+    """A generator for a model dir (loaded in-process) or an endpoint's backend, with its own cache file."""
+    backend = model if isinstance(model, EndpointBackend) else HFBackend(model, device=cfg.device, dtype=cfg.dtype)
     # one cache file per model *version*: the fingerprint changes when the weights do, so a retrained model
     # never reads a stale reply, while a rerun of the same model (or its reuse as roleplay baseline) does
     tmp = Generator(backend, None)
@@ -169,7 +166,8 @@ def _bfcl(gen: Generator, data: str, limit: int | None, max_new_tokens: int) -> 
     return {"metrics": metrics, "items": res["items"]}
 
 
-def run_task(task: str, gen: Generator, cfg: EvalConfig, work: Path, baseline: Any) -> dict[str, Any]:
+def run_task(task: str, gen: Generator, cfg: EvalConfig, work: Path, baseline: Any,
+             judge_endpoint: EndpointBackend | None = None) -> dict[str, Any]:
     """One task on one model: ``{"metrics", "items", "note"?}``."""
     from evals import ifeval, mmlu, rag, roleplay
 
@@ -188,10 +186,8 @@ def run_task(task: str, gen: Generator, cfg: EvalConfig, work: Path, baseline: A
     # (a missing judge should not throw away the other tasks' numbers)
     judge_model = cfg.judge_model or cfg.preset().get("judge_model")
     judge = None
-    if cfg.judge_endpoint:
-        key = cfg.endpoint_api_key or os.environ.get("OPENAI_API_KEY")
-        judge = Generator(EndpointBackend(cfg.judge_endpoint, cfg.judge_endpoint_model, api_key=key),
-                          ItemCache(work / "cache" / "judge.sqlite"), cfg.batch_size)
+    if judge_endpoint is not None:
+        judge = Generator(judge_endpoint, ItemCache(work / "cache" / "judge.sqlite"), cfg.batch_size)
     elif not (judge_model and Path(judge_model, "config.json").exists()):
         return {"metrics": {}, "items": [], "note": f"skipped: no judge (no --judge-endpoint, no reward model at {judge_model})"}
     base = baseline(gen)
@@ -204,23 +200,88 @@ def run_task(task: str, gen: Generator, cfg: EvalConfig, work: Path, baseline: A
 
 
 def _check_data(cfg: EvalConfig) -> None:
-    """Fail before any model loads when a task's data is missing."""
+    """Read every task's data as the task will (missing files, malformed rows: refused with file and line)."""
+    from evals import bfcl, ifeval, mmlu, rag, roleplay
+
+    read = {"mmlu": mmlu.read_data, "mmlu_cloze": mmlu.read_data, "ifeval": ifeval.read_data, "rag": rag.load_sets,
+            "bfcl": lambda d: bfcl.build_requests(d, cfg.task_limit("bfcl")),
+            "roleplay": lambda d: roleplay.load_prompts(d, None)}
     for task in cfg.tasks():
         d = cfg.data(task)
-        if d != "hub" and not Path(d).exists():
-            hint = "run `minitron world` first" if d.startswith(WORLD) else f"pass --{task}-data PATH"
+        if d == "hub":
+            continue
+        if not Path(d).exists():
+            hint = "run `minitron world` first" if d.startswith(WORLD) else f"pass --{DATA_OF.get(task, task)}-data PATH"
             raise EvalError(f"{task}: data not found at {d} ({hint})")
+        read[task](d)
 
 
-def evaluate_model(cfg: EvalConfig, name: str, model: str | None, out: Path, baseline: Any) -> dict[str, Any]:
-    """Every task on one model (finished requests come back from the model's cache)."""
+def _check_tokenizer(model: str, tasks: list[str], flag: str = "--model") -> None:
+    """The model's tokenizer loads, and has a chat template when a chat task is selected."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions; any failure means the same here
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise EvalError(f"{flag} {model}: its tokenizer does not load ({type(e).__name__}: {why}); save the "
+                        "model's tokenizer in the directory (tokenizer.save_pretrained(DIR))") from None
+    _check_template(tok, model, tasks, flag)
+
+
+def _check_template(tok: Any, model: str, tasks: list[str], flag: str) -> None:
+    chat = [t for t in tasks if t in CHAT_TASKS]
+    if chat and not getattr(tok, "chat_template", None):
+        raise EvalError(f"{flag} {model} has no chat template, which {', '.join(chat)} need: install one with "
+                        "minitron.chat_format.install_chat_template(tokenizer) and save the tokenizer, or evaluate "
+                        "it with --suite mmlu only")
+
+
+def check_inputs(cfg: EvalConfig) -> tuple[EndpointBackend | None, EndpointBackend | None]:
+    """Refuse bad input before any work (nothing is written): every task's data, each model's tokenizer and chat
+    template, the roleplay baseline, and the endpoints (reachable). Returns (endpoint, judge endpoint) backends."""
+    tasks = cfg.tasks()
+    _check_data(cfg)
+    for m in cfg.model:
+        _check_tokenizer(m, tasks)
+    if "roleplay" in tasks and cfg.roleplay_baseline not in ("first", "reference"):
+        cfg.roleplay_baseline = str(resolve_model(cfg.roleplay_baseline, "--roleplay-baseline"))
+        _check_tokenizer(cfg.roleplay_baseline, ["roleplay"], "--roleplay-baseline")
+    key = cfg.endpoint_api_key or os.environ.get("OPENAI_API_KEY")
+    endpoint = judge = None
+    if cfg.endpoint:
+        endpoint = _connect("--endpoint", cfg.endpoint, cfg.endpoint_model, cfg.tokenizer, key)
+        if endpoint.tokenizer is None:
+            need = [t for t in tasks if t in ("mmlu", "mmlu_cloze", "ifeval")]
+            if need:
+                raise EvalError(f"--endpoint {cfg.endpoint}: {', '.join(need)} need the served model's tokenizer, "
+                                f"and {endpoint.model!r} is no local directory: pass --tokenizer DIR")
+        else:
+            _check_template(endpoint.tokenizer, endpoint.model, tasks, "--endpoint model")
+    if cfg.judge_endpoint and "roleplay" in tasks:
+        judge = _connect("--judge-endpoint", cfg.judge_endpoint, cfg.judge_endpoint_model, None, key)
+    return endpoint, judge
+
+
+def _connect(flag: str, url: str, model: str | None, tokenizer: str | None, key: str | None) -> EndpointBackend:
+    """The endpoint's backend; a refusal names the flag it came from."""
+    try:
+        return EndpointBackend(url, model, tokenizer, api_key=key)
+    except EvalError as e:
+        raise EvalError(f"{flag}: {e}") from None
+
+
+def evaluate_model(cfg: EvalConfig, name: str, model: str | EndpointBackend, out: Path, baseline: Any,
+                   judge: EndpointBackend | None = None) -> dict[str, Any]:
+    """Every task on one model dir or endpoint (finished requests come back from the model's cache)."""
     gen = make_generator(cfg, model, out / "cache")
-    entry = {"name": name, "path": model or cfg.endpoint, "params": count_params(model or getattr(gen.backend, "path", None)),
+    local = getattr(gen.backend, "path", None)
+    entry = {"name": name, "path": model if isinstance(model, str) else cfg.endpoint, "params": count_params(local),
              "tasks": {}}
     for task in cfg.tasks():
         t0 = time.time()
         console.log(f"[bold]{name}[/bold]: {task} ({cfg.data(task)}, limit {cfg.task_limit(task)})")
-        res = run_task(task, gen, cfg, out, baseline)
+        res = run_task(task, gen, cfg, out, baseline, judge)
         # per-item records next to the numbers: what each metric was computed from (inspect, re-score, diff)
         with open(_items_path(out, name, task), "w") as fh:
             for it in res.get("items", []):
@@ -261,11 +322,11 @@ def run(cfg: EvalConfig) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     names = cfg.names or (default_names(cfg.model) if cfg.model else [cfg.endpoint_model or "endpoint"])
     cfg.model = [str(resolve_model(m)) for m in cfg.model]  # directories, .gguf files and hub names alike
-    _check_data(cfg)
+    endpoint, judge = check_inputs(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.resolved.json", json.dumps(to_dict(cfg), indent=2))
-    models: list[str | None] = list(cfg.model) or [None]
+    models: list[str | EndpointBackend] = list(cfg.model) or [endpoint]
     # roleplay compares every model with one baseline; "first" is the first model (the teacher in stage
     # order), which makes the progression read as "win rate against the teacher"
     baseline_spec = cfg.roleplay_baseline
@@ -282,7 +343,7 @@ def run(cfg: EvalConfig) -> Path:
     results: dict[str, Any] = {"suite": cfg.suite, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                                "config": to_dict(cfg), "headline": HEADLINE, "models": []}
     for name, model in zip(names, models):
-        results["models"].append(evaluate_model(cfg, name, model, out, baseline))
+        results["models"].append(evaluate_model(cfg, name, model, out, baseline, judge))
         gc.collect()
     results["seconds"] = round(time.time() - t0, 1)
     write_report(results, out, plots=cfg.plots)

@@ -19,11 +19,12 @@ from typing import Any
 import yaml
 
 from evals.generate import EvalError, Generator, run_lm_eval
+from evals.jsonl import read_rows
 from evals.report import mean_metric
-from minitron.data import read_jsonl
 from minitron.punkt import ensure_punkt
 
 TEMPLATE = Path(__file__).with_name("tasks") / "_ifeval_local_template.yaml"
+FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
 METRICS = ["prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"]
 
 
@@ -33,6 +34,11 @@ def _data_file(data_dir: str | Path) -> Path:
     if not f.exists():
         raise EvalError(f"{f} not found: an IFEval data dir holds input_data.jsonl (key, prompt, instruction_id_list, kwargs)")
     return f
+
+
+def read_data(data_dir: str | Path) -> list[dict]:
+    """The prompts of an IFEval data dir (or file); malformed rows are refused with the file and line."""
+    return read_rows(_data_file(data_dir), {"IFEval": FIELDS})
 
 
 def write_task(data_dir: str | Path, work_dir: str | Path, max_gen_toks: int) -> tuple[Path, str]:
@@ -54,6 +60,7 @@ def write_task(data_dir: str | Path, work_dir: str | Path, max_gen_toks: int) ->
 def evaluate(gen: Generator, data_dir: str | Path, limit: int | None, work_dir: str | Path,
              max_new_tokens: int = 1280) -> dict[str, Any]:
     """IFEval on ``gen`` (chat template, greedy, ``max_new_tokens`` per reply): metrics and per-prompt items."""
+    read_data(data_dir)  # lm-eval reads the file itself, with no line numbers in its errors
     ensure_punkt(_data_file(data_dir))
     folder, name = write_task(data_dir, work_dir, max_new_tokens)
     samples = run_lm_eval(gen, [name], folder, limit, chat=True)[name]

@@ -25,14 +25,16 @@ from typing import Any
 import yaml
 
 from evals.generate import EvalError, Generator, run_lm_eval
+from evals.jsonl import read_json, read_rows
 from evals.report import mean_metric
-from minitron.data import read_jsonl
+from minitron.data import DataError
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 TEMPLATE = TASKS_DIR / "_mmlu_local_template.yaml"
 CLOZE_TEMPLATE = TASKS_DIR / "_mmlu_cloze_template.yaml"
 FORMATS = {"letter": ("mmlu_local", TEMPLATE, "The following are multiple choice questions (with answers) about"),
            "cloze": ("mmlu_cloze", CLOZE_TEMPLATE, "The following are questions (with answers) about")}
+FIELDS = ("question", "choices", "answer", "subject")
 CATEGORIES = {"STEM": "stem", "humanities": "humanities", "social sciences": "social_sciences"}
 
 
@@ -48,6 +50,23 @@ def lm_eval_mmlu_dir() -> Path:
     return Path(lm_eval.tasks.__file__).parent / "mmlu" / "default"
 
 
+def read_data(data_dir: str | Path) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    """``({"test": rows, "dev": rows}, subject categories)`` of an MMLU data dir; malformed files are refused
+    (file and line)."""
+    data_dir = Path(data_dir)
+    splits = {}
+    for split in ("test", "dev"):
+        f = data_dir / f"mmlu_{split}.jsonl"
+        if not f.exists():
+            raise EvalError(f"{f} not found: MMLU data dirs hold mmlu_test.jsonl and mmlu_dev.jsonl")
+        splits[split] = read_rows(f, {"MMLU": FIELDS})
+    cats_file = data_dir / "subject_categories.json"
+    cats = read_json(cats_file) if cats_file.exists() else {}
+    if not isinstance(cats, dict):
+        raise DataError(f"{cats_file}: expected an object {{subject: {{\"category\": ...}}}}")
+    return splits, cats
+
+
 def write_tasks(data_dir: str | Path, work_dir: str | Path, prefix: str = "mmlu_local",
                 include: str | None = None, fmt: str = "letter") -> tuple[Path, dict[str, str], dict[str, str]]:
     """Split the data per subject and write one task YAML per subject under ``work_dir/<hash of data>``.
@@ -57,18 +76,14 @@ def write_tasks(data_dir: str | Path, work_dir: str | Path, prefix: str = "mmlu_
     how tests compare the two. Returns (task folder, {task: subject}, {subject: category}).
     """
     data_dir = Path(data_dir)
+    splits_rows, cats = read_data(data_dir)
     test, dev = data_dir / "mmlu_test.jsonl", data_dir / "mmlu_dev.jsonl"
-    for f in (test, dev):
-        if not f.exists():
-            raise EvalError(f"{f} not found: MMLU data dirs hold mmlu_test.jsonl and mmlu_dev.jsonl")
-    cats_file = data_dir / "subject_categories.json"
-    cats = json.loads(cats_file.read_text()) if cats_file.exists() else {}
     digest = hashlib.sha256(f"{data_dir.resolve()}|{test.stat().st_mtime}|{dev.stat().st_mtime}|{prefix}|{include}"
                             .encode()).hexdigest()[:12]
     out = Path(work_dir) / f"{prefix}-{digest}"
     rows: dict[str, dict[str, list[str]]] = {}
-    for split, f in (("test", test), ("dev", dev)):
-        for row in read_jsonl(f):
+    for split, split_rows in splits_rows.items():
+        for row in split_rows:
             rows.setdefault(row["subject"], {"test": [], "dev": []})[split].append(json.dumps(row))
     tasks, categories = {}, {}
     for subject, splits in sorted(rows.items()):

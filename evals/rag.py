@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from evals.generate import EvalError, Generator
+from evals.jsonl import read_rows
 from evals.report import mean_metric
-from minitron.data import read_jsonl
 from minitron.retrieval import bm25_retrieve, rag_messages, rows_to_items
 
 PUNCT = set(string.punctuation)
+SCHEMAS = {"SQuAD 2.0": ("context", "question", "answers"), "NQ-open": ("question", "answers", "ctxs")}
 ABSTAIN = ("unanswerable", "no answer", "cannot be answered", "not in the passages", "i don't know", "unknown")
 
 
@@ -73,7 +74,7 @@ def load_sets(data: str | Path) -> list[tuple[str, list[dict], list[str]]]:
     sets = []
     for f in files:
         name = f.name.split(".")[0]
-        items, corpus = rows_to_items(list(read_jsonl(f)), name)
+        items, corpus = rows_to_items(read_rows(f, SCHEMAS), name)
         sets.append((name, items, corpus))
     return sets
 

