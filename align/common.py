@@ -22,7 +22,8 @@ import yaml
 from align.lora import LoraArgs, merge_for_export
 from minitron.chat_format import ensure_tool_template, install_chat_template, stop_token_ids
 from minitron.config import ConfigError, arg
-from minitron.io import atomic_dir, count_parameters, write_json, write_model_card
+from minitron import fingerprint
+from minitron.io import atomic_dir, count_parameters, read_json, write_json, write_model_card
 
 
 @dataclasses.dataclass
@@ -60,6 +61,7 @@ class StageContext:
     lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
     started: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # stage -> (wall, cpu) at start
     callbacks: list[Any] = dataclasses.field(default_factory=list)  # extra transformers TrainerCallbacks
+    fingerprints: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # stage -> what makes it
 
     def work_dir(self, stage: str) -> Path:
         return self.out / ".work" / stage
@@ -108,11 +110,45 @@ def freeze(model: Any, args: TrainArgs) -> Any:
 
 
 def last_checkpoint(ctx: StageContext, stage: str) -> str | None:
-    """The newest ``checkpoint-N`` of an interrupted run of ``stage``, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete ``checkpoint-N`` of an interrupted run of ``stage``, or None.
 
+    The Trainer writes ``trainer_state.json`` last, so a checkpoint without a readable one was cut short (a kill
+    while saving): it is passed over, and the resumed run overwrites it when it reaches that step again.
+    """
     work = ctx.work_dir(stage)
-    return get_last_checkpoint(str(work)) if work.is_dir() else None
+    for ckpt in sorted(work.glob("checkpoint-*"), key=_step_of, reverse=True):
+        try:
+            step = read_json(ckpt / "trainer_state.json")["global_step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        print(f"[{stage}] resuming from {ckpt} (step {step})")
+        return str(ckpt)
+    return None
+
+
+def _step_of(ckpt: Path) -> int:
+    tail = ckpt.name.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else -1
+
+
+def claim_work_dir(ctx: StageContext, stage: str, fp: dict[str, Any]) -> Path:
+    """Make ``OUT/.work/<stage>`` this run's: checkpoints of the same fingerprint stay (they are resumed); those of
+    another config (or of no recorded one) are moved aside to ``.work/<stage>.<fingerprint>``, with one line."""
+    work = ctx.work_dir(stage)
+    ctx.fingerprints[stage] = fp
+    if work.is_dir() and any(work.iterdir()):
+        rec = work / fingerprint.FILE
+        old = read_json(rec).get("fingerprint", "unrecorded") if rec.is_file() else "unrecorded"
+        if old == fp["fingerprint"]:
+            return work
+        aside, n = work.with_name(f"{stage}.{old}"), 1
+        while aside.exists():
+            aside, n = work.with_name(f"{stage}.{old}.{n}"), n + 1
+        work.rename(aside)
+        print(f"[{stage}] {work} holds the work of another config (fingerprint {old}): moved it aside to {aside}, "
+              "starting at step 0")
+    fingerprint.record(work, fp)
+    return work
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -162,6 +198,8 @@ def save_stage(model: Any, tok: Any, ctx: StageContext, stage: str, metrics: dic
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         write_json(tmp / "metrics.json", metrics)
+        if stage in ctx.fingerprints:
+            fingerprint.record(tmp, ctx.fingerprints[stage])
         (tmp / "config.resolved.yaml").write_text(yaml.safe_dump(
             {"stage": stage, "source": source, "args": dataclasses.asdict(args), "seed": ctx.seed,
              "max_length": ctx.max_length, "lora": dataclasses.asdict(ctx.lora)}, sort_keys=False))

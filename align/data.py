@@ -23,6 +23,7 @@ counted (``LoadStats``), so the metrics show how much data was dropped.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import random
@@ -30,7 +31,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from minitron.data import DataError, read_records
+from minitron.data import TEXT_SUFFIXES, DataError, read_records, resolve_files
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
          "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
@@ -53,20 +54,43 @@ class LoadStats:
 
 
 # ----------------------------------------------------------------------------------------------- sources
-def iter_source(source: str, split: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
+def iter_source(source: str, split: str) -> Iterator[tuple[str, int, Any]]:
     """(file, line, row) of a local path or ``datasets`` name (``name[:config][@split]`` overrides ``split``)."""
     local = Path(source)
     if local.exists():
-        if local.is_dir() and not any(split in f.name for f in local.rglob("*") if f.is_file()):
-            for f in sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json", ".gz")):
-                yield from read_records(f, split)
-            return
-        yield from read_records(local, split)
+        for f in _local_files(local, split):
+            _check_format(f)
+            yield from read_records(f, split)
         return
     if os.sep in source or source.startswith("."):
         raise DataError(f"data source not found: {source} (check the path, or build it first: `minitron world`)")
     name, _, hub_split = source.partition("@")
-    yield from read_records(name, hub_split or split)
+    try:
+        yield from read_records(name, hub_split or split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many kinds (offline, unknown name, bad config): one line names it
+        raise DataError(f"data source {source}: not a local path, and `datasets` cannot load it "
+                        f"({type(e).__name__}: {e})") from e
+
+
+def _local_files(local: Path, split: str) -> list[Path]:
+    """The files of a local source: a folder without a file named for ``split`` gives all its JSON(L) files."""
+    if local.is_dir() and not any(split in f.name for f in local.rglob("*") if f.is_file()):
+        return sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json", ".gz"))
+    return resolve_files(local, split)
+
+
+def _check_format(f: Path) -> None:
+    """Refuse a file type that gives no rows, and a JSON array saved as ``.jsonl`` (one object per line expected)."""
+    if not f.name.endswith(TEXT_SUFFIXES):
+        raise DataError(f"{f}: unsupported data file type (use {', '.join(TEXT_SUFFIXES)})")
+    if f.name.endswith((".jsonl", ".jsonl.gz")):
+        with (gzip.open(f, "rt", encoding="utf-8") if f.name.endswith(".gz") else f.open(encoding="utf-8")) as fh:
+            head = fh.read(4096).lstrip()[:1]
+        if head == "[":
+            raise DataError(f"{f}: a JSON array, but a .jsonl file holds one JSON object per line; write one object "
+                            "per line, or rename the file to .json")
 
 
 def load_rows(sources: list[str], split: str, convert: Callable[[dict], list[dict]], skip_bad_rows: bool,
@@ -78,6 +102,8 @@ def load_rows(sources: list[str], split: str, convert: Callable[[dict], list[dic
         for where, line, row in iter_source(source, split):
             stats.rows += 1
             try:
+                if not isinstance(row, dict):
+                    raise TypeError(f"expected a JSON object, got {type(row).__name__}")
                 examples = convert(row)
             except (ValueError, TypeError, KeyError) as e:
                 msg = f"{where}:{line}: {e}"

@@ -19,6 +19,10 @@ from align.lora import peft_config
 from align.scoring import completion_logps, mean_se
 from minitron.config import ConfigError, arg
 
+# the losses TRL 1.16's DPOTrainer computes (it checks only at the first training step)
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
 
 @dataclasses.dataclass
 class DPOArgs(TrainArgs):
@@ -34,6 +38,9 @@ class DPOArgs(TrainArgs):
         super().__post_init__()
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta must be positive (got {self.beta})")
+        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
+        if unknown:
+            raise ConfigError(f"dpo.loss_type: unknown loss {unknown}; valid: {', '.join(LOSS_TYPES)}")
 
 
 def margins(model: Any, tok: Any, pairs: list[dict]) -> Any:

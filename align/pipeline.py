@@ -5,9 +5,13 @@
     minitron align --config configs/align/demo.yaml --stages sft,dpo --max-steps 5 --skip-bad-rows
 
 Each stage writes a standard HF directory under OUT (``sft/``, ``rm/`` (a sequence classifier), ``dpo/``, ``rl/``)
-with ``metrics.json`` and a model card; a finished stage is skipped (``--force`` redoes it) and an interrupted one
-resumes from its last checkpoint in ``OUT/.work/``. Stage inputs chain: SFT <- model; RM and DPO <- SFT (or the
-model when there is none); RL <- DPO (else SFT, else the model) with the reward model ``OUT/rm``.
+with ``metrics.json``, a model card and ``fingerprint.json`` (its settings and inputs, ``minitron.fingerprint``).
+Before any of that, ``check`` reads the model, its tokenizer and every data row, and refuses a bad input in one
+line. A stage whose output has the same fingerprint is skipped; a different one (a changed setting or input, e.g. a
+redone SFT under DPO) is redone, and so are the stages below it (``--force`` redoes any). An interrupted stage,
+even killed, resumes from its last checkpoint in ``OUT/.work/<stage>/`` when that work has the same fingerprint.
+Stage inputs chain: SFT <- model; RM and DPO <- SFT (or the model when there is none); RL <- DPO (else SFT, else
+the model) with the reward model ``OUT/rm``.
 ``OUT/final`` links to the last policy (rl, else dpo, else sft; ``--final dpo`` picks one); ``OUT/report.md`` holds
 the per-stage table; with ``--eval-suite demo`` the eval harness runs on every output.
 """
@@ -24,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from align import data as D
-from align.common import StageContext
+from align.common import StageContext, claim_work_dir
 from align.dpo import DPOArgs
 from align.lora import LoraArgs
 from align.report import STAGES, write_report
@@ -32,6 +36,7 @@ from align.reward import RMArgs
 from align.rl import RLArgs
 from align.sft import SFTArgs
 from align.sft_mix import SFTMixArgs
+from minitron import fingerprint
 from minitron.config import ConfigError, MinitronError, arg, save_resolved
 from minitron.io import is_model_dir, write_text
 from minitron.model_source import resolve_model
@@ -121,18 +126,94 @@ def _load(cfg: AlignConfig, train_src: list[str], eval_src: list[str], convert: 
     return rows, held, info
 
 
-def _fit(cfg: AlignConfig, base: Path, loaded: tuple[list, list, dict]) -> tuple[list, list, dict]:
+def _fit(tok: Any, max_length: int, loaded: tuple[list, list, dict]) -> tuple[list, list, dict]:
     """Preference pairs trimmed to ``max_length`` tokens (earliest turns first), train and held-out alike."""
-    from align.common import load_tokenizer
     from align.scoring import chat_ids
 
-    tok = load_tokenizer(base)
     length = lambda msgs: len(chat_ids(tok, msgs))  # noqa: E731
     train, held, info = loaded
-    train, dropped_train = D.fit_pairs(train, length, cfg.max_length)
-    held, dropped_held = D.fit_pairs(held, length, cfg.max_length)
+    train, dropped_train = D.fit_pairs(train, length, max_length)
+    held, dropped_held = D.fit_pairs(held, length, max_length)
     info["too_long_dropped"] = {"train": dropped_train, "eval": dropped_held}
+    if not train or not held:
+        raise D.DataError(f"no preference pair fits max_length={max_length} tokens (train {len(train)}, held out "
+                          f"{len(held)}): raise --max-length or shorten the data")
     return train, held, info
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What a run reads, loaded and checked before any stage starts."""
+
+    base: Path
+    sft: tuple[list, list, dict] | None = None  # (train, held out, stats) of the SFT examples
+    pref: tuple[list, list, dict] | None = None  # the same of the preference pairs, fitted to max_length
+
+
+def check(cfg: AlignConfig) -> Inputs:
+    """Read and check everything a run needs before it writes anything: the output folder, the model and its
+    tokenizer, every row of every data source the chosen stages read, and what the stages need of each other.
+    A bad input raises MinitronError in one line that names it and the fix."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise MinitronError(f"--out {out}: a file, not a folder; pass a folder for the stage outputs")
+    if "rl" in cfg.stages and "rm" not in cfg.stages and not _done(out, "rm"):
+        raise MinitronError(f"the RL stage needs a reward model in {out / 'rm'}: run the rm stage first "
+                            "(--stages rm,rl)")
+    inputs = Inputs(resolve_model(cfg.model))
+    _check_layers(cfg, inputs.base)
+    tok = _tokenizer(inputs.base)
+    if "sft" in cfg.stages:
+        _check_mix(cfg.sft_mix)
+        inputs.sft = _load(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
+        first = inputs.sft[0][0]
+        _check_template(tok, inputs.base, first["prompt"] + first["completion"], first.get("tools"))
+    if set(cfg.stages) & {"rm", "dpo", "rl"}:
+        loaded = _load(cfg, cfg.pref_data, cfg.pref_eval_data, D.to_preference)
+        first = loaded[0][0]
+        _check_template(tok, inputs.base, first["prompt"] + first["chosen"])
+        inputs.pref = _fit(tok, cfg.max_length, loaded)
+    return inputs
+
+
+def _tokenizer(model: Path) -> Any:
+    from align.common import load_tokenizer
+
+    try:
+        return load_tokenizer(model)
+    except (OSError, ValueError, TypeError) as e:
+        raise MinitronError(f"--model {model}: no usable tokenizer ({type(e).__name__}: {e}); save the tokenizer "
+                            "beside the weights (tokenizer.save_pretrained(DIR))") from e
+
+
+def _check_template(tok: Any, model: Path, messages: list[dict], tools: Any = None) -> None:
+    """The model's chat template must render the data (a model without one gets the project's)."""
+    try:
+        tok.apply_chat_template(messages, tools=tools, tokenize=False)
+    except Exception as e:  # jinja2 syntax or runtime errors, raise_exception() in the template, ...
+        raise MinitronError(f"--model {model}: its chat template cannot render the data ({type(e).__name__}: {e}); "
+                            "fix the template, or delete it (chat_template.jinja / tokenizer_config.json "
+                            "chat_template) and the project's ChatML template is installed") from e
+
+
+def _check_layers(cfg: AlignConfig, model: Path) -> None:
+    from transformers import AutoConfig
+
+    layers = getattr(AutoConfig.from_pretrained(str(model)), "num_hidden_layers", None)
+    for stage in cfg.stages:
+        frozen = getattr(cfg, stage).freeze_layers
+        if layers is not None and frozen >= layers:
+            raise ConfigError(f"{stage}.freeze_layers={frozen} leaves nothing to train: {model} has {layers} "
+                              "decoder layers")
+
+
+def _check_mix(mix: SFTMixArgs) -> None:
+    """The SFT mix's teacher resolves and its RAG files parse."""
+    if mix.teacher and mix.teacher_share > 0:
+        resolve_model(mix.teacher, "--sft-mix.teacher")
+    for source in mix.rag_data if mix.rag_examples else []:
+        for _ in D.iter_source(source, "train"):
+            pass
 
 
 def _write_heldout(path: Path, rows: list[dict]) -> None:
@@ -149,33 +230,47 @@ def _input(out: Path, base: Path, *prefer: str) -> Path:
     return next((out / s for s in prefer if _done(out, s)), base)
 
 
-def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, base: Path, data: dict) -> None:
-    """Train one stage on its input model (loading the data it needs once)."""
+def stage_input(out: Path, base: Path, stage: str) -> Path:
+    """The model a stage starts from: SFT <- base; RM, DPO <- SFT (else base); RL <- DPO (else SFT, else base)."""
+    return {"sft": base, "rm": _input(out, base, "sft"), "dpo": _input(out, base, "sft"),
+            "rl": _input(out, base, "dpo", "sft")}[stage]
+
+
+def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path) -> dict[str, Any]:
+    """What makes a stage's output: its section (with the steps it really trains), its input model (and the reward
+    model for RL), its data sources and the pipeline settings that shape its data and training."""
+    args = getattr(cfg, stage)
+    shared = {k: getattr(cfg, k) for k in ("seed", "max_length", "eval_rows", "max_train_rows",
+                                           "max_rows_per_source", "skip_bad_rows")}
+    if stage == "sft":
+        data = {"sft_data": cfg.sft_data, "sft_eval_data": cfg.sft_eval_data, "sft_mix": dataclasses.asdict(cfg.sft_mix)}
+    else:
+        data = {"pref_data": cfg.pref_data, "pref_eval_data": cfg.pref_eval_data}
+    if stage == "rl":
+        data["reward_model"] = str(Path(cfg.out) / "rm")
+    return fingerprint.of_config(args, steps=ctx.steps(args), model=str(model_dir), lora=dataclasses.asdict(cfg.lora),
+                                 **shared, **data)
+
+
+def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path, inputs: Inputs) -> None:
+    """Train one stage from ``model_dir`` on the data loaded by ``check``."""
     from align import dpo, reward, rl, sft, sft_mix
 
-    out = ctx.out
     if stage == "sft":
-        train, held, info = _load(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
-        _write_heldout(out / "data" / "sft_heldout.jsonl", [{"messages": ex["prompt"] + ex["completion"]} for ex in held])
-        train, info["mix"] = sft_mix.build(cfg.sft_mix, train, ctx.work_dir("sft"), cfg.seed)
-        print(f"[align] sft mix: {info['mix']}")
-        sft.train(ctx, cfg.sft, base, train, held, info)
+        train, held, info = inputs.sft
+        train, mix = sft_mix.build(cfg.sft_mix, train, ctx.work_dir("sft"), cfg.seed)
+        print(f"[align] sft mix: {mix}")
+        sft.train(ctx, cfg.sft, model_dir, train, held, {**info, "mix": mix})
         return
-    if "pref" not in data:
-        data["pref"] = _fit(cfg, base, _load(cfg, cfg.pref_data, cfg.pref_eval_data, D.to_preference))
-        _write_heldout(out / "data" / "pref_heldout.jsonl", data["pref"][1])
-    train_pairs, eval_pairs, info = data["pref"]
+    train_pairs, eval_pairs, info = inputs.pref
     if stage == "rm":
-        reward.train(ctx, cfg.rm, _input(out, base, "sft"), train_pairs, eval_pairs, info)
+        reward.train(ctx, cfg.rm, model_dir, train_pairs, eval_pairs, info)
     elif stage == "dpo":
-        dpo.train(ctx, cfg.dpo, _input(out, base, "sft"), train_pairs, eval_pairs, info)
+        dpo.train(ctx, cfg.dpo, model_dir, train_pairs, eval_pairs, info)
     else:
-        if not _done(out, "rm"):
-            raise MinitronError(f"the RL stage needs a reward model in {out / 'rm'}: run the rm stage first "
-                                "(--stages rm,rl)")
         # RL needs prompts only: the preference prompts, so the RM scores answers to the questions it was trained on
         prompts = [p["prompt"] for p in train_pairs]
-        rl.train(ctx, cfg.rl, _input(out, base, "dpo", "sft"), out / "rm", prompts,
+        rl.train(ctx, cfg.rl, model_dir, ctx.out / "rm", prompts,
                  [p["prompt"] for p in eval_pairs][: cfg.rl.eval_prompts], info)
 
 
@@ -204,21 +299,28 @@ def run_evals(cfg: AlignConfig, models: list[Path]) -> Any:
 
 
 def run(cfg: AlignConfig) -> Path:
-    """Run the selected stages in order, then write the report (and the evals when asked)."""
-    base = resolve_model(cfg.model)  # a directory, .gguf, hub name or latest:FOLDER
-    out = Path(cfg.out)
+    """Check every input, then run the selected stages in order (skipping those whose output is up to date) and
+    write the report (and the evals when asked)."""
+    inputs = check(cfg)
+    base, out = inputs.base, Path(cfg.out)
     save_resolved(cfg, out, "align.resolved.yaml")
+    if inputs.sft:
+        _write_heldout(out / "data" / "sft_heldout.jsonl",
+                       [{"messages": ex["prompt"] + ex["completion"]} for ex in inputs.sft[1]])
+    if inputs.pref:
+        _write_heldout(out / "data" / "pref_heldout.jsonl", inputs.pref[1])
     ctx = StageContext(out=out, seed=cfg.seed, max_steps=cfg.max_steps, max_length=cfg.max_length, lora=cfg.lora)
-    data: dict[str, Any] = {}  # loaded once: RM, DPO and RL share the preference data
     for stage in STAGES:  # always in pipeline order, whatever the order of --stages
         if stage not in cfg.stages:
             continue
-        if _done(out, stage) and not cfg.force:
-            print(f"[align] {stage}: {out / stage} is complete, skipping (--force redoes it)")
+        model_dir = stage_input(out, base, stage)
+        fp = stage_fingerprint(cfg, ctx, stage, model_dir)
+        if _done(out, stage) and fingerprint.up_to_date(out / stage, fp, stage, cfg.force):
             continue
-        print(f"[align] {stage}: training")
+        claim_work_dir(ctx, stage, fp)
+        print(f"[align] {stage}: training from {model_dir}")
         ctx.started[stage] = (time.perf_counter(), time.process_time())
-        _run_stage(cfg, ctx, stage, base, data)
+        _run_stage(cfg, ctx, stage, model_dir, inputs)
     link_final(out, cfg.final)
     evals = None
     if cfg.eval_suite:

@@ -117,7 +117,9 @@ def test_report_and_skip_finished_stages(aligned, capsys):
     assert set(summary["stages"]) == {"sft", "rm", "dpo", "rl"} and "history" not in summary["stages"]["sft"]
     stamp = (out / "sft" / "model.safetensors").stat().st_mtime_ns
     run(AlignConfig(**{**cfg.__dict__, "stages": ["sft", "dpo"]}))
-    assert "sft: " in capsys.readouterr().out and (out / "sft" / "model.safetensors").stat().st_mtime_ns == stamp
+    said = capsys.readouterr().out
+    assert f"[sft] {out / 'sft'} is up to date" in said and f"[dpo] {out / 'dpo'} is up to date" in said
+    assert (out / "sft" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 class _Interrupt(Exception):
