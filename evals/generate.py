@@ -487,10 +487,14 @@ def run_lm_eval(gen: Generator, tasks: list[str], include_path: str | os.PathLik
     """
     import logging
 
+    import datasets
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    # offline means no attempt: unless HF_HUB_OFFLINE is set, every load_dataset (lm-eval's, of our local JSON files
+    # too) sends a HEAD to s3.amazonaws.com to count a download; nothing here needs that
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
     tm = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_path is None)
     out = lm_eval.simple_evaluate(model=LMEvalAdapter(gen, max_gen_toks), tasks=tasks, num_fewshot=num_fewshot,
                                   limit=limit, task_manager=tm, log_samples=True, bootstrap_iters=0,
