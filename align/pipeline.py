@@ -42,6 +42,7 @@ from minitron.io import is_model_dir, write_text
 from minitron.model_source import resolve_model
 
 WORLD = "runs/demo/world"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def _section(cls: type, help_: str) -> Any:
@@ -173,17 +174,23 @@ def check(cfg: AlignConfig) -> Inputs:
         first = loaded[0][0]
         _check_template(tok, inputs.base, first["prompt"] + first["chosen"])
         inputs.pref = _fit(tok, cfg.max_length, loaded)
+        if "rl" in cfg.stages:
+            _check_rl_batch(cfg.rl, len(inputs.pref[0]))
     return inputs
 
 
 def _tokenizer(model: Path) -> Any:
+    """The model's tokenizer (with the project template when it has none), or a one-line refusal."""
     from align.common import load_tokenizer
 
+    fix = "save the tokenizer beside the weights: tokenizer.save_pretrained(DIR)"
+    if not any((model / f).is_file() for f in TOKENIZER_FILES):
+        raise MinitronError(f"--model {model}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); {fix}")
     try:
         return load_tokenizer(model)
     except (OSError, ValueError, TypeError) as e:
-        raise MinitronError(f"--model {model}: no usable tokenizer ({type(e).__name__}: {e}); save the tokenizer "
-                            "beside the weights (tokenizer.save_pretrained(DIR))") from e
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise MinitronError(f"--model {model}: its tokenizer does not load ({type(e).__name__}: {first}); {fix}") from e
 
 
 def _check_template(tok: Any, model: Path, messages: list[dict], tools: Any = None) -> None:
@@ -205,6 +212,14 @@ def _check_layers(cfg: AlignConfig, model: Path) -> None:
         if layers is not None and frozen >= layers:
             raise ConfigError(f"{stage}.freeze_layers={frozen} leaves nothing to train: {model} has {layers} "
                               "decoder layers")
+
+
+def _check_rl_batch(args: RLArgs, prompts: int) -> None:
+    """TRL's RL sampler drops a partial batch of prompts: fewer prompts than one batch would train no step."""
+    need = args.batch_size * args.grad_accum
+    if prompts < need:
+        raise ConfigError(f"rl: {prompts} training prompts, fewer than one batch (rl.batch_size x rl.grad_accum = "
+                          f"{need}), so RL would train no step; lower them or --eval-rows, or add preference data")
 
 
 def _check_mix(mix: SFTMixArgs) -> None:
@@ -243,7 +258,8 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
     shared = {k: getattr(cfg, k) for k in ("seed", "max_length", "eval_rows", "max_train_rows",
                                            "max_rows_per_source", "skip_bad_rows")}
     if stage == "sft":
-        data = {"sft_data": cfg.sft_data, "sft_eval_data": cfg.sft_eval_data, "sft_mix": dataclasses.asdict(cfg.sft_mix)}
+        data = {"sft_data": cfg.sft_data, "sft_eval_data": cfg.sft_eval_data,
+                "sft_mix": dataclasses.asdict(cfg.sft_mix)}
     else:
         data = {"pref_data": cfg.pref_data, "pref_eval_data": cfg.pref_eval_data}
     if stage == "rl":

@@ -29,8 +29,8 @@ def write_tiny_data(folder: Path) -> dict[str, str]:
     sft, pref = folder / "sft.jsonl", folder / "pref.jsonl"
     qa = [(f"What is the color of {n}?", f"The color of {n} is {c}.", f"{n} is {COLORS[(i + 1) % 4]}.")
           for i, (n, c) in enumerate((n, c) for n in NAMES for c in COLORS)]
-    sft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-                           + "\n" for q, a, _ in qa))
+    chat = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    sft.write_text("".join(json.dumps({"messages": chat(q, a)}) + "\n" for q, a, _ in qa))
     pref.write_text("".join(json.dumps({"prompt": q, "chosen": a, "rejected": b}) + "\n" for q, a, b in qa))
     return {"sft_data": str(sft), "sft_eval_data": str(sft), "pref_data": str(pref), "pref_eval_data": str(pref)}
 
