@@ -163,6 +163,8 @@ def check(cfg: AlignConfig) -> Inputs:
                             "(--stages rm,rl)")
     inputs = Inputs(resolve_model(cfg.model))
     _check_layers(cfg, inputs.base)
+    if cfg.eval_suite:
+        eval_config(cfg, [inputs.base])  # an unknown task is refused now, not after the training
     tok = _tokenizer(inputs.base)
     if "sft" in cfg.stages:
         _check_mix(cfg.sft_mix)
@@ -303,15 +305,25 @@ def link_final(out: Path, final: str) -> Path | None:
     return out / "final"
 
 
+def eval_config(cfg: AlignConfig, models: list[Path]) -> Any:
+    """The eval harness's config for ``models`` (None when evals.harness is not installed)."""
+    if importlib.util.find_spec("evals.harness") is None:
+        return None
+    from evals.harness import EvalConfig
+
+    return EvalConfig(model=[str(m) for m in models], suite=cfg.eval_suite, out=str(Path(cfg.out) / "evals"),
+                      limit=cfg.eval_limit)
+
+
 def run_evals(cfg: AlignConfig, models: list[Path]) -> Any:
     """Run the eval suite (evals.harness, when installed) on the base model and every stage output."""
-    if importlib.util.find_spec("evals.harness") is None:
+    eval_cfg = eval_config(cfg, models)
+    if eval_cfg is None:
         print(f"eval_suite={cfg.eval_suite!r}: evals.harness is not available, skipping the evals")
         return None
-    from evals.harness import EvalConfig, run as run_harness
+    from evals.harness import run as run_harness
 
-    return run_harness(EvalConfig(model=[str(m) for m in models], suite=cfg.eval_suite,
-                                  out=str(Path(cfg.out) / "evals"), limit=cfg.eval_limit))
+    return run_harness(eval_cfg)
 
 
 def run(cfg: AlignConfig) -> Path:

@@ -90,6 +90,11 @@ CASES = {
     "fewer RL prompts than one batch": (
         lambda t, m, d: ["--eval-rows", "64"],
         r"rl: 1 training prompts, fewer than one batch .* = 4\), so RL would train no step"),
+    "unknown eval task": (lambda t, m, d: ["--eval-suite", "mmlu,mmlu_pro"],
+                          r"unknown tasks \['mmlu_pro'\]: --suite is demo, full or a comma list of mmlu"),
+    "teacher that does not exist": (
+        lambda t, m, d: ["--sft-mix.teacher", str(t / "no-teacher"), "--sft-mix.teacher-share", "0.5"],
+        r"--sft-mix\.teacher \S+no-teacher: no such file or directory"),
     "RAG file that does not parse": (
         lambda t, m, d: ["--sft-mix.rag-examples", "2", "--sft-mix.rag-data", _write(t / "rag.jsonl", "{oops\n")],
         r"rag\.jsonl:1: invalid JSON"),
