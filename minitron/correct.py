@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from minitron.config import ConfigError, arg, save_resolved
-from minitron.distill import KDModule, _load, already_done, train_rows, val_rows
+from minitron.distill import KDModule, _load, train_rows, val_rows
 from minitron.io import atomic_dir, write_model_card
 from minitron.model_source import resolve_model
-from minitron.trainer import Task, TrainArgs, make_accelerator, train
+from minitron.fingerprint import of_config, of_path, record
+from minitron.trainer import Task, TrainArgs, finished, make_accelerator, train
 
 
 @dataclasses.dataclass
@@ -38,10 +39,12 @@ class CorrectConfig(TrainArgs):
             raise ConfigError("--model is required (the teacher directory to correct)")
 
 
-def run(cfg: CorrectConfig) -> Path:
-    """Fine-tune ``cfg.model`` with the LM loss for ``cfg.tokens`` tokens; write ``cfg.out``."""
+def run(cfg: CorrectConfig, fp: dict | None = None) -> Path:
+    """Fine-tune ``cfg.model`` with the LM loss for ``cfg.tokens`` tokens; write ``cfg.out``. ``fp``: the
+    fingerprint to record (default: this config's; the teacher passes its own)."""
     out = Path(cfg.out)
-    if already_done(cfg, out):
+    fp = fp or of_config(cfg)
+    if finished(cfg, out, fp, "correct"):
         return out
     cfg.model = str(resolve_model(cfg.model))
     accel = make_accelerator(cfg)
@@ -64,7 +67,7 @@ def run(cfg: CorrectConfig) -> Path:
             "final validation CE": f"{ce:.4f}" if ce is not None else "-"})
 
     task = Task(module, lambda b: {"input_ids": b["input_ids"]}, save, metric_names=("loss", "ce"))
-    train(cfg, task, data, {"input_ids": v} if v is not None else None, out, accel)
+    train(cfg, task, data, {"input_ids": v} if v is not None else None, out, accel, fp)
     return out
 
 
@@ -72,6 +75,9 @@ def reinitialised_copy(src: str | Path, out: str | Path, seed: int = 0) -> Path:
     """The architecture of ``src`` with fresh random weights (same tokenizer and generation config) at ``out``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    fp = {"fingerprint": of_path(src) + f"-init{seed}"}
+    if Path(out, "config.json").exists() and of_path(out) == fp["fingerprint"]:
+        return Path(out)  # the same random init as before: the runs trained from it continue
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
     try:
@@ -82,4 +88,5 @@ def reinitialised_copy(src: str | Path, out: str | Path, seed: int = 0) -> Path:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
         write_model_card(tmp, f"{Path(src).name} (random init)", {"architecture of": str(src), "seed": seed})
+        record(tmp, fp)
     return Path(out)

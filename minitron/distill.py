@@ -22,10 +22,11 @@ from torch import nn
 
 from minitron.config import ConfigError, MinitronError, arg, save_resolved
 from minitron.data import DataError, packed_sequences
-from minitron.io import is_model_dir, read_json, write_model_card
+from minitron.io import read_json, write_model_card
 from minitron.kd_loss import fused_kd_loss, liger_available, liger_kd_loss
 from minitron.model_source import resolve_model
-from minitron.trainer import Task, TrainArgs, make_accelerator, train
+from minitron.fingerprint import of_config
+from minitron.trainer import Task, TrainArgs, finished, make_accelerator, train
 
 
 class VocabMismatch(MinitronError):
@@ -210,14 +211,6 @@ def train_rows(cfg: TrainArgs, tokenizer) -> torch.Tensor:
                             text_field=cfg.text_field)
 
 
-def already_done(cfg: TrainArgs, out: Path) -> bool:
-    """A finished output (model + metrics.json) is kept unless --force (or --resume, which may extend it)."""
-    if is_model_dir(out) and (out / "metrics.json").exists() and not cfg.force and not cfg.resume:
-        print(f"{out} is complete (metrics.json present): skipping (pass --force to redo)")
-        return True
-    return False
-
-
 def _teacher_inputs(cfg: DistillConfig, teacher, accel, t_layers: list[int]):
     """make_inputs for the live teacher: final hidden states (+ mapped layer outputs), no grad."""
     tap = LayerTap(teacher, t_layers) if cfg.hidden_weight else None
@@ -249,7 +242,8 @@ def _projections(cfg: DistillConfig, student, teacher, n_layers: int) -> nn.Modu
 def run(cfg: DistillConfig) -> Path:
     """Distil ``cfg.teacher`` (or ``cfg.teacher_logits``) into ``cfg.student``; write ``cfg.out``."""
     out = Path(cfg.out)
-    if already_done(cfg, out):
+    fp = of_config(cfg)
+    if finished(cfg, out, fp, "distill"):
         return out
     cfg.student = str(resolve_model(cfg.student, "--student"))
     if not cfg.teacher_logits:
@@ -288,7 +282,7 @@ def run(cfg: DistillConfig) -> Path:
         _card(cfg, tmp, summary, source)
 
     task = Task(module, make_inputs, save, metric_names=("loss", "kl", "ce", "hidden"))
-    train(cfg, task, data, val, out, accel)
+    train(cfg, task, data, val, out, accel, fp)
     return out
 
 

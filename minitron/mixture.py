@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from minitron.config import ConfigError, arg
 from minitron.data import DataError, iter_texts, read_records
+from minitron.fingerprint import of_config, record, up_to_date
 from minitron.io import atomic_dir, write_json
 from minitron.model_source import resolve_model
 
@@ -136,8 +137,8 @@ def interleave(text_pieces: Iterator[str], chats: list[str], budget: int, chat_s
 def run(cfg: MixConfig) -> Path:
     """Write the mixed corpus; an existing complete output is kept unless ``--force``."""
     out = Path(cfg.out)
-    if (out / "meta.json").exists() and not cfg.force:
-        print(f"{out} exists: skipping (pass --force to redo)")
+    fp = of_config(cfg)
+    if (out / "meta.json").exists() and up_to_date(out, fp, "mix", cfg.force):
         return out
     chats: list[str] = []
     if cfg.chat:
@@ -162,6 +163,7 @@ def run(cfg: MixConfig) -> Path:
                                        "chars": stats, "conversations": {"train": len(train_chats),
                                                                          "held_out": len(val_chats)},
                                        "template_model": str(cfg.model) if cfg.model else None})
+        record(tmp, fp)
     for split, s in stats.items():
         total = max(sum(s.values()), 1)
         print(f"{split}: {sum(s.values()):,} characters, {s['chat'] / total:.0%} chat")

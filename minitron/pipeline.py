@@ -6,8 +6,10 @@
     -> report (runs/demo/report.md + plots)
 
 A recipe is a YAML file whose top-level keys are the fields below; each stage section holds overrides of
-that stage's config (``teacher:`` is TeacherConfig, ``prune:`` PruneConfig, ...). A finished stage is
-skipped on re-run (its output directory exists: every stage writes atomically); ``--force`` redoes all.
+that stage's config (``teacher:`` is TeacherConfig, ``prune:`` PruneConfig, ...). Every stage config is built
+and checked before the first stage starts. On a re-run a stage keeps its output when the fingerprint of its
+config and inputs matches (``minitron.fingerprint``), redoes it (and so every stage below it) when it does not,
+and continues an interrupted run from its last checkpoint; ``--force`` redoes all.
 ``rounds:`` chains prune + distill rounds, each round's distilled student becoming the next teacher.
 
     minitron run --config configs/demo.yaml            # make demo
@@ -106,7 +108,8 @@ def _file_section(path: str | None, section: str) -> dict:
 
 
 class Pipeline:
-    """Runs the stages of one recipe in order; each stage is skipped when its output exists."""
+    """Runs the stages of one recipe in order; each stage keeps an output its fingerprint matches and continues an
+    interrupted run from its last checkpoint."""
 
     def __init__(self, cfg: PipelineConfig):
         self.cfg = cfg
@@ -122,17 +125,6 @@ class Pipeline:
         result = fn(*args)
         self.timings[name] = round(self.timings.get(name, 0.0) + time.time() - t, 1)
         return result
-
-    def trained(self, name: str, fn, cfg: Any) -> Path:
-        """A training stage: skipped when its output is complete, else resumed from its last checkpoint
-        (``--force`` starts it over)."""
-        from minitron.distill import already_done
-
-        cfg.resume = False  # the pipeline decides: a complete output is kept, an incomplete one resumed
-        if already_done(cfg, Path(cfg.out)):
-            return Path(cfg.out)
-        cfg.resume = not self.cfg.force
-        return self.timed(name, fn, cfg)
 
     # ------------------------------------------------------------------ data and teacher
     def corpus(self) -> str:
@@ -174,7 +166,7 @@ class Pipeline:
 
         cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()}, self.cfg.correct,
                             {"model": str(teacher), "out": str(self.paths.corrected), "force": self.cfg.force})
-        return self.trained("correct", correct.run, cfg)
+        return self.timed("correct", correct.run, cfg)
 
     # ------------------------------------------------------------------ students
     def make_students(self, teacher: Path, students: dict, prune: dict, distill: dict, round_: int) -> dict:
@@ -187,13 +179,12 @@ class Pipeline:
             if self.want("prune"):
                 pcfg = _stage_config("minitron.prune:PruneConfig", {"calib": self.corpus()}, prune, target,
                                      {"model": str(teacher), "out": str(pruned), "force": self.cfg.force})
-                if not pruned.exists() or self.cfg.force:
-                    self.timed(f"prune", prune_mod.run, pcfg)
+                self.timed("prune", prune_mod.run, pcfg)
             if self.want("distill"):
                 dcfg = _stage_config("minitron.distill:DistillConfig", {"data": self.corpus()}, distill,
                                      {"teacher": str(teacher), "student": str(pruned), "out": str(distilled),
                                       "force": self.cfg.force})
-                self.trained("distill", distill_mod.run, dcfg)
+                self.timed("distill", distill_mod.run, dcfg)
             made[name] = {"pruned": pruned, "distilled": distilled}
         return made
 
@@ -211,7 +202,7 @@ class Pipeline:
             cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()},
                                 {k: v for k, v in distill.items() if k in _fields(CorrectConfig)}, overrides,
                                 {"model": str(paths["pruned"]), "out": str(out), "force": self.cfg.force})
-            self.trained("finetune", correct_run, cfg)
+            self.timed("finetune", correct_run, cfg)
 
     def make_scratch(self, distill: dict) -> None:
         """The same student shapes trained from random init with the distillation token budget (LM loss)."""
@@ -220,13 +211,11 @@ class Pipeline:
         for name, paths in self.students.items():
             out = self.paths.scratch / name
             paths["scratch"] = out
-            if (out / "metrics.json").exists() and not self.cfg.force:
-                continue
             init = reinitialised_copy(paths["pruned"], self.paths.scratch / f".{name}-init")
             cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()},
                                 {k: v for k, v in distill.items() if k in _fields(CorrectConfig)}, self.cfg.scratch,
                                 {"model": str(init), "out": str(out), "force": self.cfg.force})
-            self.trained("scratch", correct_run, cfg)
+            self.timed("scratch", correct_run, cfg)
 
     # ------------------------------------------------------------------ align, eval, report
     def make_aligned(self) -> Path:

@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from minitron.adapters import Adapter, Layout, get_adapter, pruned_config
 from minitron.config import ConfigError, MinitronError, arg, read_yaml, save_resolved
+from minitron.fingerprint import of_config, record, up_to_date
 from minitron.importance import (ST_DTYPES, ImportanceConfig, ShardedCheckpoint, compute_scores, load_scores,
                                  save_scores)
-from minitron.io import atomic_dir, write_json, write_model_card
+from minitron.io import atomic_dir, is_model_dir, write_json, write_model_card
 from minitron.model_source import resolve_model
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
@@ -76,7 +77,7 @@ class PruneConfig:
     batch_size: int = arg(8, "sequences per calibration forward")
     dtype: str = arg("float32", "importance compute dtype: float32, or bfloat16 (about 3x faster on CPUs with avx512_bf16)")
     max_shard_size: str = arg("2GB", "largest output safetensors shard (e.g. 5GB, 500MB)")
-    force: bool = arg(False, "overwrite an existing output directory")
+    force: bool = arg(False, "redo an output of the same config (one of another config is redone anyway)")
 
     def __post_init__(self) -> None:
         for name in SHAPE_FIELDS:
@@ -403,8 +404,6 @@ def _preflight(cfg: PruneConfig) -> tuple[Any, Layout, Target]:
 
     if not cfg.out:
         raise ConfigError("pass --out DIR for the pruned model")
-    if Path(cfg.out).exists() and not cfg.force:
-        raise MinitronError(f"{cfg.out} exists (pass --force to overwrite)")
     cfg.model = str(resolve_model(cfg.model))
     config = AutoConfig.from_pretrained(cfg.model)
     src = Layout.from_config(config)
@@ -424,6 +423,12 @@ def _preflight(cfg: PruneConfig) -> tuple[Any, Layout, Target]:
 def run(cfg: PruneConfig) -> Path:
     """Prune ``cfg.model`` to the target and write a standard HF directory at ``cfg.out`` (atomically)."""
     t0, source = time.time(), cfg.model  # the name as given (a hub name resolves to a local snapshot)
+    fp = of_config(cfg)
+    if cfg.out and Path(cfg.out).exists() and not cfg.force:
+        if not is_model_dir(cfg.out):
+            raise MinitronError(f"{cfg.out} exists and is not a model directory (pass --force to overwrite it)")
+        if up_to_date(cfg.out, fp, "prune"):
+            return Path(cfg.out)
     config, src, target = _preflight(cfg)  # every user error surfaces here, before any output exists
     ad = get_adapter(config)
     scores, meta = get_scores(cfg, src, target) if needs_scores(src, target) or cfg.search else (None, None)
@@ -448,6 +453,7 @@ def run(cfg: PruneConfig) -> Path:
         metrics = _metrics(source, src, target.layout, drop, time.time() - t0)
         write_json(tmp / "metrics.json", metrics)
         save_resolved(cfg, tmp)
+        record(tmp, fp)
         _card(tmp, cfg, metrics, meta)
     return Path(cfg.out)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from minitron.config import ConfigError, arg, save_resolved
+from minitron.fingerprint import of_config, of_path, record, up_to_date
 from minitron.data import iter_texts, read_jsonl
 from minitron.io import count_parameters, is_model_dir, read_json, save_model_dir, write_json, write_model_card
 
@@ -64,12 +65,16 @@ class TeacherConfig:
 
 
 def corpus_source(cfg: TeacherConfig) -> str:
-    """The corpus path: the demo world's corpus (generating the world if needed) or ``cfg.data``."""
+    """The corpus path: the demo world's corpus (an existing world as it is, else one generated with the default
+    config) or ``cfg.data``."""
     if cfg.data != WORLD:
         return cfg.data
     from minitron.world import WorldConfig, ensure_world
 
-    return str(ensure_world(WorldConfig(out=cfg.world_dir)) / "corpus")
+    world = Path(cfg.world_dir)
+    if not (world / "world_config.json").exists():
+        ensure_world(WorldConfig(out=str(world)))
+    return str(world / "corpus")
 
 
 def build_tokenizer(source: str, cfg: TeacherConfig) -> Any:
@@ -182,22 +187,22 @@ def run(cfg: TeacherConfig) -> Path:
     from minitron.correct import CorrectConfig, run as train_lm
 
     out = Path(cfg.out)
-    if is_model_dir(out) and (out / "metrics.json").exists() and not cfg.force:
-        print(f"teacher exists at {out} (pass --force to retrain)")
+    fp = of_config(cfg)
+    if is_model_dir(out) and (out / "metrics.json").exists() and up_to_date(out, fp, "teacher", cfg.force):
         return out
     torch.manual_seed(cfg.seed)
     source = corpus_source(cfg)
     t0 = time.time()
     init = out.with_name(f".{out.name}-init")
-    if not is_model_dir(init) or cfg.force:
+    if cfg.force or not is_model_dir(init) or of_path(init) != fp["fingerprint"]:  # the init of this config
         tokenizer = build_tokenizer(source, cfg)
         save_model_dir(build_model(cfg, tokenizer), tokenizer, init, card={"init": "random"}, title="teacher init")
-    run_dir = out.with_name(out.name + ".run")
+        record(init, fp)
     train_lm(CorrectConfig(
         model=str(init), out=str(out), data=source, text_field=cfg.text_field, tokens=cfg.tokens, seq_len=cfg.seq_len,
         batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=cfg.seed, max_steps=cfg.max_steps,
-        save_every=cfg.save_every, resume=run_dir.exists() and not cfg.force, force=True))
+        save_every=cfg.save_every, force=cfg.force), fp)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()

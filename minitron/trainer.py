@@ -4,7 +4,7 @@ What it does, in order: packed token rows in a fixed order (a pure function of s
 warmup, gradient accumulation normalised by the tokens of the whole optimizer step, bf16 autocast (CUDA; CPU
 with ``cpu_bf16``),
 a tqdm bar with loss and tokens/s, metrics as JSONL, a loss-curve PNG, atomic checkpoints every N steps,
-exact ``--resume``, and a clear error on a NaN/inf loss (the last good checkpoint is kept).
+exact automatic resume (a rerun of the same fingerprint continues from its latest checkpoint), and a clear error on a NaN/inf loss (the last good checkpoint is kept).
 
 Determinism: the rows of step ``s``, the learning rate of step ``s`` and the RNG seed of step ``s`` are all
 computed from ``(seed, s)``, so resuming from a checkpoint (weights + optimizer state + step) reproduces the
@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minitron.config import ConfigError, MinitronError, arg
+from minitron.fingerprint import record
 from minitron.io import atomic_dir, write_json
 
 
@@ -62,12 +63,13 @@ class TrainArgs:
     log_every: int = arg(10, "log metrics every N steps")
     eval_every: int = arg(0, "validation every N steps (0 = only at the end)")
     val_tokens: int = arg(32768, "validation tokens")
-    resume: bool = arg(False, "continue from the latest checkpoint in <out>.run/checkpoints")
+    resume: bool = arg(False, "continue from the latest checkpoint in <out>.run/checkpoints even if the config "
+                              "changed (a rerun of the same config continues by itself)")
     max_steps: int | None = arg(None, "stop after this many steps (the LR schedule still follows --tokens)")
     bf16: bool = arg(True, "bf16 autocast on CUDA")
     cpu_bf16: bool = arg(False, "bf16 autocast on CPU too (weights and optimizer stay fp32; ~3x faster on CPUs "
                                 "with AMX, measure with `minitron bench distill`)")
-    force: bool = arg(False, "overwrite a finished output directory")
+    force: bool = arg(False, "start over: discard the checkpoints and overwrite a finished output")
 
     def validate_train(self) -> None:
         """Raise ConfigError for inconsistent training fields (called from the stage's ``__post_init__``)."""
@@ -203,11 +205,57 @@ def _reduce_stats(stats: list[dict[str, torch.Tensor]], accel) -> dict[str, floa
     return dict(zip(keys, accel.reduce(vec, "sum").tolist()))
 
 
+def resumable(cfg: TrainArgs, run_dir: Path, fp: dict | None) -> Path | None:
+    """The checkpoint to continue from: the latest one of this run (same fingerprint), or any with ``--resume``;
+    none with ``--force``."""
+    ckpts = _checkpoints(run_dir)
+    if not ckpts or (cfg.force and not cfg.resume):
+        return None
+    made_by = json.loads((ckpts[-1] / "state.json").read_text()).get("fingerprint")
+    if cfg.resume or fp is None or made_by == fp["fingerprint"]:
+        return ckpts[-1]
+    return None
+
+
+def _set_aside(run_dir: Path, force: bool) -> None:
+    """A fresh run: ``--force`` deletes the old checkpoints; checkpoints of another config are kept aside
+    (``<out>.run.<fingerprint>``) so that nothing the user did not ask to delete is lost."""
+    ckpts = _checkpoints(run_dir)
+    if force or not ckpts:
+        shutil.rmtree(run_dir)
+        return
+    made_by = json.loads((ckpts[-1] / "state.json").read_text()).get("fingerprint") or "old"
+    aside = run_dir.with_name(f"{run_dir.name}.{made_by}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(run_dir, aside)
+    print(f"checkpoints in {run_dir} belong to another config: moved to {aside}, starting from step 0")
+
+
+def finished(cfg: TrainArgs, out: Path, fp: dict, stage: str) -> bool:
+    """A finished output made by this config and these inputs (``metrics.json`` present, as many steps as asked)
+    is kept; ``--force`` or ``--resume`` (which may extend it) redo it."""
+    from minitron.fingerprint import up_to_date
+    from minitron.io import is_model_dir
+
+    if cfg.resume or not (is_model_dir(out) and (out / "metrics.json").exists()):
+        return False
+    if not up_to_date(out, fp, stage, cfg.force):
+        return False
+    m = json.loads((out / "metrics.json").read_text())
+    wanted = m.get("planned_steps", 0) if cfg.max_steps is None else min(cfg.max_steps, m.get("planned_steps", 0))
+    if m.get("steps", wanted) < wanted:
+        print(f"[{stage}] {out} stopped at step {m['steps']} of {wanted}: continuing")
+        return False
+    return True
+
+
 def train(cfg: TrainArgs, task: Task, data: dict[str, torch.Tensor], val: dict[str, torch.Tensor] | None,
-          out: Path, accel) -> dict[str, Any]:
+          out: Path, accel, fp: dict | None = None) -> dict[str, Any]:
     """Train ``task.module`` on ``data`` rows ({"input_ids": [N, T], ...}); write ``out`` atomically.
 
-    Checkpoints and live metrics go to ``<out>.run/``. Returns the summary written to ``metrics.json``.
+    Checkpoints and live metrics go to ``<out>.run/``; a rerun continues from the latest checkpoint made by the
+    same fingerprint ``fp`` (``minitron.fingerprint``), which is also recorded in ``out``. Returns the summary
+    written to ``metrics.json``.
     """
     out = Path(out)
     run_dir = out.with_name(out.name + ".run")
@@ -219,13 +267,13 @@ def train(cfg: TrainArgs, task: Task, data: dict[str, torch.Tensor], val: dict[s
                           f"({cfg.micro_batch_size} x {world})")
     params = [p for p in task.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
-    ckpts = _checkpoints(run_dir)
-    if cfg.resume and ckpts:
-        state = load_checkpoint(ckpts[-1], task.module, optimizer)
-        accel.print(f"resumed from {ckpts[-1]} (step {state['step']})")
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "fingerprint": fp["fingerprint"] if fp else None}
+    ckpt = resumable(cfg, run_dir, fp)
+    if ckpt is not None:
+        state = {**load_checkpoint(ckpt, task.module, optimizer), "fingerprint": state["fingerprint"]}
+        accel.print(f"resumed from {ckpt} (step {state['step']})")
     elif accel.is_main_process and run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run: stale checkpoints would be resumed by mistake later
+        _set_aside(run_dir, cfg.force)
     accel.wait_for_everyone()
     module, optimizer = accel.prepare(task.module, optimizer)
     metrics_path = run_dir / "metrics.jsonl"
@@ -268,7 +316,7 @@ def train(cfg: TrainArgs, task: Task, data: dict[str, torch.Tensor], val: dict[s
             _append_jsonl(metrics_path, rec)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (step + 1 == stop < steps):
             _save(run_dir, accel, module, optimizer, state, cfg.keep_checkpoints)
-    return _finish(cfg, task, module, val, out, run_dir, accel, state, steps, stop)
+    return _finish(cfg, task, module, val, out, run_dir, accel, state, steps, stop, fp)
 
 
 def _diverged(run_dir: Path, step: int, lr: float, loss: float, accel) -> None:
@@ -294,7 +342,7 @@ def _save(run_dir, accel, module, optimizer, state, keep) -> Path:
     return path
 
 
-def _finish(cfg, task, module, val, out, run_dir, accel, state, steps, stop) -> dict[str, Any]:
+def _finish(cfg, task, module, val, out, run_dir, accel, state, steps, stop, fp) -> dict[str, Any]:
     """Final validation, then the output directory (model, metrics.json/jsonl, loss_curve.png) atomically."""
     final_val = evaluate(task, module, val, cfg, accel) if val is not None else {}
     summary = {"steps": state["step"], "planned_steps": steps, "completed": stop == steps, "tokens": state["tokens"],
@@ -314,6 +362,8 @@ def _finish(cfg, task, module, val, out, run_dir, accel, state, steps, stop) -> 
             shutil.copy(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
             plot_losses(_read_jsonl(tmp / "metrics.jsonl"), tmp / "loss_curve.png", title=out.name)
             write_json(tmp / "metrics.json", summary)
+            if fp:
+                record(tmp, fp)
     accel.wait_for_everyone()
     return summary
 
@@ -368,4 +418,14 @@ def make_accelerator(cfg: TrainArgs):
     cuda = torch.cuda.is_available()
     os.environ.setdefault("ACCELERATE_USE_CPU", "false" if cuda else "true")
     bf16 = cfg.bf16 if cuda else cfg.cpu_bf16
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    accel = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    if not cuda and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _fsdp_on_cpu(accel)
+    return accel
+
+
+def _fsdp_on_cpu(accel) -> None:
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accel.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    accel.state.distributed_type = DistributedType.FSDP

@@ -192,6 +192,16 @@ def test_existing_output_needs_force(tiny_model_dir, tmp_path):
     assert (tmp_path / "out" / "config.json").exists()
 
 
+def test_rerun_keeps_the_same_config_and_redoes_another(tiny_model_dir, tmp_path, capsys):
+    out = prune(tiny_model_dir, tmp_path / "out", layers_to_drop=[0])
+    stamp = (out / "config.json").stat().st_mtime_ns
+    prune(tiny_model_dir, out, layers_to_drop=[0])
+    assert (out / "config.json").stat().st_mtime_ns == stamp and "is up to date" in capsys.readouterr().out
+    prune(tiny_model_dir, out, layers_to_drop=[1])
+    assert "layers_to_drop [0] -> [1]" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["dropped_layers"] == [1]
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_every_family_prunes_and_reloads(tmp_path, tiny_tokenizer, calib, arch):
     src = make_tiny_model_dir(tmp_path / "src", tiny_tokenizer, arch=arch)

@@ -17,10 +17,11 @@ from test_world import SMALL
 def teacher_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
     world = ensure_world(WorldConfig(out=str(root / "world"), **SMALL))
-    cfg = TeacherConfig(out=str(root / "teacher"), world_dir=str(world), vocab_size=400, hidden_size=48,
-                        intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        head_dim=16, seq_len=64, batch_size=4, tokens=64 * 4 * 12, eval_items=8)
-    return run(cfg)
+    return run(TeacherConfig(out=str(root / "teacher"), world_dir=str(world), **TINY_TEACHER))
+
+
+TINY_TEACHER = dict(vocab_size=400, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, seq_len=64, batch_size=4, tokens=64 * 4 * 12, eval_items=8)
 
 
 def test_output_is_a_standard_hf_directory(teacher_dir):
@@ -44,10 +45,11 @@ def test_output_is_a_standard_hf_directory(teacher_dir):
     assert (teacher_dir / "README.md").exists()
 
 
-def test_rerun_skips_existing(teacher_dir):
+def test_rerun_of_the_same_config_skips(teacher_dir, capsys):
     before = (teacher_dir / "model.safetensors").stat().st_mtime
-    run(TeacherConfig(out=str(teacher_dir)))
+    run(TeacherConfig(out=str(teacher_dir), world_dir=str(teacher_dir.parent / "world"), **TINY_TEACHER))
     assert (teacher_dir / "model.safetensors").stat().st_mtime == before
+    assert "is up to date" in capsys.readouterr().out
 
 
 def test_interrupted_training_resumes(tmp_path, teacher_dir):
