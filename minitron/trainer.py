@@ -305,7 +305,8 @@ def train(cfg: TrainArgs, task: Task, data: dict[str, torch.Tensor], val: dict[s
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        state = {"step": step + 1, "tokens": state["tokens"] + tokens_per_step, "elapsed_s": state["elapsed_s"] + dt}
+        state = {**state, "step": step + 1, "tokens": state["tokens"] + tokens_per_step,
+                 "elapsed_s": state["elapsed_s"] + dt}
         rec = {"step": step + 1, "tokens": state["tokens"], "lr": lr, **per_token(sums),
                "tokens_per_s": tokens_per_step / dt}
         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -412,20 +413,55 @@ def plot_losses(records: list[dict], path: Path, title: str = "") -> Path | None
 
 def make_accelerator(cfg: TrainArgs):
     """An ``accelerate.Accelerator``: CPU (gloo when launched with several processes) or CUDA; bf16 autocast on
-    CUDA with ``bf16``, on CPU with ``cpu_bf16``."""
+    CUDA with ``bf16``, on CPU with ``cpu_bf16``.
+
+    Launch several processes with ``accelerate launch --config_file configs/accelerate/<ddp|fsdp>_*.yaml`` (or
+    ``torchrun``, DDP). An FSDP launch config shards on CPU too (FSDP2 over gloo, see ``_fsdp_on_cpu``).
+    """
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
     os.environ.setdefault("ACCELERATE_USE_CPU", "false" if cuda else "true")
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and not cuda and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError("FSDP on CPU needs `fsdp_version: 2` in the accelerate config (configs/accelerate/"
+                          "fsdp_cpu.yaml): torch's FSDP1 refuses a CPU device ('Inconsistent compute device and "
+                          "`device_id`: cpu vs cpu:0')")
     bf16 = cfg.bf16 if cuda else cfg.cpu_bf16
     accel = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
-    if not cuda and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if fsdp and not cuda and accel.num_processes > 1:
         _fsdp_on_cpu(accel)
     return accel
 
 
 def _fsdp_on_cpu(accel) -> None:
+    """Switch a multi-process CPU accelerator to the FSDP its launch config asked for.
+
+    accelerate 1.15 enables FSDP on accelerator devices only: on CPU the state stays MULTI_CPU and ``prepare``
+    silently wraps the model in DDP instead. torch's FSDP2 (``fully_shard``) does shard on CPU over gloo, so the
+    state becomes FSDP with the plugin read from the launch environment, as accelerate does on GPUs.
+    """
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    accel.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-    accel.state.distributed_type = DistributedType.FSDP
+    plugin = FullyShardedDataParallelPlugin()  # the fsdp_config of the launch config (FSDP_* variables)
+    if accel.mixed_precision != "no":
+        plugin.set_mixed_precision(accel.mixed_precision)
+    accel.state.fsdp_plugin = plugin
+    accel.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+@contextlib.contextmanager
+def full_weights(module: torch.nn.Module):
+    """Within the block, every FSDP2-sharded parameter of ``module`` holds its full tensor (all-gathered; enter
+    on every rank), so ``state_dict()`` / ``save_pretrained`` see whole weights; no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield module
+    finally:
+        for unit in units:
+            unit.reshard()
