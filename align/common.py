@@ -20,9 +20,9 @@ import torch
 import yaml
 
 from align.lora import LoraArgs, merge_for_export
+from minitron import fingerprint
 from minitron.chat_format import ensure_tool_template, install_chat_template, stop_token_ids
 from minitron.config import ConfigError, arg
-from minitron import fingerprint
 from minitron.io import atomic_dir, count_parameters, read_json, write_json, write_model_card
 
 

@@ -249,8 +249,7 @@ def _input(out: Path, base: Path, *prefer: str) -> Path:
 
 def stage_input(out: Path, base: Path, stage: str) -> Path:
     """The model a stage starts from: SFT <- base; RM, DPO <- SFT (else base); RL <- DPO (else SFT, else base)."""
-    return {"sft": base, "rm": _input(out, base, "sft"), "dpo": _input(out, base, "sft"),
-            "rl": _input(out, base, "dpo", "sft")}[stage]
+    return _input(out, base, *{"sft": (), "rm": ("sft",), "dpo": ("sft",), "rl": ("dpo", "sft")}[stage])
 
 
 def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path) -> dict[str, Any]:
