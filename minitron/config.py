@@ -161,18 +161,15 @@ def load_config(
         raw = read_yaml(path)
         if section is not None and isinstance(raw.get(section), dict):
             data = dict(raw[section])
-        elif section is not None and _looks_like_recipe(raw):
-            data = {}
+        elif section is not None and raw and not set(raw) & {f.name for f in dataclasses.fields(cls)}:
+            raise ConfigError(f"{path}: no '{section}:' section and no {cls.__name__} keys (its top-level keys: "
+                              f"{', '.join(sorted(map(str, raw)))}); add a '{section}:' section or pass the stage's "
+                              "own file")
         else:
             data = raw
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return from_dict(cls, data)
-
-
-def _looks_like_recipe(raw: dict) -> bool:
-    """A recipe file holds one mapping per stage (plus scalar globals), not the stage's own fields."""
-    return any(isinstance(v, dict) for v in raw.values())
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:

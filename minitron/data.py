@@ -62,6 +62,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            if isinstance(row, list) and lineno == 1 and line.lstrip().startswith("[{"):
+                raise DataError(f"{path}: a JSON array, but a .jsonl file holds one JSON object per line; write one "
+                                "object per line, or rename the file to .json")
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield row

@@ -1,10 +1,12 @@
-"""``minitron run --dry-run``: validate a whole recipe without loading any weights.
+"""A whole recipe checked before any work: ``minitron run`` calls ``check`` before its first stage, and
+``minitron run --dry-run`` stops there and prints the students' shapes. No weights are loaded.
 
 Checks, for every stage: the stage config builds (no unknown keys, valid values); the teacher's config loads
 (a local dir, a hub name, or, offline, ``configs/models/<name>/config.json`` shipped with the project); each
 student's target shape is legal against the teacher (GQA grouping, no dimension grows) and its parameter count;
 data sources resolve (local files; hub names are listed as unchecked when offline); align and eval recipe files
-exist and parse. Prints one table and returns the findings as a dict.
+exist and parse; named eval runs and the report build; the alignment guard has only known keys. Any error names
+the recipe section, the key and the valid keys or values.
 """
 
 from __future__ import annotations
@@ -45,39 +47,125 @@ def check_data(source: str) -> str:
     return "hub dataset (not checked offline)"
 
 
-def validate(cfg: Any) -> dict[str, Any]:
-    """Validate a PipelineConfig; raise MinitronError on the first problem, else print and return a summary."""
-    from minitron.adapters import Layout, get_adapter
-    from minitron.pipeline import _file_section, _stage_config
-    from minitron.prune import PruneConfig, resolve_target
+def demo_teacher_config(tcfg: Any) -> Any:
+    """The HF config of the teacher the ``teacher:`` section will train (for checking prune targets up front)."""
+    from transformers import LlamaConfig
 
-    if not cfg.teacher_model:
-        raise ConfigError("--dry-run validates recipes with a given teacher_model (the demo trains its own)")
-    config, origin = teacher_config(cfg.teacher_model)
+    return LlamaConfig(vocab_size=tcfg.vocab_size, hidden_size=tcfg.hidden_size, intermediate_size=tcfg.intermediate_size,
+                       num_hidden_layers=tcfg.num_hidden_layers, num_attention_heads=tcfg.num_attention_heads,
+                       num_key_value_heads=tcfg.num_key_value_heads, head_dim=tcfg.head_dim,
+                       tie_word_embeddings=tcfg.tie_word_embeddings)
+
+
+def _build(section: str, target: str, *dicts: dict | None) -> Any:
+    """One stage's typed config; an error names the recipe section."""
+    from minitron.pipeline import _stage_config
+
+    try:
+        return _stage_config(target, *dicts)
+    except ConfigError as e:
+        raise ConfigError(f"recipe section {section!r}: {e}") from None
+
+
+def _known_keys(section: str, values: dict, cls: type) -> None:
+    import dataclasses
+
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in valid]
+    if unknown:
+        raise ConfigError(f"recipe section {section!r}: unknown config key {unknown[0]} for {cls.__name__}; "
+                          f"valid keys: {', '.join(valid)}")
+
+
+def check(cfg: Any, load_teacher: bool = True) -> dict[str, Any]:
+    """Every stage's typed config, data source, model source and prune target of a PipelineConfig, before any
+    work; raises ConfigError (naming the section) on the first problem, else returns the findings."""
+    from minitron.adapters import Layout, get_adapter
+    from minitron.pipeline import _file_section
+    from minitron.prune import resolve_target
+
+    x = "<checked later>"  # stands for paths that earlier stages create
+    data = x if cfg.data == "world" else cfg.data
+    if cfg.data == "world":
+        _build("world", "minitron.world:WorldConfig", cfg.world, {"out": x})
+    if cfg.teacher_model:
+        if load_teacher:  # a run: the source must resolve now (a dry run also accepts the shipped config copies)
+            from minitron.model_source import resolve_model
+
+            resolve_model(cfg.teacher_model, "teacher_model")
+        config, origin = teacher_config(cfg.teacher_model)
+    else:
+        config = demo_teacher_config(_build("teacher", "minitron.teacher:TeacherConfig", cfg.teacher, {"out": x}))
+        origin = "the teacher section"
     get_adapter(config)  # unsupported architecture -> clear error
     src = Layout.from_config(config)
-    findings: dict[str, Any] = {"teacher": {"name": cfg.teacher_model, "config": origin, "params": src.num_params()},
-                                "data": {cfg.data: check_data(cfg.data)}, "students": {}}
+    findings: dict[str, Any] = {"teacher": {"name": cfg.teacher_model or "trained (teacher section)", "config": origin,
+                                            "params": src.num_params()},
+                                "data": {cfg.data: check_data(cfg.data) if cfg.data != "world" else "demo world"},
+                                "students": {}}
+    if cfg.mix is not None:
+        mix = _build("mix", "minitron.mixture:MixConfig", {"text": data}, cfg.mix, {"model": x, "out": x})
+        for source in mix.chat:
+            findings["data"][source] = check_data(source)
     if cfg.correct is not None:
-        _stage_config("minitron.correct:CorrectConfig", {"data": cfg.data}, cfg.correct, {"model": "x", "out": "x"})
-    for name, target in cfg.students.items():
-        pcfg = _stage_config("minitron.prune:PruneConfig", {"calib": cfg.data}, cfg.prune, target,
-                             {"model": cfg.teacher_model, "out": "x"})
-        tgt = resolve_target(pcfg, src).layout
-        findings["students"][name] = {**{f: getattr(tgt, f) for f in ("hidden_size", "intermediate_size",
-                                      "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "head_dim")},
-                                      "params": tgt.num_params(), "vocab_size": src.vocab_size}
-        _stage_config("minitron.distill:DistillConfig", {"data": cfg.data}, cfg.distill,
-                      {"teacher": cfg.teacher_model, "student": "x", "out": "x"})
+        _build("correct", "minitron.correct:CorrectConfig", {"data": data}, cfg.correct, {"model": x, "out": x})
+    from minitron.prune import PruneConfig
+
+    _known_keys("prune", cfg.prune, PruneConfig)  # shared by every student: name this section, not a student's
+    layouts = {}
+    rounds = [(cfg.students, cfg.prune, cfg.distill, None)] + [
+        (r.get("students", {}), {**cfg.prune, **r.get("prune", {})}, {**cfg.distill, **r.get("distill", {})},
+         r.get("teacher_from", cfg.align_student)) for r in cfg.rounds]
+    for i, (students, prune, distill, teacher_from) in enumerate(rounds):
+        where = "students" if i == 0 else f"rounds[{i - 1}]"
+        if teacher_from is not None and teacher_from not in layouts:
+            raise ConfigError(f"recipe section {where!r}: teacher_from={teacher_from!r} is not a student of an earlier "
+                              f"round ({sorted(layouts)})")
+        source = src if teacher_from is None else layouts[teacher_from]
+        for name, target in students.items():
+            pcfg = _build(f"{where}.{name}", "minitron.prune:PruneConfig", {"calib": data}, prune, target,
+                          {"model": x, "out": x})
+            tgt = resolve_target(pcfg, source).layout
+            layouts[name] = tgt
+            findings["students"][name if i == 0 else f"r{i + 1}-{name}"] = {
+                **{f: getattr(tgt, f) for f in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                "num_key_value_heads", "num_hidden_layers", "head_dim")},
+                "params": tgt.num_params(), "vocab_size": src.vocab_size}
+            _build("distill", "minitron.distill:DistillConfig", {"data": data}, distill,
+                   {"teacher": x, "student": x, "out": x})
+    for section in ("finetune", "scratch"):
+        overrides = dict(getattr(cfg, section) or {})
+        overrides.pop("students", None)
+        if getattr(cfg, section) is not None:
+            _build(section, "minitron.correct:CorrectConfig", {"data": data}, overrides, {"model": x, "out": x})
+    placeholder = str(SHIPPED_CONFIGS / "llama-3.1-8b")  # a model dir with a config.json: configs check paths
     for section, path, target in (("align", cfg.align_config, "align.pipeline:AlignConfig"),
                                   ("eval", cfg.eval_config, "evals.harness:EvalConfig")):
         if path is not None:
             if not Path(path).exists():
                 raise ConfigError(f"{section}_config file not found: {path}")
-            # a placeholder model dir with a config.json: the stage configs check paths, not weights
-            placeholder = str(SHIPPED_CONFIGS / "llama-3.1-8b")
             model = placeholder if section == "align" else [placeholder]
-            _stage_config(target, _file_section(path, section), getattr(cfg, section), {"model": model})
+            _build(section, target, _file_section(path, section), getattr(cfg, section), {"model": model})
+    for name, spec in cfg.evals.items():
+        spec = dict(spec)
+        file = spec.pop("config", None)
+        spec.pop("models", None)
+        if file is not None and not Path(file).exists():
+            raise ConfigError(f"recipe section 'evals.{name}': config file not found: {file}")
+        _build(f"evals.{name}", "evals.harness:EvalConfig", _file_section(file, "eval"), cfg.eval, spec,
+               {"model": [placeholder]})
+    unknown = set(cfg.align_guard) - {"baseline", "must_beat", "must_hold"}
+    if unknown:
+        raise ConfigError(f"recipe section 'align_guard': unknown key(s) {sorted(unknown)}; valid keys: baseline, "
+                          "must_beat, must_hold")
+    if cfg.report:
+        _build("report", "minitron.report:ReportConfig", cfg.report)
+    return findings
+
+
+def validate(cfg: Any) -> dict[str, Any]:
+    """``--dry-run``: check the recipe without loading weights, print the student table, return the findings."""
+    findings = check(cfg, load_teacher=False)
     _print(findings)
     return findings
 

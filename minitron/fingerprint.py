@@ -23,7 +23,8 @@ from minitron.io import read_json, write_json
 
 FILE = "fingerprint.json"
 # fields that do not change what a stage produces (where it goes, how often it saves or logs, how far to go now)
-UNHASHED = frozenset({"out", "force", "resume", "dry_run", "save_every", "keep_checkpoints", "log_every",
+UNHASHED = frozenset({"out", "force", "resume", "dry_run", "save_every", "keep_checkpoints", "log_every", "save_steps",
+                      "logging_steps",
                       "max_steps", "progress"})
 
 

@@ -99,6 +99,10 @@ def gguf_architecture(path: Path) -> str:
     """``general.architecture`` of a GGUF file (read from its header, no tensors loaded)."""
     from gguf import GGUFReader
 
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise MinitronError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); pass a .gguf "
+                                "model file or a model directory")
     field = GGUFReader(path).fields.get("general.architecture")
     if field is None:
         raise MinitronError(f"{path}: not a GGUF model file (no general.architecture)")

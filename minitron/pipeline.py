@@ -348,10 +348,13 @@ def _fields(cls: type) -> set[str]:
 
 def run(cfg: PipelineConfig) -> Path:
     """Run (or, with ``dry_run``, validate) the recipe."""
-    if cfg.dry_run:
-        from minitron.dry_run import validate
+    from minitron.dry_run import check, validate
 
+    if cfg.dry_run:
         return validate(cfg)
+    findings = check(cfg)
+    print(f"[run] recipe checked: teacher {findings['teacher']['name']}, students {sorted(findings['students'])}, "
+          f"data {sorted(findings['data'])}")
     out = Pipeline(cfg).run()
     save_resolved(cfg, cfg.out, "pipeline.resolved.yaml")
     return out
