@@ -68,7 +68,7 @@ bench: $(STAMP)
 	$(MINITRON) bench all $(if $(OUT),--out $(OUT))
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q -p no:cacheprovider --timeout 900 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -q -rs -p no:cacheprovider --timeout 900 $(PYTEST_ARGS)
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf runs .cache .pytest_cache build dist *.egg-info
