@@ -271,7 +271,11 @@ class EndpointBackend:
         except requests.RequestException as e:
             raise EvalError(f"the server at {self.url} stopped answering ({_reason(e)}); {resume}") from None
         if r.status_code >= 500:
-            raise EvalError(f"{self.url}{route} failed with HTTP {r.status_code} ({r.text[:200]}); {resume}")
+            try:
+                why = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                why = r.text
+            raise EvalError(f"{self.url}{route} failed with HTTP {r.status_code} ({why[:200]}); {resume}")
         if r.status_code != 200:
             raise EvalError(f"{self.url}{route} answered HTTP {r.status_code}: {r.text[:500]}")
         return r.json()
@@ -389,17 +393,17 @@ class Generator:
         blobs = [json.dumps(p) for p in payloads]
         todo = sorted({k: i for i, k in enumerate(keys) if k not in found}.items(),
                       key=lambda kv: _order(payloads[kv[1]], blobs[kv[1]]))
-        bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"{self.name}: {desc}", leave=False,
-                   disable=len(todo) == 0)
-        for b in range(0, len(todo), self.batch_size):
-            batch = todo[b : b + self.batch_size]
-            values = compute([payloads[i] for _, i in batch])
-            fresh = {k: v for (k, _), v in zip(batch, values)}
-            found.update(fresh)
-            if self.cache is not None:
-                self.cache.put_many(fresh)
-            bar.update(len(batch))
-        bar.close()
+        # closed on errors too: the bar's line is cleared, so that an error message starts on a line of its own
+        with tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"{self.name}: {desc}", leave=False,
+                  disable=len(todo) == 0) as bar:
+            for b in range(0, len(todo), self.batch_size):
+                batch = todo[b : b + self.batch_size]
+                values = compute([payloads[i] for _, i in batch])
+                fresh = {k: v for (k, _), v in zip(batch, values)}
+                found.update(fresh)
+                if self.cache is not None:
+                    self.cache.put_many(fresh)
+                bar.update(len(batch))
         return [found[k] for k in keys]
 
     def complete(self, prompts: list[str], max_new_tokens: int = 256, stop: Sequence[str] = (),

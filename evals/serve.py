@@ -188,10 +188,12 @@ class VLLMServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="minitron-serve-")
         template = Path(self._tmp.name) / "chat_template.jinja"
         template.write_text(chat_template_of(self.model_dir) or "")
-        # offline for real: the model is a local directory (no hub look-ups), and vLLM's usage statistics (a POST
-        # to stats.vllm.ai from every server, unless disabled) are off
+        # offline for real: the model is a local directory (no hub look-ups), vLLM's usage statistics (a POST to
+        # stats.vllm.ai from every server, unless disabled) are off, and its processes talk over loopback (else
+        # vLLM finds its address by routing a socket to 8.8.8.8)
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gb), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                    VLLM_NO_USAGE_STATS="1")
+        env.setdefault("VLLM_HOST_IP", "127.0.0.1")
         # A new session: the terminal's Ctrl-C reaches only us, and we end the whole group ourselves.
         self.proc = subprocess.Popen(self.command(template), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True, text=True,

@@ -4,8 +4,10 @@
 One server is shared by the module (a start costs ~25-90 s and ~3 GB on this machine): ``minitron serve`` run
 as a user runs it (with an API key), on a tiny Llama written as GGUF and imported, trained for a few seconds to
 hold one short conversation with a real tool call. Its first test checks the banner and the key, its last one
-stops it with Ctrl-C. Tests marked ``vllm`` skip with the reason when vLLM is not installed
-(``scripts/install_serve.sh`` installs it); the model-dir and port checks run everywhere.
+stops it with Ctrl-C; it runs under tests/test_offline.py's network guard, and tries no other machine. The first
+server test kills a server of its own in the middle of an eval and resumes the eval on the shared one. Tests marked
+``vllm`` skip with the reason when vLLM is not installed (``scripts/install_serve.sh`` installs it); the model-dir
+and port checks run everywhere. None is marked slow: ``make test`` runs them all.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import socket
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,8 +125,8 @@ def serve_dir(tmp_path_factory, tiny_tokenizer):
 
 def _minitron(*args: str, **kw) -> subprocess.Popen:
     kw.setdefault("stderr", subprocess.PIPE)
-    return subprocess.Popen([sys.executable, "-m", "minitron.cli", *args], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"), **kw)
+    kw.setdefault("env", dict(os.environ, HF_HUB_OFFLINE="1"))
+    return subprocess.Popen([sys.executable, "-m", "minitron.cli", *args], stdout=subprocess.PIPE, text=True, **kw)
 
 
 def _wait_for_curl(proc: subprocess.Popen, timeout: float = 400, log=None) -> str:
@@ -145,17 +148,20 @@ def _server_processes(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 class Served:
-    """The shared server: ``minitron serve`` running in a subprocess (its stderr, vLLM's log, goes to a file)."""
+    """The shared server: ``minitron serve`` running in a subprocess (its stderr, vLLM's log, goes to a file), with
+    every process of it under test_offline's network guard and without the HF offline variables."""
 
     def __init__(self, model_dir, log):
         from evals.serve import free_port
+        from test_offline import guarded_env
 
         self.model_dir, self.name, self.log, self.api_key = model_dir, model_dir.name, log, KEY
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_file = open(log, "w")
+        env, self.net_log = guarded_env(log.parent)
         self.proc = _minitron("serve", "--model", str(model_dir), "--port", str(self.port), "--api-key", KEY,
-                              stderr=self._log_file)
+                              stderr=self._log_file, env=env)
         try:
             self.banner = _wait_for_curl(self.proc, log=log)
             while "minitron chat" not in self.banner and self.proc.poll() is None:  # the rest of the banner
@@ -283,6 +289,72 @@ def test_chat_errors_keep_the_session_usable(tmp_path):
 
 
 # --- the real server ---------------------------------------------------------------------------------
+
+def _cache_rows(out) -> dict:
+    """Every cached request of an eval folder: {key: value}."""
+    import sqlite3
+
+    rows = {}
+    for f in (out / "cache").glob("*.sqlite"):
+        with sqlite3.connect(f) as db:
+            try:
+                rows.update(db.execute("SELECT key, value FROM items").fetchall())
+            except sqlite3.OperationalError:  # created a moment ago, its table not yet
+                pass
+    return rows
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_server_death_mid_eval_then_the_rerun_resumes(serve_dir, tmp_path, request):
+    """vLLM's engine killed in the middle of ``minitron eval --endpoint``: ``minitron serve`` exits non-zero with
+    vLLM's own last log lines and nothing left running; the eval stops with one error line (no traceback, no
+    results); its rerun against another server of the same model (the shared one, on another port) reads every
+    finished item back from the cache and computes only the rest. First of the server tests, so that the shared
+    server starts only after this one's is gone (two never run at once)."""
+    from test_eval_mmlu import write_mmlu
+    from typer.testing import CliRunner
+
+    from evals.serve import free_port
+    from minitron.cli import app
+
+    write_mmlu(tmp_path / "mmlu", n_test=15)  # 3 subjects x 15 questions x 4 choices: 180 scoring requests
+    out, port = tmp_path / "eval", free_port()
+    eval_args = ["eval", "--suite", "mmlu", "--mmlu-data", str(tmp_path / "mmlu"), "--out", str(out),
+                 "--batch-size", "1", "--no-plots"]
+    with open(tmp_path / "serve.log", "w") as serve_log, open(tmp_path / "eval.log", "w") as eval_log:
+        serve = _minitron("serve", "--model", str(serve_dir), "--port", str(port), stderr=serve_log)
+        _wait_for_curl(serve, log=tmp_path / "serve.log")
+        children = _server_processes(serve)
+        engine = [c for c in children if "EngineCore" in " ".join(c.cmdline()) + c.name()]
+        assert engine, [c.cmdline() for c in children]
+        ev = _minitron(*eval_args, "--endpoint", f"http://127.0.0.1:{port}/v1", stderr=eval_log)
+        deadline = time.monotonic() + 300
+        while len(_cache_rows(out)) < 10 and ev.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine[0].kill()
+        assert serve.wait(timeout=120) == 2
+        assert ev.wait(timeout=120) == 2
+    err = (tmp_path / "serve.log").read_text()
+    assert "vLLM exited with code" in err and "EngineCore" in err  # vLLM's own last log lines are shown
+    assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    text = (tmp_path / "eval.log").read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    assert re.search(rf"http://127\.0\.0\.1:{port}.* rerun the same command: finished items are read back from the "
+                     "eval's cache", lines[0]), lines[0]
+    assert not (out / "results.json").exists()
+    done = _cache_rows(out)
+    assert 10 <= len(done) < 180
+
+    server = request.getfixturevalue("server")  # starts now
+    res = CliRunner().invoke(app, eval_args + ["--endpoint", f"{server.url}/v1", "--endpoint-api-key", KEY])
+    assert res.exit_code == 0, res.output[-3000:]
+    assert f"180 cached requests ({len(done)} reused)" in " ".join(res.output.split())
+    after = _cache_rows(out)
+    assert len(after) == 180 and all(after[k] == v for k, v in done.items())
+    assert json.loads((out / "results.json").read_text())["models"][0]["tasks"]["mmlu"]["metrics"]["acc"]["n"] == 45
+
 
 @pytest.mark.vllm
 def test_serve_banner_and_api_key(server):
@@ -545,6 +617,15 @@ def test_server_death_is_reported_with_logs(serve_dir):
 
 
 @pytest.mark.vllm
+def test_the_server_tried_no_network(server):
+    """Over its whole life so far (usage statistics are sent shortly after start-up), no process of the shared
+    server tried to reach another machine, though no HF offline variable was set."""
+    from test_offline import attempts
+
+    assert attempts(server.net_log) == []
+
+
+@pytest.mark.vllm
 def test_ctrl_c_stops_every_process(server):
     """Last: Ctrl-C on the shared ``minitron serve`` exits 0 and every process it had (API server, engine
     core, workers) is gone; the port is free again."""
@@ -575,23 +656,6 @@ def test_cli_busy_port_and_public_host_warning(serve_dir):
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "serving on 0.0.0.0" in err and f"port {port} on 0.0.0.0 is not available" in err
-
-
-@pytest.mark.vllm
-@needs_vllm
-def test_cli_exits_nonzero_with_logs_when_vllm_dies(serve_dir):
-    """Killing vLLM's engine makes ``minitron serve`` exit non-zero, showing vLLM's last log lines."""
-    port = __import__("evals.serve", fromlist=["free_port"]).free_port()
-    proc = _minitron("serve", "--model", str(serve_dir), "--port", str(port))
-    _wait_for_curl(proc)
-    engine = [c for c in _server_processes(proc) if "EngineCore" in " ".join(c.cmdline()) + c.name()]
-    assert engine, [c.cmdline() for c in _server_processes(proc)]
-    children = _server_processes(proc)
-    engine[0].kill()
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
-    assert "vLLM exited with code" in err and "EngineCore" in err  # vLLM's own last log lines are shown
-    assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
 # --- the serving benchmark ----------------------------------------------------------------------------
