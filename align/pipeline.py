@@ -19,13 +19,12 @@ the per-stage table; with ``--eval-suite demo`` the eval harness runs on every o
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from align import data as D
 from align.common import StageContext, claim_work_dir
@@ -70,7 +69,8 @@ class AlignConfig:
     seed: int = arg(0, "random seed (data split, training, sampling)")
     force: bool = arg(False, "redo stages whose output already exists")
     final: str = arg("last", "which policy OUT/final points to: last (rl, else dpo, else sft) or a stage name")
-    eval_suite: str | None = arg(None, "run evals.harness with this suite on the model and every stage output")
+    eval_suite: str | None = arg(None, "`minitron align` only: run the eval harness with this suite on the model and "
+                                       "every stage output")
     eval_limit: int | None = arg(None, "examples per eval task (with eval_suite)")
     lora: LoraArgs = _section(LoraArgs, "LoRA for every stage (merged on export)")
     sft_mix: SFTMixArgs = _section(SFTMixArgs, "what joins the SFT data: teacher answers, RAG QA, format constraints")
@@ -129,7 +129,7 @@ def _load(cfg: AlignConfig, train_src: list[str], eval_src: list[str], convert: 
 
 def _fit(tok: Any, max_length: int, loaded: tuple[list, list, dict]) -> tuple[list, list, dict]:
     """Preference pairs trimmed to ``max_length`` tokens (earliest turns first), train and held-out alike."""
-    from align.scoring import chat_ids
+    from minitron.scoring import chat_ids
 
     length = lambda msgs: len(chat_ids(tok, msgs))  # noqa: E731
     train, held, info = loaded
@@ -163,8 +163,6 @@ def check(cfg: AlignConfig) -> Inputs:
                             "(--stages rm,rl)")
     inputs = Inputs(resolve_model(cfg.model))
     _check_layers(cfg, inputs.base)
-    if cfg.eval_suite:
-        eval_config(cfg, [inputs.base])  # an unknown task is refused now, not after the training
     tok = _tokenizer(inputs.base)
     if "sft" in cfg.stages:
         _check_mix(cfg.sft_mix)
@@ -304,30 +302,12 @@ def link_final(out: Path, final: str) -> Path | None:
     return out / "final"
 
 
-def eval_config(cfg: AlignConfig, models: list[Path]) -> Any:
-    """The eval harness's config for ``models`` (None when evals.harness is not installed)."""
-    if importlib.util.find_spec("evals.harness") is None:
-        return None
-    from evals.harness import EvalConfig
-
-    return EvalConfig(model=[str(m) for m in models], suite=cfg.eval_suite, out=str(Path(cfg.out) / "evals"),
-                      limit=cfg.eval_limit)
-
-
-def run_evals(cfg: AlignConfig, models: list[Path]) -> Any:
-    """Run the eval suite (evals.harness, when installed) on the base model and every stage output."""
-    eval_cfg = eval_config(cfg, models)
-    if eval_cfg is None:
-        print(f"eval_suite={cfg.eval_suite!r}: evals.harness is not available, skipping the evals")
-        return None
-    from evals.harness import run as run_harness
-
-    return run_harness(eval_cfg)
-
-
-def run(cfg: AlignConfig) -> Path:
+def run(cfg: AlignConfig, evaluate: Callable[[list[Path]], Any] | None = None) -> Path:
     """Check every input, then run the selected stages in order (skipping those whose output is up to date) and
-    write the report (and the evals when asked)."""
+    write the report. ``evaluate`` (models -> eval results) scores the base model and every stage output when
+    ``eval_suite`` is set; ``minitron align`` passes the eval harness (align does not import evals)."""
+    if cfg.eval_suite and evaluate is None:
+        raise ConfigError("eval_suite needs an evaluator: run `minitron align`, which passes the eval harness")
     inputs = check(cfg)
     base, out = inputs.base, Path(cfg.out)
     save_resolved(cfg, out, "align.resolved.yaml")
@@ -351,7 +331,7 @@ def run(cfg: AlignConfig) -> Path:
     link_final(out, cfg.final)
     evals = None
     if cfg.eval_suite:
-        evals = run_evals(cfg, [base] + [out / s for s in ("sft", "dpo", "rl") if _done(out, s)])
+        evals = evaluate([base] + [out / s for s in ("sft", "dpo", "rl") if _done(out, s)])
     summary = write_report(out, str(base), evals)
     for stage, m in summary["stages"].items():
         print(f"[align] {stage}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()

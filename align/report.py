@@ -90,7 +90,7 @@ def write_report(out: Path, base_model: str, evals: Any = None) -> dict[str, Any
         text += ["![training curves](report.png)", ""]
     if evals is not None:
         text += ["Eval suite on each stage's output: see `evals/` in this folder.", ""]
-    if (out / "benchmarks.json").exists():  # written by `minitron run` after its evals (minitron.report)
+    if (out / "benchmarks.json").exists():  # written by `minitron run` after its evals (minitron.pipeline.report)
         text += ["## Benchmarks", "", read_json(out / "benchmarks.json")["markdown"], ""]
     write_text(out / "report.md", "\n".join(text))
     return summary

@@ -1,7 +1,7 @@
 """Measurements that show a stage worked, computed outside the trainers on held-out data.
 
 - ``completion_logps``: summed log-probability of each completion given its prompt (DPO margins, KL);
-- ``reward_scores`` / ``pairwise_accuracy``: the reward model's scalar on whole conversations;
+- ``pairwise_accuracy``: the reward model's scalar (``minitron.scoring.reward_scores``) on chosen vs rejected;
 - ``sample``: chat completions from a policy (RL mean reward before/after);
 - ``kl_to_reference``: a Monte-Carlo estimate of KL(policy || reference) on the policy's own samples.
 Every text goes through the tokenizer's chat template exactly as TRL renders it.
@@ -9,49 +9,13 @@ Every text goes through the tokenizer's chat template exactly as TRL renders it.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 
 from minitron.chat_format import stop_token_ids
+from minitron.scoring import chat_ids, continuation_logprobs, pad_rows, reward_scores
 from minitron.stats import mean_stderr
-
-
-def chat_ids(tok: Any, messages: list[dict], tools: Any = None, add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of ``messages`` rendered by the chat template (the template adds the single BOS)."""
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    text = tok.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                   add_generation_prompt=add_generation_prompt)
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T] ids and attention mask from ragged rows."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, sl], mask[i, sl] = torch.tensor(r), 1
-    return ids, mask
-
-
-@torch.no_grad()
-def logps_of(model: Any, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
-             batch_size: int = 8) -> torch.Tensor:
-    """Per-sequence sums of log p(completion token | prefix): [N] (float32)."""
-    device = next(model.parameters()).device
-    out = []
-    for s in range(0, len(prompt_ids), batch_size):
-        rows = [p + c for p, c in zip(prompt_ids[s:s + batch_size], completion_ids[s:s + batch_size])]
-        ids, mask = _pad(rows, pad_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [B, T, V]
-        # token t is predicted by position t-1: completion token j sits at len(p) + j, scored at len(p) + j - 1
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]  # [B, T-1]
-        for i, (p, c) in enumerate(zip(prompt_ids[s:s + batch_size], completion_ids[s:s + batch_size])):
-            out.append(logp[i, len(p) - 1:len(p) - 1 + len(c)].sum().cpu())
-    return torch.stack(out)
 
 
 def completion_logps(model: Any, tok: Any, examples: list[dict], key: str, batch_size: int = 8) -> torch.Tensor:
@@ -62,18 +26,7 @@ def completion_logps(model: Any, tok: Any, examples: list[dict], key: str, batch
         full = chat_ids(tok, ex["prompt"] + ex[key], ex.get("tools"))
         prompts.append(p)
         completions.append(full[len(p):])
-    return logps_of(model, prompts, completions, tok.pad_token_id, batch_size)
-
-
-@torch.no_grad()
-def reward_scores(rm: Any, tok: Any, conversations: list[list[dict]], batch_size: int = 16) -> torch.Tensor:
-    """The reward model's score of each whole conversation: [N]."""
-    device = next(rm.parameters()).device
-    scores = []
-    for s in range(0, len(conversations), batch_size):
-        ids, mask = _pad([chat_ids(tok, c) for c in conversations[s:s + batch_size]], tok.pad_token_id)
-        scores.append(rm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu())
-    return torch.cat(scores)
+    return continuation_logprobs(model, prompts, completions, tok.pad_token_id, batch_size)
 
 
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
@@ -102,7 +55,7 @@ def sample(model: Any, tok: Any, prompts: list[list[dict]], max_new_tokens: int,
     for s in range(0, len(prompts), batch_size):
         batch = prompts[s:s + batch_size]
         rows = [chat_ids(tok, p, add_generation_prompt=True) for p in batch]
-        ids, mask = _pad(rows, tok.pad_token_id, left=True)
+        ids, mask = pad_rows(rows, tok.pad_token_id, left=True)
         how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
             dict(do_sample=False)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
@@ -126,5 +79,5 @@ def kl_to_reference(policy: Any, ref: Any, tok: Any, samples: list[dict]) -> flo
     """Mean over samples of sum_t [log pi(y_t) - log ref(y_t)], y ~ pi: an unbiased estimate of KL(pi || ref)."""
     prompts = [s["prompt_ids"] for s in samples]
     comps = [s["completion_ids"] for s in samples]
-    diff = logps_of(policy, prompts, comps, tok.pad_token_id) - logps_of(ref, prompts, comps, tok.pad_token_id)
+    diff = continuation_logprobs(policy, prompts, comps, tok.pad_token_id) - continuation_logprobs(ref, prompts, comps, tok.pad_token_id)
     return diff.mean().item()

@@ -33,19 +33,19 @@ STAGES: dict[str, tuple[str, str]] = {
     "prune": ("minitron.prune:PruneConfig:run", "Width and/or depth pruning to a target shape or parameter budget."),
     "distill": ("minitron.distill:DistillConfig:run", "Logit knowledge distillation from the teacher into the pruned student."),
     "teacher-logits": ("minitron.teacher_logits:TeacherLogitsConfig:run", "Precompute the teacher's top-k log-probs for offline distillation."),
-    "align": ("align.pipeline:AlignConfig:run", "SFT -> reward model -> DPO -> RL (RLOO/GRPO) with TRL."),
+    "align": ("minitron.pipeline.align_then_eval:AlignConfig:run", "SFT -> reward model -> DPO -> RL (RLOO/GRPO) with TRL."),
     "eval": ("evals.harness:EvalConfig:run", "MMLU, IFEval, RAG, function calling and roleplay: JSON, Markdown table, plots."),
     "eval-fc": ("evals.bfcl:CheckConfig:run", "BFCL-style AST checker on a predictions file (standalone)."),
     "serve": ("evals.serve:ServeConfig:run", "Serve a model directory with vLLM's OpenAI-compatible server on 127.0.0.1."),
     "chat": ("evals.chat:ChatConfig:run", "Interactive terminal chat against an OpenAI-compatible endpoint."),
-    "run": ("minitron.pipeline:PipelineConfig:run", "A whole pipeline from one recipe file (make demo)."),
+    "run": ("minitron.pipeline.recipe:PipelineConfig:run", "A whole pipeline from one recipe file (make demo)."),
 }
 BENCHES: dict[str, tuple[str, str]] = {
-    "prune": ("minitron.bench.prune:BenchPruneConfig:run", "Importance overhead, 8B-scale prune time and memory."),
-    "distill": ("minitron.bench.distill:BenchDistillConfig:run", "KD loss memory/time vs naive and TRL; distillation throughput."),
-    "reproduce": ("minitron.bench.reproduce:ReproduceConfig:run", "The paper's claim, small, on Gutenberg."),
+    "prune": ("minitron.pipeline.bench.prune:BenchPruneConfig:run", "Importance overhead, 8B-scale prune time and memory."),
+    "distill": ("minitron.pipeline.bench.distill:BenchDistillConfig:run", "KD loss memory/time vs naive and TRL; distillation throughput."),
+    "reproduce": ("minitron.pipeline.bench.reproduce:ReproduceConfig:run", "The paper's claim, small, on Gutenberg."),
     "serve": ("evals.bench_serve:BenchServeConfig:run", "vLLM serving throughput, teacher vs pruned students."),
-    "all": ("minitron.bench.report:BenchAllConfig:run", "Every benchmark into one JSON and one Markdown report."),
+    "all": ("minitron.pipeline.bench.report:BenchAllConfig:run", "Every benchmark into one JSON and one Markdown report."),
 }
 
 app = typer.Typer(help="Prune, distill, align, evaluate and serve small LLMs (the Minitron recipe on Hugging Face).",
@@ -101,7 +101,7 @@ def parse_overrides(args: list[str], cls: type) -> tuple[str | None, dict[str, A
 def print_help(name: str, target: str, short: str) -> None:
     """Stage help: its purpose, the common options, and a table of every config field."""
     cls, fn = resolve(target)
-    doc = (sys.modules[fn.__module__].__doc__ or "").strip()
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip()  # the stage's own module (its config's)
     console.print(f"[bold]minitron {name}[/bold] [--config FILE.yaml] [--FIELD VALUE ...]\n\n{short}\n")
     if doc:
         console.print(doc + "\n")

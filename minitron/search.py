@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from minitron.adapters import Layout, get_adapter, pruned_config
 from minitron.io import write_json, write_text
+from minitron.scoring import token_loss
 
 FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
 DEPTH_FRACTIONS = (1.0, 0.875, 0.75, 0.5)
@@ -101,20 +102,6 @@ def candidates(src: Layout, budget: float, depth: bool = True, scope: str = "tot
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def eval_loss(model: Any, ids: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy of ``model`` on token rows ``ids`` [N, S]."""
-    model.eval()
-    total, count = 0.0, 0
-    dev = next(model.parameters()).device
-    for r in range(0, ids.shape[0], batch_size):
-        x = ids[r:r + batch_size].to(dev)
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-        count += x[:, 1:].numel()
-    return total / count
-
-
 def kd_steps(student: Any, teacher: Any, ids: torch.Tensor, steps: int, lr: float = 1e-3, batch_size: int = 4,
              seed: int = 0) -> list[float]:
     """K steps of logit distillation: forward KL(teacher || student) at temperature 1, AdamW. Returns the losses."""
@@ -185,7 +172,7 @@ def search(cfg: Any, config: Any, src: Layout, scores: dict, meta: dict) -> Any:
     rows, n = [], src.num_hidden_layers
     for lay in tqdm(candidates(src, cfg.params, cfg.search_depth, cfg.params_scope), desc="search: loss after pruning"):
         drop = choose_drop(scores, meta, n, n - lay.num_hidden_layers, cfg.depth_metric)
-        loss = eval_loss(materialize(teacher, src, lay, drop, scores), val, cfg.batch_size)
+        loss = token_loss(materialize(teacher, src, lay, drop, scores).eval(), val, cfg.batch_size)
         rows.append({"hidden_size": lay.hidden_size, "intermediate_size": lay.intermediate_size,
                      "num_attention_heads": lay.num_attention_heads, "num_key_value_heads": lay.num_key_value_heads,
                      "num_hidden_layers": lay.num_hidden_layers, "params": lay.num_params(), "dropped_layers": drop,
@@ -196,7 +183,7 @@ def search(cfg: Any, config: Any, src: Layout, scores: dict, meta: dict) -> Any:
                                                    "num_key_value_heads", "num_hidden_layers")})
         student = materialize(teacher, src, lay, row["dropped_layers"], scores)
         kd_steps(student, teacher, train, cfg.search_steps, seed=cfg.seed)
-        row["loss_distilled"] = eval_loss(student, val, cfg.batch_size)
+        row["loss_distilled"] = token_loss(student.eval(), val, cfg.batch_size)
     best = min(rows[: cfg.search_top_k], key=lambda r: r["loss_distilled"])
     for row in rows:
         row["chosen"] = row is best

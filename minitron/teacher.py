@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from minitron.config import ConfigError, arg, save_resolved
 from minitron.fingerprint import of_config, of_path, record, up_to_date
+from minitron.scoring import continuation_logprobs
 from minitron.data import iter_texts, read_jsonl
 from minitron.io import count_parameters, is_model_dir, read_json, save_model_dir, write_json, write_model_card
 
@@ -121,14 +122,6 @@ def build_model(cfg: TeacherConfig, tokenizer: Any) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, rows: torch.Tensor, batch_size: int = 16) -> float:
-    """Mean next-token loss over packed rows."""
-    losses = [model(input_ids=rows[i : i + batch_size], labels=rows[i : i + batch_size]).loss.item()
-              for i in range(0, len(rows), batch_size)]
-    return sum(losses) / len(losses)
-
-
-@torch.no_grad()
 def fact_accuracy(model: torch.nn.Module, tokenizer: Any, mc_file: str | Path, limit: int = 200,
                   batch_size: int = 64) -> dict[str, float]:
     """Cloze multiple choice on world facts: the choice with the highest log-likelihood after the fact's stem.
@@ -146,9 +139,8 @@ def fact_accuracy(model: torch.nn.Module, tokenizer: Any, mc_file: str | Path, l
         stem = ATTRIBUTES[attr]["answer"].split("{v}")[0].format(n=name).rstrip()
         ctx = [tokenizer.bos_token_id] + tokenizer(stem, add_special_tokens=False)["input_ids"]
         pairs += [(ctx, tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in item["choices"]]
-    scores = []
-    for i in range(0, len(pairs), batch_size):
-        scores += _continuation_logprobs(model, pairs[i : i + batch_size], tokenizer.pad_token_id or 0)
+    scores = continuation_logprobs(model, [c for c, _ in pairs], [x for _, x in pairs], tokenizer.pad_token_id or 0,
+                                   batch_size).tolist()
     correct = sum(int(max(range(4), key=lambda c: scores[4 * k + c]) == item["answer"]) for k, item in enumerate(items))
     n = len(items)
     acc = correct / max(1, n)
@@ -159,23 +151,6 @@ def fact_accuracy(model: torch.nn.Module, tokenizer: Any, mc_file: str | Path, l
 def _entity_from_question(question: str, template: str) -> str:
     before, after = template.split("{n}")
     return question[len(before) : len(question) - len(after)]
-
-
-def _continuation_logprobs(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
-    """Sum of log p(continuation | context) for each (context, continuation) pair, in one right-padded batch."""
-    seqs = [c + x for c, x in pairs]
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-    out = []
-    for i, (ctx, cont) in enumerate(pairs):
-        pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
-        out.append(logp[i, pos, torch.tensor(cont)].sum().item())
-    return out
 
 
 def run(cfg: TeacherConfig) -> Path:

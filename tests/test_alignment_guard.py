@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from minitron.report import alignment_benchmarks
+from minitron.pipeline.report import alignment_benchmarks
 
 ROWS = {
     "teacher": {"IFEval strict": 0.30, "IFEval strict_se": 0.04, "RAG F1": 0.10, "RAG F1_se": 0.02},
@@ -42,7 +42,7 @@ def test_pipeline_writes_the_benchmarks_into_the_aligned_report_and_reports_a_fa
     import json
     import os
 
-    from minitron.pipeline import Pipeline, PipelineConfig
+    from minitron.pipeline.recipe import Pipeline, PipelineConfig
 
     root = tmp_path / "run"
     student, rl = root / "distilled" / "width", root / "aligned" / "rl"

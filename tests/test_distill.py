@@ -161,7 +161,7 @@ def test_correct_lowers_lm_loss(pair, tmp_path):
     ("configs/distill/llama31-minitron-4b.yaml", "minitron.distill:DistillConfig",
      {"student": "s", "teacher": "t", "data": "d"}),
     ("configs/correct/demo.yaml", "minitron.correct:CorrectConfig", {}),
-    ("configs/bench/reproduce.yaml", "minitron.bench.reproduce:ReproduceConfig", {}),
+    ("configs/bench/reproduce.yaml", "minitron.pipeline.bench.reproduce:ReproduceConfig", {}),
 ])
 def test_recipes_parse(path, target, extra):
     """Every recipe of this stage loads into its dataclass and opens with a comment header."""

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from minitron.config import ConfigError, load_config
-from minitron.pipeline import PipelineConfig, run
+from minitron.pipeline.recipe import PipelineConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {

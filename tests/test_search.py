@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import TINY_TEXT, tiny_config
 from minitron.adapters import Layout
 from minitron.prune import PruneConfig, PruneTargetError, run
-from minitron.search import TOLERANCE, budget_layout, candidates, eval_loss, kd_steps
+from minitron.scoring import token_loss
+from minitron.search import TOLERANCE, budget_layout, candidates, kd_steps
 
 LLAMA31_8B = Layout.from_config(LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -60,7 +61,7 @@ def test_short_kd_reduces_the_kl():
     ids = torch.randint(0, 512, (8, 16))
     losses = kd_steps(student, teacher, ids, steps=15, lr=3e-3)
     assert len(losses) == 15 and losses[-1] < 0.7 * losses[0]
-    assert eval_loss(student, ids) > 0
+    assert token_loss(student, ids) > 0
 
 
 def test_prune_with_search(tiny_model_dir, tmp_path):

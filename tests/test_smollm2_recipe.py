@@ -26,7 +26,7 @@ SMALL = {  # every budget cut to a few steps; shapes, data and stages as in the 
 @pytest.mark.shared_data
 def test_smollm2_recipe_small(tmp_path):
     from minitron.model_source import import_gguf, installed_gguf
-    from minitron.pipeline import PipelineConfig, run
+    from minitron.pipeline.recipe import PipelineConfig, run
 
     shared_data("lm", "gutenberg")
     try:

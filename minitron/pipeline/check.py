@@ -19,7 +19,7 @@ from rich.table import Table
 
 from minitron.config import ConfigError
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
 def teacher_config(name: str) -> tuple[Any, str]:
@@ -59,7 +59,7 @@ def demo_teacher_config(tcfg: Any) -> Any:
 
 def _build(section: str, target: str, *dicts: dict | None) -> Any:
     """One stage's typed config; an error names the recipe section."""
-    from minitron.pipeline import _stage_config
+    from minitron.pipeline.recipe import _stage_config
 
     try:
         return _stage_config(target, *dicts)
@@ -81,7 +81,7 @@ def check(cfg: Any, load_teacher: bool = True) -> dict[str, Any]:
     """Every stage's typed config, data source, model source and prune target of a PipelineConfig, before any
     work; raises ConfigError (naming the section) on the first problem, else returns the findings."""
     from minitron.adapters import Layout, get_adapter
-    from minitron.pipeline import _file_section
+    from minitron.pipeline.recipe import _file_section
     from minitron.prune import resolve_target
 
     x = "<checked later>"  # stands for paths that earlier stages create
@@ -159,7 +159,7 @@ def check(cfg: Any, load_teacher: bool = True) -> dict[str, Any]:
         raise ConfigError(f"recipe section 'align_guard': unknown key(s) {sorted(unknown)}; valid keys: baseline, "
                           "must_beat, must_hold")
     if cfg.report:
-        _build("report", "minitron.report:ReportConfig", cfg.report)
+        _build("report", "minitron.pipeline.report:ReportConfig", cfg.report)
     return findings
 
 

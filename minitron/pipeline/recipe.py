@@ -61,7 +61,7 @@ class PipelineConfig:
     eval: dict = arg({}, "EvalConfig overrides")
     evals: dict = arg({}, "named eval runs instead of eval_config: name -> {config: FILE, models: [labels as in "
                           "the report], EvalConfig overrides}; each writes eval/<name>")
-    report: dict = arg({}, "ReportConfig overrides (WikiText-2, plain-text validation, chat KL; see minitron.report)")
+    report: dict = arg({}, "ReportConfig overrides (WikiText-2, plain-text validation, chat KL; see minitron.pipeline.report)")
     stages: list[str] = arg(list(STAGE_NAMES), f"stages to run: {', '.join(STAGE_NAMES)}")
     force: bool = arg(False, "redo finished stages")
     dry_run: bool = arg(False, "validate every stage's config, shapes and data without loading weights")
@@ -310,9 +310,9 @@ class Pipeline:
         failed = self.check_alignment() if self.want("eval") and "aligned" in self.models() else None
         out = self.paths.root
         if self.want("report"):
-            from minitron.report import write_report
+            from minitron.pipeline.report import write_report
 
-            rcfg = _stage_config("minitron.report:ReportConfig", self.cfg.report) if self.cfg.report else None
+            rcfg = _stage_config("minitron.pipeline.report:ReportConfig", self.cfg.report) if self.cfg.report else None
             models = self.models()
             out = write_report(self.paths.root, models, self.timings, world_dir=self.paths.world,
                                corpus=self.corpus() if cfg.data != "world" or cfg.mix is not None else None,
@@ -325,7 +325,7 @@ class Pipeline:
         """The aligned model's eval metrics against its student's into ``aligned/report.md``; the guard's verdict
         (a message when it failed)."""
         from align.report import write_report as write_align_report
-        from minitron.report import alignment_benchmarks, eval_metrics
+        from minitron.pipeline.report import alignment_benchmarks, eval_metrics
 
         g = self.cfg.align_guard
         baseline = g.get("baseline", f"{self.cfg.align_student} distilled")
@@ -348,7 +348,7 @@ def _fields(cls: type) -> set[str]:
 
 def run(cfg: PipelineConfig) -> Path:
     """Run (or, with ``dry_run``, validate) the recipe."""
-    from minitron.dry_run import check, validate
+    from minitron.pipeline.check import check, validate
 
     if cfg.dry_run:
         return validate(cfg)

@@ -176,25 +176,12 @@ def generated_corpus(cfg: ReproduceConfig, teacher: Path, out: Path) -> Path:
     return out
 
 
-@torch.no_grad()
-def eval_loss(model_dir: Path, rows: torch.Tensor, batch: int = 16) -> float:
-    """Mean next-token CE (nats/token) of ``model_dir`` on packed ``rows``."""
-    from transformers import AutoModelForCausalLM
-
-    from minitron.distill import KDModule
-
-    mod = KDModule(AutoModelForCausalLM.from_pretrained(model_dir).eval(), kd_weight=0.0, ce_weight=1.0)
-    total = count = 0.0
-    for i in range(0, rows.shape[0], batch):
-        _, st = mod(input_ids=rows[i : i + batch], scale=1.0)
-        total, count = total + st["ce"].item(), count + st["n_ce"].item()
-    return total / count
-
-
 def run(cfg: ReproduceConfig) -> dict:
     """Build every model of the comparison (skipping finished ones), evaluate, write JSON + Markdown + PNG."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from minitron.data import packed_sequences
-    from transformers import AutoTokenizer
+    from minitron.scoring import token_loss
 
     cfg = scaled(cfg)
     t0 = time.time()
@@ -231,7 +218,7 @@ def run(cfg: ReproduceConfig) -> dict:
     for (student, case, method, tokens), path in models.items():
         r = {"student": student, "case": case, "method": method, "train_tokens": tokens, "dir": str(path)}
         for name, data in val.items():
-            loss = eval_loss(path, data)
+            loss = token_loss(AutoModelForCausalLM.from_pretrained(path).eval(), data)
             r[f"{name}_loss"], r[f"{name}_ppl"] = round(loss, 4), round(math.exp(loss), 2)
         rows.append(r)
     result = {"scale": cfg.scale, "config": dataclasses.asdict(cfg), "rows": rows,

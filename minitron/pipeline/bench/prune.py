@@ -242,7 +242,7 @@ def _child(spec: str) -> None:
 
 def _prune_in_fresh_process(spec: dict) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, "-c", f"from minitron.bench.prune import _child; _child({json.dumps(json.dumps(spec))})"],
+    proc = subprocess.run([sys.executable, "-c", f"from minitron.pipeline.bench.prune import _child; _child({json.dumps(json.dumps(spec))})"],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"prune subprocess failed:\n{proc.stderr[-3000:]}")

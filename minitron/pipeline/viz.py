@@ -31,7 +31,7 @@ SMALL_DIR = "runs/notebooks-small"
 
 def project_root() -> Path:
     """The repository root (notebooks run from ``notebooks/``; run paths are relative to the root)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def small_run(run: str | Path, small: bool, need: list[str], report: bool = False) -> Path:
@@ -40,7 +40,7 @@ def small_run(run: str | Path, small: bool, need: list[str], report: bool = Fals
     The small run lives in ``run`` itself in small mode, else in ``runs/notebooks-small``; finished stages are
     skipped, so the three notebooks share one. ``report`` also writes the pipeline report (report.json).
     """
-    from minitron.pipeline import PipelineConfig, run as run_pipeline
+    from minitron.pipeline.recipe import PipelineConfig, run as run_pipeline
 
     root = Path(run)
     missing = [p for p in need if not (root / p).exists()]
@@ -174,7 +174,7 @@ def reward_of(rm_dir: Path, prompt: str, answers: list[str]) -> list[float]:
     """The reward model's score of each answer to ``prompt`` (rendered as a chat, as in training)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from align.scoring import reward_scores
+    from minitron.scoring import reward_scores
 
     tok = AutoTokenizer.from_pretrained(rm_dir)
     rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()

@@ -111,7 +111,7 @@ def run_kd_case_subprocess(case: str, cfg: BenchDistillConfig) -> dict:
     """One KD case in a fresh Python process (so that peaks do not mix)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
     args = json.dumps([case, cfg.vocab, cfg.tokens, cfg.student_hidden, cfg.teacher_hidden, cfg.repeats])
-    proc = subprocess.run([sys.executable, "-m", "minitron.bench.distill", args], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "minitron.pipeline.bench.distill", args], env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         return {"case": case, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
