@@ -209,6 +209,11 @@ def _check_data(cfg: EvalConfig) -> None:
     for task in cfg.tasks():
         d = cfg.data(task)
         if d == "hub":
+            from huggingface_hub.constants import HF_HUB_OFFLINE
+
+            if HF_HUB_OFFLINE:
+                raise EvalError(f"--{DATA_OF.get(task, task)}-data hub needs the Hugging Face hub, and HF_HUB_OFFLINE "
+                                "is set: pass a local data dir (e.g. ../shared/data/mmlu), or unset it")
             continue
         if not Path(d).exists():
             hint = "run `minitron world` first" if d.startswith(WORLD) else f"pass --{DATA_OF.get(task, task)}-data PATH"

@@ -133,6 +133,8 @@ CASES = [
      r"mmlu/mmlu_dev\.jsonl:4: missing 'answer'; expected a row of MMLU \(question, choices, answer, subject\)"),
     ("eval: data not found", lambda c: c.eval("--rag-data", c.tmp / "absent", suite="rag"),
      r"rag: data not found at .*/absent \(pass --rag-data PATH\)"),
+    ("eval: MMLU from the hub while offline", lambda c: c.eval("--mmlu-data", "hub", suite="mmlu"),
+     r"--mmlu-data hub needs the Hugging Face hub, and HF_HUB_OFFLINE is set: pass a local data dir"),
     ("eval: unreachable endpoint", lambda c: c.eval(endpoint=f"http://127.0.0.1:{free_port()}/v1"),
      r"--endpoint: no server answers at http://127\.0\.0\.1:\d+ \(\[Errno 111\] Connection refused\): start one with "
      r"`minitron serve --model DIR` or fix the URL"),
