@@ -16,6 +16,10 @@ elsewhere (``--mmlu-data DIR`` ...).
 Outputs in ``--out``: ``results.json`` (every metric with n and standard error), ``report.md`` (one row per model,
 with parameter counts), ``plots/*.png`` (a bar chart per metric, and the stage progression), ``items/<model>/
 <task>.jsonl`` (per-item records) and ``cache/`` (every generation and score, so an interrupted run resumes).
+
+Every input is checked before any work (each data file parsed, each tokenizer and chat template loaded, each
+endpoint reached): a bad one is refused in one line naming the cause and the fix, and nothing is written. A server
+that dies mid-eval is one such line too; the rerun reads every finished item back from ``cache/``.
 """
 
 from __future__ import annotations
@@ -235,6 +239,7 @@ def _check_tokenizer(model: str, tasks: list[str], flag: str = "--model") -> Non
 
 
 def _check_template(tok: Any, model: str, tasks: list[str], flag: str) -> None:
+    """A chat template, when a selected task renders chats."""
     chat = [t for t in tasks if t in CHAT_TASKS]
     if chat and not getattr(tok, "chat_template", None):
         raise EvalError(f"{flag} {model} has no chat template, which {', '.join(chat)} need: install one with "

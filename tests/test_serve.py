@@ -29,7 +29,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import make_tiny_model_dir
+from conftest import make_tiny_model_dir, refused
 from evals.chat import ChatConfig, ChatSession
 from evals.client import ClientError, OpenAIClient, merge_deltas
 from evals.serve import ServeError, VLLMServer, check_port, usage_text, validate_model_dir
@@ -357,14 +357,22 @@ def test_server_death_mid_eval_then_the_rerun_resumes(serve_dir, tmp_path, reque
 
 
 @pytest.mark.vllm
-def test_serve_banner_and_api_key(server):
-    """``minitron serve`` prints the URL, a curl and the chat command with the key, and enforces the key."""
+def test_serve_banner_and_api_key(server, tmp_path):
+    """``minitron serve`` prints the URL, a curl and the chat command with the key, and enforces the key (a wrong
+    one is refused up front by ``minitron eval --endpoint``, in one line)."""
     assert f"{server.url}/v1" in server.banner and f"Bearer {KEY}" in server.banner
     assert f"minitron chat --endpoint {server.url}/v1 --api-key {KEY}" in server.banner
     assert len(server.children) >= 2  # vLLM's API server and at least its engine process
     assert OpenAIClient(server.url, api_key=KEY).models() == [str(server.model_dir.resolve()), server.name]
     with pytest.raises(ClientError, match="HTTP 401"):
         OpenAIClient(server.url, api_key="wrong", model="x").chat([{"role": "user", "content": "x"}])
+    from test_eval_mmlu import write_mmlu
+
+    write_mmlu(tmp_path / "mmlu", n_test=1)
+    refused(["eval", "--endpoint", f"{server.url}/v1", "--endpoint-api-key", "wrong", "--out", tmp_path / "out",
+             "--suite", "mmlu", "--mmlu-data", tmp_path / "mmlu"],
+            match=r"--endpoint: http://127\.0\.0\.1:\d+ refused the API key \(HTTP 401\): pass --endpoint-api-key",
+            leaves=(tmp_path / "out",))
 
 
 @pytest.mark.vllm
