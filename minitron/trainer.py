@@ -450,18 +450,3 @@ def _fsdp_on_cpu(accel) -> None:
     accel.state.fsdp_plugin = plugin
     accel.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
-
-@contextlib.contextmanager
-def full_weights(module: torch.nn.Module):
-    """Within the block, every FSDP2-sharded parameter of ``module`` holds its full tensor (all-gathered; enter
-    on every rank), so ``state_dict()`` / ``save_pretrained`` see whole weights; no-op without FSDP."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
-    try:
-        yield module
-    finally:
-        for unit in units:
-            unit.reshard()
