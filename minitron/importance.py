@@ -33,13 +33,11 @@ from minitron.adapters import Adapter, Layout, get_adapter
 from minitron.config import ConfigError, MinitronError, arg
 from minitron.io import atomic_dir, write_json
 from minitron.model_source import resolve_model
+from minitron.weights import ShardedCheckpoint
 
 SEQ_AGGS = ("mean", "l2", "var")
 BATCH_AGGS = ("l2", "mean", "var")
 LAYER_METRICS = ("block_importance", "lm_loss", "mc_block")
-ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-             "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-
 
 @dataclass
 class ImportanceConfig:
@@ -73,57 +71,6 @@ class ImportanceConfig:
             raise ConfigError("calib_samples, calib_seq_len and batch_size must be >= 1")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError("dtype must be float32 or bfloat16")
-
-
-# ---------------------------------------------------------------------------------------------- checkpoint I/O
-class ShardedCheckpoint:
-    """Read single tensors from a (sharded) safetensors checkpoint with plain file reads (no mmap).
-
-    Reading tensor by tensor keeps the resident memory to what the caller holds, whatever the shard size.
-    """
-
-    def __init__(self, model_dir: str | Path):
-        self.dir = Path(model_dir)
-        index = self.dir / "model.safetensors.index.json"
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (self.dir / "model.safetensors").exists():
-            files = ["model.safetensors"]
-        else:
-            raise MinitronError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
-        self.entries: dict[str, tuple[Path, str, list[int], int, int]] = {}
-        for name in files:
-            path = self.dir / name
-            with open(path, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            for key, meta in header.items():
-                if key != "__metadata__":
-                    start, end = meta["data_offsets"]
-                    self.entries[key] = (path, meta["dtype"], meta["shape"], 8 + n + start, end - start)
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def nbytes(self) -> int:
-        return sum(e[4] for e in self.entries.values())
-
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor ``key`` (a fresh CPU tensor in its stored dtype)."""
-        if key not in self.entries:
-            raise MinitronError(f"{self.dir}: tensor {key} not found in the checkpoint")
-        path, dtype, shape, offset, size = self.entries[key]
-        buf = bytearray(size)
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            fh.readinto(buf)
-        if size == 0:
-            return torch.empty(shape, dtype=ST_DTYPES[dtype])
-        return torch.frombuffer(buf, dtype=ST_DTYPES[dtype]).reshape(shape)
-
-    def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        """All tensors under ``prefix``, keyed without it."""
-        return {k[len(prefix):]: self.read(k) for k in self.entries if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------------------------- statistics

@@ -17,7 +17,6 @@ optionally ``--search``); an impossible target fails before any work and leaves 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,10 +29,11 @@ from tqdm.auto import tqdm
 from minitron.adapters import Adapter, Layout, get_adapter, pruned_config
 from minitron.config import ConfigError, MinitronError, arg, read_yaml, save_resolved
 from minitron.fingerprint import of_config, record, up_to_date
-from minitron.importance import (ST_DTYPES, ImportanceConfig, ShardedCheckpoint, compute_scores, load_scores,
+from minitron.importance import (ImportanceConfig, compute_scores, load_scores,
                                  save_scores)
 from minitron.io import atomic_dir, is_model_dir, write_json, write_model_card
 from minitron.model_source import resolve_model
+from minitron.weights import ShardedCheckpoint, write_shard
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
 DEPTH_METRICS = ("block_importance", "lm_loss", "mc_block")
@@ -300,10 +300,6 @@ def _index(t: torch.Tensor, dims: tuple) -> torch.Tensor:
     return t
 
 
-ST_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
-            torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
 def plan_shards(specs: list[tuple[str, str, torch.Size, torch.dtype]], max_bytes: int) -> list[list[tuple]]:
     """Group (source key, output name, shape, dtype) specs into shards of at most ``max_bytes`` (in order)."""
     shards: list[list[tuple]] = [[]]
@@ -318,49 +314,28 @@ def plan_shards(specs: list[tuple[str, str, torch.Size, torch.dtype]], max_bytes
     return shards
 
 
-def write_shard(path: Path, specs: list[tuple], produce) -> None:
-    """Write a safetensors file whose header is known in advance, streaming ``produce(spec)`` tensors into it.
-
-    Only the tensor being written is in memory, whatever the shard size (a 5 GB hub-style shard included).
-    """
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for _, name, shape, dtype in specs:
-        n = shape.numel() * dtype.itemsize
-        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)  # the data must start 8-byte aligned
-    with open(path, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little") + raw)
-        for spec in specs:
-            t = produce(spec).contiguous()
-            assert t.shape == spec[2] and t.dtype == spec[3], spec
-            fh.write(t.view(-1).view(torch.uint8).numpy().data)
-
-
 def apply_plan(ckpt: ShardedCheckpoint, ad: Adapter, src: Layout, plan: Plan, out: Path, max_bytes: int) -> None:
     """Stream every source tensor through ``slice_tensor`` into new shards + index (source dtype kept).
 
     Pass 1 slices empty "meta" tensors to learn every output shape (no data read), which fixes the shard
     headers; pass 2 reads, slices and writes one tensor at a time. Peak memory: one source tensor and its slice.
     """
-    keys = sorted(ckpt.keys(), key=lambda k: (str(ckpt.entries[k][0]), ckpt.entries[k][3]))  # disk order
     specs = []
-    for key in keys:
-        _, dt, shape, _, _ = ckpt.entries[key]
-        res = slice_tensor(ad, src, plan, key, torch.empty(shape, dtype=ST_DTYPES[dt], device="meta"))
+    for key in ckpt.keys():  # file by file
+        _, dtype, shape = ckpt.entries[key]
+        res = slice_tensor(ad, src, plan, key, torch.empty(shape, dtype=dtype, device="meta"))
         if res is not None:
             specs.append((key, res[0], res[1].shape, res[1].dtype))
     shards = plan_shards(specs, max_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     bar = tqdm(total=len(specs), desc="pruning tensors", mininterval=2)
 
-    def produce(spec: tuple) -> torch.Tensor:
-        bar.update(1)
-        return slice_tensor(ad, src, plan, spec[0], ckpt.read(spec[0]))[1]
-
     for name, shard in zip(names, shards):
-        write_shard(out / name, shard, produce)
+        def produce(i: int, shard=shard) -> torch.Tensor:
+            bar.update(1)
+            return slice_tensor(ad, src, plan, shard[i][0], ckpt.read(shard[i][0]))[1]
+
+        write_shard(out / name, [(spec[1], spec[2], spec[3]) for spec in shard], produce)
     bar.close()
     total = sum(spec[2].numel() * spec[3].itemsize for spec in specs)
     write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": {

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from minitron.config import ConfigError, arg
+from minitron.weights import write_shard
 
 LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
@@ -186,7 +187,8 @@ def write_random_checkpoint(out: Path, config: Any, n_shards: int = 4, seed: int
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_shard(out / fname, shard, g)
+        write_shard(out / fname, [(name, torch.Size(shape), torch.bfloat16) for name, shape in shard],
+                    lambda j, shard=shard: _random_weight(*shard[j], g))
         weight_map.update({name: fname for name, _ in shard})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}))
@@ -194,23 +196,11 @@ def write_random_checkpoint(out: Path, config: Any, n_shards: int = 4, seed: int
     return out
 
 
-def _write_shard(path: Path, tensors: list[tuple[str, tuple]], g: torch.Generator) -> None:
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in tensors:
-        n = 2 * torch.Size(shape).numel()
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little") + raw)
-        for name, shape in tensors:
-            rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
-            step = max(1, (64 << 20) // (4 * cols))
-            for r in range(0, rows, step):
-                k = min(step, rows - r)
-                block = torch.ones(k, cols) if name.endswith("norm.weight") else torch.randn(k, cols, generator=g) * 0.02
-                fh.write(block.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+def _random_weight(name: str, shape: tuple, g: torch.Generator) -> torch.Tensor:
+    """One bf16 tensor like a trained checkpoint's: norms at 1, the rest N(0, 0.02)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
 
 
 def _synthetic_corpus(path: Path, n_docs: int = 3000, seed: int = 0) -> Path:

@@ -1,0 +1,95 @@
+"""A model directory's safetensors weights, one tensor at a time.
+
+Reading goes through the library (``safetensors.safe_open``: shapes and dtypes from ``get_slice``, one tensor per
+open file handle, so nothing stays mapped after a read); writing streams tensors into a shard whose header is
+known in advance (the library can only write tensors that are all in memory at once). Either way the resident
+memory is what the caller holds, whatever the shard size: an 8B-parameter checkpoint prunes in a few GiB.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from minitron.config import MinitronError
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a model directory (from its index when sharded)."""
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        return [d / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (d / "model.safetensors").exists():
+        return [d / "model.safetensors"]
+    raise MinitronError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+class ShardedCheckpoint:
+    """The tensors of a (sharded) safetensors checkpoint: names, shapes and dtypes up front, data on ``read``."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        self.entries: dict[str, tuple[Path, torch.dtype, list[int]]] = {}  # name -> (file, dtype, shape)
+        for path in weight_files(self.dir):
+            with safe_open(path, "pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    self.entries[key] = (path, DTYPES[sl.get_dtype()], list(sl.get_shape()))
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.entries.values())
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` (a fresh CPU tensor in its stored dtype)."""
+        if key not in self.entries:
+            raise MinitronError(f"{self.dir}: tensor {key} not found in the checkpoint")
+        with safe_open(self.entries[key][0], "pt") as f:
+            return f.get_tensor(key).clone()
+
+    def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """All tensors under ``prefix``, keyed without it."""
+        return {k[len(prefix):]: self.read(k) for k in self.entries if k.startswith(prefix)}
+
+
+def stored_parameters(model_dir: str | Path | None) -> int | None:
+    """Parameters stored in a model directory's weights (from the files' headers; nothing is loaded), or None."""
+    if model_dir is None or not Path(model_dir).is_dir():
+        return None
+    try:
+        return sum(math.prod(shape) for _, _, shape in ShardedCheckpoint(model_dir).entries.values()) or None
+    except MinitronError:
+        return None
+
+
+def write_shard(path: Path, specs: list[tuple[str, torch.Size, torch.dtype]],
+                produce: Callable[[int], torch.Tensor]) -> None:
+    """Write a safetensors file of the tensors ``specs`` ((name, shape, dtype), in file order), streaming
+    ``produce(i)`` (the i-th tensor) into it: only the tensor being written is in memory."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in specs:
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the data must start 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        for i, (name, shape, dtype) in enumerate(specs):
+            t = produce(i).contiguous()
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise MinitronError(f"{path}: tensor {name} is {tuple(t.shape)} {t.dtype}, its header says "
+                                    f"{tuple(shape)} {dtype}")
+            fh.write(t.view(-1).view(torch.uint8).numpy().data)
