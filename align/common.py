@@ -27,7 +27,7 @@ from minitron.io import atomic_dir, count_parameters, read_json, write_json, wri
 
 
 @dataclasses.dataclass
-class TrainArgs:
+class StageArgs:
     """Optimisation settings of one stage (each stage subclasses this with its own defaults)."""
 
     steps: int = arg(100, "optimizer steps (capped by the pipeline's --max-steps)")
@@ -66,7 +66,7 @@ class StageContext:
     def work_dir(self, stage: str) -> Path:
         return self.out / ".work" / stage
 
-    def steps(self, args: TrainArgs) -> int:
+    def steps(self, args: StageArgs) -> int:
         return min(args.steps, self.max_steps) if self.max_steps else args.steps
 
 
@@ -74,7 +74,7 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def trl_args(config_cls: type, args: TrainArgs, ctx: StageContext, stage: str, **extra: Any) -> Any:
+def trl_args(config_cls: type, args: StageArgs, ctx: StageContext, stage: str, **extra: Any) -> Any:
     """A TRL ``XConfig`` with the project's defaults: CPU-safe precision, checkpoints for resume, no reporting.
 
     TRL configs default to bf16=True; on CPU that is wrong (NOTES.md), so bf16 is on only for a CUDA device
@@ -95,7 +95,7 @@ def trl_args(config_cls: type, args: TrainArgs, ctx: StageContext, stage: str, *
     return config_cls(**kw)
 
 
-def freeze(model: Any, args: TrainArgs) -> Any:
+def freeze(model: Any, args: StageArgs) -> Any:
     """Partial fine-tuning: freeze the embeddings and/or the bottom ``freeze_layers`` decoder layers in place."""
     if args.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
@@ -179,9 +179,9 @@ def prepare_model(model: Any, tok: Any) -> Any:
 
 def load_causal_lm(path: str | Path, tok: Any, dtype: torch.dtype = torch.float32) -> Any:
     """A causal LM, fp32 by default (TRL's mixed precision handles bf16 on GPU), ready for the chat template."""
-    from transformers import AutoModelForCausalLM
+    from minitron.model_source import load_causal_lm as load
 
-    return prepare_model(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype), tok)
+    return prepare_model(load(path, dtype), tok)
 
 
 def save_stage(model: Any, tok: Any, ctx: StageContext, stage: str, metrics: dict[str, Any], args: Any,

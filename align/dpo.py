@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from align.common import (StageContext, TrainArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
+from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
                           measured_once, save_stage, train_history, trl_args)
 from align.data import to_dataset
 from align.lora import peft_config
@@ -25,7 +25,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 
 @dataclasses.dataclass
-class DPOArgs(TrainArgs):
+class DPOArgs(StageArgs):
     """DPO settings (``--dpo.beta 0.1 --dpo.loss-type ipo``)."""
 
     steps: int = arg(100, "optimizer steps (capped by --max-steps)")

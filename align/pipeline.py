@@ -95,7 +95,8 @@ class AlignConfig:
             raise ConfigError(f"max_steps must be >= 1 (got {self.max_steps})")
 
 
-def _load(cfg: AlignConfig, train_src: list[str], eval_src: list[str], convert: Any) -> tuple[list, list, dict]:
+def load_split_rows(cfg: AlignConfig, train_src: list[str], eval_src: list[str],
+                    convert: Any) -> tuple[list, list, dict]:
     """(train, eval, stats). Held-out rows come from the eval sources; an eval source that is also a training
     source is split: its share of ``eval_rows`` is held out of it and the rest trains. With no eval source,
     ``eval_rows`` are held out of all the training rows. Training rows are shuffled (seeded), then capped."""
@@ -166,11 +167,11 @@ def check(cfg: AlignConfig) -> Inputs:
     tok = _tokenizer(inputs.base)
     if "sft" in cfg.stages:
         _check_mix(cfg.sft_mix)
-        inputs.sft = _load(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
+        inputs.sft = load_split_rows(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
         first = inputs.sft[0][0]
         _check_template(tok, inputs.base, first["prompt"] + first["completion"], first.get("tools"))
     if set(cfg.stages) & {"rm", "dpo", "rl"}:
-        loaded = _load(cfg, cfg.pref_data, cfg.pref_eval_data, D.to_preference)
+        loaded = load_split_rows(cfg, cfg.pref_data, cfg.pref_eval_data, D.to_preference)
         first = loaded[0][0]
         _check_template(tok, inputs.base, first["prompt"] + first["chosen"])
         inputs.pref = _fit(tok, cfg.max_length, loaded)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from align.common import (StageContext, TrainArgs, freeze, last_checkpoint, load_tokenizer, measured_once,
+from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load_tokenizer, measured_once,
                           save_stage, train_history, trl_args)
 from align.data import to_dataset
 from align.lora import peft_config
@@ -22,7 +22,7 @@ from minitron.config import arg
 
 
 @dataclasses.dataclass
-class RMArgs(TrainArgs):
+class RMArgs(StageArgs):
     """Reward-model settings (``--rm.steps 150``)."""
 
     steps: int = arg(150, "optimizer steps (capped by --max-steps)")

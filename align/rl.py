@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from align.common import (StageContext, TrainArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
+from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
                           measured_once, save_stage, train_history, trl_args)
 from align.data import to_dataset
 from align.lora import peft_config
@@ -27,7 +27,7 @@ ALGOS = ("rloo", "grpo")
 
 
 @dataclasses.dataclass
-class RLArgs(TrainArgs):
+class RLArgs(StageArgs):
     """Online RL settings (``--rl.algo grpo --rl.num-generations 8``)."""
 
     algo: str = arg("rloo", "rloo (REINFORCE leave-one-out) or grpo")

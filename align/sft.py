@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from align.common import (StageContext, TrainArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
+from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
                           measured_once, save_stage, train_history, trl_args)
 from align.data import to_dataset
 from align.lora import peft_config
@@ -19,7 +19,7 @@ from minitron.config import arg
 
 
 @dataclasses.dataclass
-class SFTArgs(TrainArgs):
+class SFTArgs(StageArgs):
     """SFT settings (``--sft.steps 200 --sft.lr 1e-4``)."""
 
     steps: int = arg(200, "optimizer steps (capped by --max-steps)")

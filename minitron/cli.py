@@ -28,7 +28,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "world": ("minitron.world:WorldConfig:run", "Generate the demo world's data sets (corpus, MC, IFEval, RAG, BFCL, SFT, preferences)."),
     "teacher": ("minitron.teacher:TeacherConfig:run", "Train a tokenizer and a small Llama teacher from scratch (demo world or a corpus)."),
     "mix": ("minitron.mixture:MixConfig:run", "Distillation corpus: plain text mixed with chat conversations in the teacher's template."),
-    "correct": ("minitron.correct:CorrectConfig:run", "Teacher correction: briefly fine-tune the teacher on the distillation data."),
+    "correct": ("minitron.lm_train:LMTrainConfig:run", "Teacher correction: LM training of the teacher on the distillation data."),
     "importance": ("minitron.importance:ImportanceConfig:run", "Score heads, neurons, channels and layers from activations (saved for many targets)."),
     "prune": ("minitron.prune:PruneConfig:run", "Width and/or depth pruning to a target shape or parameter budget."),
     "distill": ("minitron.distill:DistillConfig:run", "Logit knowledge distillation from the teacher into the pruned student."),

@@ -24,7 +24,7 @@ from minitron.config import ConfigError, MinitronError, arg, save_resolved
 from minitron.data import DataError, packed_sequences
 from minitron.io import read_json, write_model_card
 from minitron.kd_loss import fused_kd_loss, liger_available, liger_kd_loss
-from minitron.model_source import resolve_model
+from minitron.model_source import load_model_and_tokenizer, resolve_model
 from minitron.fingerprint import of_config
 from minitron.trainer import Task, TrainArgs, finished, make_accelerator, train
 
@@ -111,7 +111,7 @@ class KDModule(nn.Module):
 
     Inputs: input_ids [B, T]; the teacher's final hidden states [B, T, Ht] and lm_head weight [V, Ht] (and
     ``teacher_states``: mapped layer outputs) or top-k ids/log-probs [B, T, k]; ``scale`` multiplies the loss sum.
-    With ``kd_weight = 0`` this is plain LM training (chunked CE), as used by ``minitron correct``.
+    With ``kd_weight = 0`` this is plain LM training (chunked CE), as ``minitron.lm_train`` uses it.
     """
 
     def __init__(self, student: nn.Module, *, tau: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
@@ -188,13 +188,6 @@ def default_layer_map(student_dir: str | Path, n_student: int, n_teacher: int) -
     return [round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)]
 
 
-def _load(path: str | Path, dtype=torch.float32):
-    """(model, tokenizer) of a model directory the caller resolved (``minitron.model_source.resolve_model``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
-
-
 def val_rows(cfg: TrainArgs, tokenizer) -> torch.Tensor | None:
     """Validation rows: ``val_tokens`` of ``--val-data`` (default: the 'validation' split of ``--data``)."""
     try:
@@ -250,7 +243,7 @@ def run(cfg: DistillConfig) -> Path:
         cfg.teacher = str(resolve_model(cfg.teacher, "--teacher"))
     accel = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
-    student, tok = _load(cfg.student)
+    student, tok = load_model_and_tokenizer(cfg.student)
     s_layers, t_layers, proj, teacher = [], [], None, None
     if cfg.teacher_logits:
         from minitron.teacher_logits import load_for_distill
@@ -258,7 +251,7 @@ def run(cfg: DistillConfig) -> Path:
         data, val, source = load_for_distill(cfg, tok, student.config.vocab_size)
         make_inputs = _offline_inputs
     else:
-        teacher, ttok = _load(cfg.teacher)
+        teacher, ttok = load_model_and_tokenizer(cfg.teacher)
         check_compatible(cfg.teacher, cfg.student, ttok, tok)
         teacher.eval().requires_grad_(False).to(accel.device)
         if cfg.hidden_weight:

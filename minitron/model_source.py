@@ -94,6 +94,20 @@ def _from_hub(name: str, flag: str) -> Path:
     return local
 
 
+def load_causal_lm(path: str | os.PathLike, dtype: Any = None) -> Any:
+    """The causal LM of a local model directory (fp32 unless ``dtype`` says otherwise)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, dtype: Any = None) -> tuple[Any, Any]:
+    """(causal LM, tokenizer) of a local model directory the caller resolved (``resolve_model``)."""
+    from transformers import AutoTokenizer
+
+    return load_causal_lm(path, dtype), AutoTokenizer.from_pretrained(str(path))
+
+
 # ---------------------------------------------------------------------------------------------- GGUF import
 def gguf_architecture(path: Path) -> str:
     """``general.architecture`` of a GGUF file (read from its header, no tensors loaded)."""

@@ -156,10 +156,10 @@ def _entity_from_question(question: str, template: str) -> str:
 def run(cfg: TeacherConfig) -> Path:
     """Train tokenizer + teacher and save them as a standard HF model directory.
 
-    The weights are trained by the shared LM trainer (``minitron.correct``: the LM loss from a random
+    The weights are trained by the shared LM trainer (``minitron.lm_train``: the LM loss from a random
     initialisation), so the teacher checkpoints every ``save_every`` steps and an interrupted run resumes.
     """
-    from minitron.correct import CorrectConfig, run as train_lm
+    from minitron.lm_train import LMTrainConfig, run as train_lm
 
     out = Path(cfg.out)
     fp = of_config(cfg)
@@ -173,7 +173,7 @@ def run(cfg: TeacherConfig) -> Path:
         tokenizer = build_tokenizer(source, cfg)
         save_model_dir(build_model(cfg, tokenizer), tokenizer, init, card={"init": "random"}, title="teacher init")
         record(init, fp)
-    train_lm(CorrectConfig(
+    train_lm(LMTrainConfig(
         model=str(init), out=str(out), data=source, text_field=cfg.text_field, tokens=cfg.tokens, seq_len=cfg.seq_len,
         batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 10,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=cfg.seed, max_steps=cfg.max_steps,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from minitron.config import ConfigError, MinitronError, arg
 from minitron.io import atomic_dir, read_json, write_json
 from minitron.kd_loss import teacher_topk
-from minitron.model_source import resolve_model
+from minitron.model_source import load_model_and_tokenizer, resolve_model
 from minitron.trainer import TrainArgs
 
 
@@ -77,14 +77,14 @@ def topk_rows(teacher, rows: torch.Tensor, k: int, tau: float, batch_size: int, 
 
 def run(cfg: TeacherLogitsConfig) -> Path:
     """Precompute the teacher's top-k log-probs over the packed train (and validation) rows."""
-    from minitron.distill import _load, train_rows, val_rows
+    from minitron.distill import train_rows, val_rows
 
     out = Path(cfg.out)
     if (out / "meta.json").exists() and not cfg.force:
         print(f"{out} exists: skipping (pass --force to redo)")
         return out
     cfg.teacher = str(resolve_model(cfg.teacher, "--teacher"))
-    teacher, tok = _load(cfg.teacher)
+    teacher, tok = load_model_and_tokenizer(cfg.teacher)
     teacher.eval()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher.to(device)

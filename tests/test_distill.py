@@ -144,10 +144,10 @@ def test_offline_topk_distillation(pair, tmp_path, tiny_tokenizer):
 
 
 def test_correct_lowers_lm_loss(pair, tmp_path):
-    from minitron.correct import CorrectConfig, reinitialised_copy, run
+    from minitron.lm_train import LMTrainConfig, reinitialised_copy, run
 
     teacher, _, corpus = pair
-    out = run(CorrectConfig(model=str(teacher), data=str(corpus), out=str(tmp_path / "c"), tokens=8 * 32 * 4,
+    out = run(LMTrainConfig(model=str(teacher), data=str(corpus), out=str(tmp_path / "c"), tokens=8 * 32 * 4,
                             seq_len=32, batch_size=8, micro_batch_size=8, lr=3e-3, warmup_steps=1, log_every=1,
                             val_tokens=256))
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"ce"' in line]
@@ -160,7 +160,7 @@ def test_correct_lowers_lm_loss(pair, tmp_path):
     ("configs/distill/demo.yaml", "minitron.distill:DistillConfig", {"student": "s"}),
     ("configs/distill/llama31-minitron-4b.yaml", "minitron.distill:DistillConfig",
      {"student": "s", "teacher": "t", "data": "d"}),
-    ("configs/correct/demo.yaml", "minitron.correct:CorrectConfig", {}),
+    ("configs/correct/demo.yaml", "minitron.lm_train:LMTrainConfig", {}),
     ("configs/bench/reproduce.yaml", "minitron.pipeline.bench.reproduce:ReproduceConfig", {}),
 ])
 def test_recipes_parse(path, target, extra):

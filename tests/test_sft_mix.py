@@ -112,7 +112,7 @@ def test_eval_source_that_is_also_a_training_source_is_held_out_of_it(tmp_path):
     a.write_text("".join(json.dumps({"instruction": f"a{i}", "input": "", "output": "x"}) + "\n" for i in range(20)))
     b.write_text("".join(json.dumps({"instruction": f"b{i}", "input": "", "output": "y"}) + "\n" for i in range(20)))
     cfg = AP.AlignConfig(model="unused", sft_data=[str(a), str(b)], sft_eval_data=[str(b)], eval_rows=5)
-    train, held, info = AP._load(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
+    train, held, info = AP.load_split_rows(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
     held_users = {ex["prompt"][0]["content"] for ex in held}
     train_users = {ex["prompt"][0]["content"] for ex in train}
     assert len(held) == 5 and all(u.startswith("b") for u in held_users)

@@ -108,7 +108,7 @@ def check(cfg: Any, load_teacher: bool = True) -> dict[str, Any]:
         for source in mix.chat:
             findings["data"][source] = check_data(source)
     if cfg.correct is not None:
-        _build("correct", "minitron.correct:CorrectConfig", {"data": data}, cfg.correct, {"model": x, "out": x})
+        _build("correct", "minitron.lm_train:LMTrainConfig", {"data": data}, cfg.correct, {"model": x, "out": x})
     from minitron.prune import PruneConfig
 
     _known_keys("prune", cfg.prune, PruneConfig)  # shared by every student: name this section, not a student's
@@ -137,7 +137,7 @@ def check(cfg: Any, load_teacher: bool = True) -> dict[str, Any]:
         overrides = dict(getattr(cfg, section) or {})
         overrides.pop("students", None)
         if getattr(cfg, section) is not None:
-            _build(section, "minitron.correct:CorrectConfig", {"data": data}, overrides, {"model": x, "out": x})
+            _build(section, "minitron.lm_train:LMTrainConfig", {"data": data}, overrides, {"model": x, "out": x})
     placeholder = str(SHIPPED_CONFIGS / "llama-3.1-8b")  # a model dir with a config.json: configs check paths
     for section, path, target in (("align", cfg.align_config, "align.pipeline:AlignConfig"),
                                   ("eval", cfg.eval_config, "evals.harness:EvalConfig")):

@@ -41,14 +41,14 @@ class PipelineConfig:
     teacher: dict = arg({}, "TeacherConfig overrides (tiny teacher)")
     mix: dict | None = arg(None, "MixConfig overrides: distil on text mixed with chat rendered in the teacher's "
                                  "template (text defaults to `data`); None uses `data` as it is")
-    correct: dict | None = arg(None, "CorrectConfig overrides; None skips teacher correction")
+    correct: dict | None = arg(None, "LMTrainConfig overrides; None skips teacher correction")
     prune: dict = arg({}, "PruneConfig overrides shared by every student")
     students: dict = arg({}, "student name -> PruneConfig overrides (target shape), e.g. width / depth")
     distill: dict = arg({}, "DistillConfig overrides shared by every student")
-    finetune: dict | None = arg(None, "CorrectConfig overrides to fine-tune pruned students with the LM loss at "
+    finetune: dict | None = arg(None, "LMTrainConfig overrides to fine-tune pruned students with the LM loss at "
                                       "the distillation token budget (the KD baseline; `students:` limits which; "
                                       "None = skip)")
-    scratch: dict | None = arg(None, "CorrectConfig overrides to train each student shape from random init "
+    scratch: dict | None = arg(None, "LMTrainConfig overrides to train each student shape from random init "
                                      "at the distillation token budget (None = skip)")
     rounds: list[dict] = arg([], "progressive rounds after the first: each {students, prune, distill, teacher_from}")
     align_config: str | None = arg(None, "align recipe file (configs/align/...)")
@@ -162,11 +162,11 @@ class Pipeline:
         return self.timed("teacher", teacher.run, cfg)
 
     def make_corrected(self, teacher: Path) -> Path:
-        from minitron import correct
+        from minitron import lm_train
 
-        cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()}, self.cfg.correct,
+        cfg = _stage_config("minitron.lm_train:LMTrainConfig", {"data": self.corpus()}, self.cfg.correct,
                             {"model": str(teacher), "out": str(self.paths.corrected), "force": self.cfg.force})
-        return self.timed("correct", correct.run, cfg)
+        return self.timed("correct", lm_train.run, cfg)
 
     # ------------------------------------------------------------------ students
     def make_students(self, teacher: Path, students: dict, prune: dict, distill: dict, round_: int) -> dict:
@@ -190,7 +190,7 @@ class Pipeline:
 
     def make_finetuned(self, distill: dict) -> None:
         """Each pruned student trained with the LM loss on the distillation data at its token budget."""
-        from minitron.correct import CorrectConfig, run as correct_run
+        from minitron.lm_train import LMTrainConfig, run as lm_train_run
 
         overrides = dict(self.cfg.finetune or {})
         only = overrides.pop("students", None)  # default: every student
@@ -199,23 +199,23 @@ class Pipeline:
                 continue
             out = self.paths.finetuned / name
             paths["finetuned"] = out
-            cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()},
-                                {k: v for k, v in distill.items() if k in _fields(CorrectConfig)}, overrides,
+            cfg = _stage_config("minitron.lm_train:LMTrainConfig", {"data": self.corpus()},
+                                {k: v for k, v in distill.items() if k in _fields(LMTrainConfig)}, overrides,
                                 {"model": str(paths["pruned"]), "out": str(out), "force": self.cfg.force})
-            self.timed("finetune", correct_run, cfg)
+            self.timed("finetune", lm_train_run, cfg)
 
     def make_scratch(self, distill: dict) -> None:
         """The same student shapes trained from random init with the distillation token budget (LM loss)."""
-        from minitron.correct import CorrectConfig, reinitialised_copy, run as correct_run
+        from minitron.lm_train import LMTrainConfig, reinitialised_copy, run as lm_train_run
 
         for name, paths in self.students.items():
             out = self.paths.scratch / name
             paths["scratch"] = out
             init = reinitialised_copy(paths["pruned"], self.paths.scratch / f".{name}-init")
-            cfg = _stage_config("minitron.correct:CorrectConfig", {"data": self.corpus()},
-                                {k: v for k, v in distill.items() if k in _fields(CorrectConfig)}, self.cfg.scratch,
+            cfg = _stage_config("minitron.lm_train:LMTrainConfig", {"data": self.corpus()},
+                                {k: v for k, v in distill.items() if k in _fields(LMTrainConfig)}, self.cfg.scratch,
                                 {"model": str(init), "out": str(out), "force": self.cfg.force})
-            self.timed("scratch", correct_run, cfg)
+            self.timed("scratch", lm_train_run, cfg)
 
     # ------------------------------------------------------------------ align, eval, report
     def make_aligned(self) -> Path:

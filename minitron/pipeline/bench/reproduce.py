@@ -123,10 +123,10 @@ def make_teacher_init(cfg: ReproduceConfig, out: Path) -> Path:
 
 
 def lm_train(cfg: ReproduceConfig, model: Path, out: Path, tokens: int, lr: float, data: str | None = None) -> Path:
-    """LM-loss training (minitron.correct) of ``model`` for ``tokens``."""
-    from minitron.correct import CorrectConfig, run
+    """LM-loss training (minitron.lm_train) of ``model`` for ``tokens``."""
+    from minitron.lm_train import LMTrainConfig, run
 
-    return run(CorrectConfig(model=str(model), out=str(out), **train_kw(cfg, tokens, lr, data)))
+    return run(LMTrainConfig(model=str(model), out=str(out), **train_kw(cfg, tokens, lr, data)))
 
 
 def distil(cfg: ReproduceConfig, teacher: Path, student: Path, out: Path) -> Path:
@@ -202,7 +202,7 @@ def run(cfg: ReproduceConfig) -> dict:
         models[(kind, "d", "corrected teacher, pruned + distillation", B)] = distil(
             cfg, corrected, pruned_c, work / f"{kind}-kd-corrected")
         for m in cfg.scratch_multiples:
-            from minitron.correct import reinitialised_copy
+            from minitron.lm_train import reinitialised_copy
 
             init_s = work / f"{kind}-scratch-init"
             if not (init_s / "config.json").exists():

@@ -1,8 +1,9 @@
-"""Teacher correction: briefly fine-tune the teacher with the LM loss on the distillation data (Minitron).
+"""LM-loss training of a causal LM on a corpus: teacher correction (``minitron correct``), and the trainer behind
+the demo teacher, the fine-tuned baselines and the from-scratch baselines.
 
-The original pre-training data is usually unavailable, so the teacher is first adapted to the data the
-student will be distilled on (the paper: ~100B tokens at 1/5 of the peak LR). Same data module, trainer,
-checkpoints and ``--resume`` as ``minitron distill``; the LM loss is the chunked CE of ``minitron.kd_loss``.
+Teacher correction (Minitron): the original pre-training data is usually unavailable, so the teacher is first
+adapted to the data the student will be distilled on (the paper: ~100B tokens at 1/5 of the peak LR). Same data
+module, trainer, checkpoints and resume as ``minitron distill``; the loss is the chunked CE of ``minitron.kd_loss``.
 
     minitron correct --model runs/demo/teacher --data runs/demo/world/corpus --tokens 1000000 \\
         --out runs/demo/teacher-corrected
@@ -18,16 +19,16 @@ from pathlib import Path
 import torch
 
 from minitron.config import ConfigError, arg, save_resolved
-from minitron.distill import KDModule, _load, train_rows, val_rows
+from minitron.distill import KDModule, train_rows, val_rows
 from minitron.io import atomic_dir, write_model_card
-from minitron.model_source import resolve_model
 from minitron.fingerprint import of_config, of_path, record
+from minitron.model_source import load_model_and_tokenizer, resolve_model
 from minitron.trainer import Task, TrainArgs, finished, make_accelerator, train
 
 
 @dataclasses.dataclass
-class CorrectConfig(TrainArgs):
-    model: str = arg(None, "model directory to fine-tune (the teacher)")
+class LMTrainConfig(TrainArgs):
+    model: str = arg(None, "model directory to train (the teacher, for teacher correction)")
     out: str = arg("runs/demo/teacher-corrected", "output directory (standard HF dir)")
     lr: float = arg(2e-5, "peak learning rate (paper: 1/5 of the pre-training peak)")
     min_lr: float = arg(2e-6, "final learning rate of the cosine schedule")
@@ -36,10 +37,10 @@ class CorrectConfig(TrainArgs):
     def __post_init__(self) -> None:
         self.validate_train()
         if not self.model:
-            raise ConfigError("--model is required (the teacher directory to correct)")
+            raise ConfigError("--model is required (the model directory to train, e.g. the teacher to correct)")
 
 
-def run(cfg: CorrectConfig, fp: dict | None = None) -> Path:
+def run(cfg: LMTrainConfig, fp: dict | None = None) -> Path:
     """Fine-tune ``cfg.model`` with the LM loss for ``cfg.tokens`` tokens; write ``cfg.out``. ``fp``: the
     fingerprint to record (default: this config's; the teacher passes its own)."""
     out = Path(cfg.out)
@@ -49,7 +50,7 @@ def run(cfg: CorrectConfig, fp: dict | None = None) -> Path:
     cfg.model = str(resolve_model(cfg.model))
     accel = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
-    model, tok = _load(cfg.model)
+    model, tok = load_model_and_tokenizer(cfg.model)
     data = {"input_ids": train_rows(cfg, tok)}
     v = val_rows(cfg, tok)
     module = KDModule(model, kd_weight=0.0, ce_weight=1.0, chunk=cfg.chunk)
