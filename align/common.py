@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate import PartialState
 
 from align.lora import LoraArgs, merge_for_export
 from minitron import fingerprint
@@ -191,7 +192,18 @@ def save_stage(model: Any, tok: Any, ctx: StageContext, stage: str, metrics: dic
     wall, cpu = ctx.started.get(stage, (time.perf_counter(), time.process_time()))
     metrics["seconds"] = round(time.perf_counter() - wall, 1)
     metrics["cpu_seconds"] = round(time.process_time() - cpu, 1)  # all threads: ~2x the wall time on 2 idle cores
-    with atomic_dir(out) as tmp:
+    ranks = PartialState()  # under accelerate launch every rank gets here: one writes
+    if ranks.is_main_process:
+        _write_stage(model, tok, ctx, stage, metrics, args, source, title, notes)
+        # The checkpoints were only the resume point; the finished output makes them dead weight.
+        shutil.rmtree(ctx.work_dir(stage), ignore_errors=True)
+    ranks.wait_for_everyone()
+    return out
+
+
+def _write_stage(model: Any, tok: Any, ctx: StageContext, stage: str, metrics: dict[str, Any], args: Any,
+                 source: str, title: str, notes: str) -> None:
+    with atomic_dir(ctx.out / stage) as tmp:
         # LoRA: adapter to tmp/adapter, then the merged weights; the next stage loads a plain model either way
         model = merge_for_export(model, tmp)
         prepare_model(model, tok)
@@ -207,9 +219,6 @@ def save_stage(model: Any, tok: Any, ctx: StageContext, stage: str, metrics: dic
                 "parameters": f"{count_parameters(model):,}", "LoRA": "merged (adapter/)" if ctx.lora.enabled else "no",
                 **{k: _fmt(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         write_model_card(tmp, title, card, notes)
-    # The checkpoints were only the resume point; the finished output makes them dead weight.
-    shutil.rmtree(ctx.work_dir(stage), ignore_errors=True)
-    return out
 
 
 def _fmt(v: Any) -> Any:

@@ -54,6 +54,10 @@ def train(ctx: StageContext, args: SFTArgs, model_dir: str | Path, train_rows: l
                          peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
     resume = last_checkpoint(ctx, "sft")
     before = measured_once(ctx, "sft", "eval_loss", lambda: trainer.evaluate()["eval_loss"])
+    if trainer.accelerator.num_processes > 1:
+        # transformers 5.19 + accelerate 1.15: evaluate() prepared the model for evaluation and marked it prepared,
+        # so train() would not wrap it in DDP (each rank would train its own copy): clear the mark.
+        trainer.model._is_accelerate_prepared = False
     trainer.train(resume_from_checkpoint=resume)
     after = trainer.evaluate()["eval_loss"]
     context = extend_context(trainer.model.config, trainer.train_dataset["input_ids"], ctx.max_length)

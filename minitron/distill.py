@@ -268,8 +268,9 @@ def run(cfg: DistillConfig) -> Path:
                       hidden_weight=cfg.hidden_weight, student_layers=s_layers, proj=proj, chunk=cfg.chunk,
                       use_liger=cfg.use_liger)
 
-    def save(mod: KDModule, tmp: Path, summary: dict) -> None:
-        mod.student.save_pretrained(tmp)
+    def save(mod: KDModule, tmp: Path, summary: dict, weights: dict) -> None:
+        mod.student.save_pretrained(tmp, state_dict={k.removeprefix("student."): v for k, v in weights.items()
+                                                    if k.startswith("student.")})
         tok.save_pretrained(tmp)
         save_resolved(cfg, tmp)
         _card(cfg, tmp, summary, source)

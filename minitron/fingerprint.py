@@ -23,9 +23,9 @@ from minitron.io import read_json, write_json
 
 FILE = "fingerprint.json"
 # fields that do not change what a stage produces (where it goes, how often it saves or logs, how far to go now)
+# (micro_batch_size too: only the order of fp32 sums depends on it, so a multi-GPU run's output is kept)
 UNHASHED = frozenset({"out", "force", "resume", "dry_run", "save_every", "keep_checkpoints", "log_every", "save_steps",
-                      "logging_steps",
-                      "max_steps", "progress"})
+                      "logging_steps", "max_steps", "progress", "micro_batch_size"})
 
 
 def of_path(path: str | os.PathLike) -> str:

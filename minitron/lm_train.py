@@ -55,8 +55,9 @@ def run(cfg: LMTrainConfig, fp: dict | None = None) -> Path:
     v = val_rows(cfg, tok)
     module = KDModule(model, kd_weight=0.0, ce_weight=1.0, chunk=cfg.chunk)
 
-    def save(mod: KDModule, tmp: Path, summary: dict) -> None:
-        mod.student.save_pretrained(tmp)
+    def save(mod: KDModule, tmp: Path, summary: dict, weights: dict) -> None:
+        mod.student.save_pretrained(tmp, state_dict={k.removeprefix("student."): v for k, v in weights.items()
+                                                    if k.startswith("student.")})
         tok.save_pretrained(tmp)
         save_resolved(cfg, tmp)
         ce = summary.get("final_val_ce")

@@ -91,7 +91,8 @@ class Task:
 
     module: torch.nn.Module
     make_inputs: Callable[[dict[str, torch.Tensor]], dict[str, Any]]  # batch rows -> module inputs (no grad)
-    save: Callable[[torch.nn.Module, Path, dict], None]  # (unwrapped module, tmp out dir, summary) -> files
+    # (unwrapped module, tmp out dir, summary, its whole state dict: FSDP shards the module's own) -> files
+    save: Callable[[torch.nn.Module, Path, dict, dict], None]
     metric_names: tuple[str, ...] = ("loss",)
 
 
@@ -151,16 +152,17 @@ def _batch(data: dict[str, torch.Tensor], idx: torch.Tensor, device) -> dict[str
 @torch.no_grad()
 def evaluate(task: Task, module, data: dict[str, torch.Tensor], cfg: TrainArgs, accel) -> dict[str, float]:
     """Mean loss terms per token over ``data`` rows (sharded across processes, summed with all-reduce)."""
-    module = accel.unwrap_model(module)  # no DDP collectives: shards may differ in length
+    module = accel.unwrap_model(module)  # no DDP collectives (FSDP keeps its own: every forward gathers weights)
     module.eval()
     n = data["input_ids"].shape[0]
     mine = torch.arange(accel.process_index, n, accel.num_processes)
     sums: dict[str, torch.Tensor] = {}
-    for i in range(0, len(mine), cfg.micro_batch_size):
-        batch = _batch(data, mine[i : i + cfg.micro_batch_size], accel.device)
+    for i in range(0, math.ceil(n / accel.num_processes), cfg.micro_batch_size):  # as many forwards on each rank
+        rows = mine[i : i + cfg.micro_batch_size]
+        batch = _batch(data, rows if len(rows) else torch.zeros(1, dtype=torch.long), accel.device)
         with accel.autocast():
             _, stats = module(**task.make_inputs(batch), scale=1.0)
-        for k, v in stats.items():
+        for k, v in stats.items() if len(rows) else ():  # a rank out of rows ran a dummy row for FSDP's sake
             sums[k] = sums.get(k, 0) + v.detach().float()
     module.train()
     keys = sorted(sums) or ["n_tokens"]
@@ -275,7 +277,11 @@ def train(cfg: TrainArgs, task: Task, data: dict[str, torch.Tensor], val: dict[s
     elif accel.is_main_process and run_dir.exists():
         _set_aside(run_dir, cfg.force)
     accel.wait_for_everyone()
+    if _fsdp(accel) and (cfg.save_every or cfg.max_steps is not None or state["step"]):
+        raise ConfigError("FSDP runs cannot checkpoint or resume yet (a checkpoint would hold one rank's shards): "
+                          "pass --save-every 0 and no --max-steps, or launch with DDP")
     module, optimizer = accel.prepare(task.module, optimizer)
+    params = [p for p in module.parameters() if p.requires_grad]  # FSDP swaps them for DTensor shards
     metrics_path = run_dir / "metrics.jsonl"
     if accel.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -346,6 +352,7 @@ def _save(run_dir, accel, module, optimizer, state, keep) -> Path:
 def _finish(cfg, task, module, val, out, run_dir, accel, state, steps, stop, fp) -> dict[str, Any]:
     """Final validation, then the output directory (model, metrics.json/jsonl, loss_curve.png) atomically."""
     final_val = evaluate(task, module, val, cfg, accel) if val is not None else {}
+    weights = accel.get_state_dict(module)  # on every rank: FSDP gathers the whole weights on the main process
     summary = {"steps": state["step"], "planned_steps": steps, "completed": stop == steps, "tokens": state["tokens"],
                "train_time_s": round(state["elapsed_s"], 2),
                "tokens_per_s": state["tokens"] / max(state["elapsed_s"], 1e-9),
@@ -359,7 +366,7 @@ def _finish(cfg, task, module, val, out, run_dir, accel, state, steps, stop, fp)
             _append_jsonl(run_dir / "metrics.jsonl", {"step": state["step"], "tokens": state["tokens"],
                                                       **{f"val_{k}": v for k, v in final_val.items()}})
         with atomic_dir(out) as tmp:
-            task.save(accel.unwrap_model(module), tmp, summary)
+            task.save(accel.unwrap_model(module), tmp, summary, weights)
             shutil.copy(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
             plot_losses(_read_jsonl(tmp / "metrics.jsonl"), tmp / "loss_curve.png", title=out.name)
             write_json(tmp / "metrics.json", summary)
@@ -432,6 +439,12 @@ def make_accelerator(cfg: TrainArgs):
     if fsdp and not cuda and accel.num_processes > 1:
         _fsdp_on_cpu(accel)
     return accel
+
+
+def _fsdp(accel) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accel.distributed_type == DistributedType.FSDP
 
 
 def _fsdp_on_cpu(accel) -> None:

@@ -132,12 +132,6 @@ def test_distill_ddp_follows_single_process(kd):
     check_kd_run(root, root / "ddp", "distill, 1 process vs 2-process DDP")
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, subprocess.TimeoutExpired), reason=(
-    "minitron.trainer under FSDP: train() clips the parameters it collected before accelerate.prepare (FSDP swaps "
-    "them for DTensor shards: 'aten.eq.Tensor got mixed torch.Tensor and DTensor'); evaluate() runs 3 forwards on "
-    "one rank and 2 on the other (each gathers weights: hangs); _finish saves model.state_dict() from the main "
-    "process only (local shards: 'Attempted to access the data pointer on an invalid python storage'). The "
-    "three changes are in the scale-out report; remove this marker when they land."))
 def test_distill_fsdp_follows_single_process(kd):
     root, args = kd
     ok(run_cli([*args, "--out", str(root / "fsdp")], "fsdp_cpu.yaml"))
@@ -241,12 +235,6 @@ def sft_metrics(out: Path) -> dict:
     return m
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transformers 5.19 + accelerate 1.15: align/sft.py calls trainer.evaluate() before trainer.train(); evaluate "
-    "prepares the model in evaluation mode and marks it prepared, so train() never wraps it in DDP and each rank "
-    "trains its own copy on half of the batch (losses off by up to 8e-2). Fix in align/sft.py (scale-out report): "
-    "`trainer.model._is_accelerate_prepared = False` after the evaluate when several processes run. Remove this "
-    "marker when it lands."))
 def test_sft_ddp_follows_single_process(sft):
     root, args = sft
     ok(run_cli([*args, "--sft.grad-accum", "1", "--out", str(root / "ddp")], "ddp_cpu.yaml"))
