@@ -106,8 +106,10 @@ class LayerTap:
         return states
 
 
-class KDModule(nn.Module):
-    """The trainable part: the student (+ hidden-state projections). ``forward`` returns (loss, stat sums).
+class StudentLoss(nn.Module):
+    """The student (+ hidden-state projections) and its training loss: logit KD against the teacher, LM
+    cross-entropy and hidden-state matching, each weighted (a zero weight turns a term off). ``forward`` returns
+    (loss, stat sums).
 
     Inputs: input_ids [B, T]; the teacher's final hidden states [B, T, Ht] and lm_head weight [V, Ht] (and
     ``teacher_states``: mapped layer outputs) or top-k ids/log-probs [B, T, k]; ``scale`` multiplies the loss sum.
@@ -264,11 +266,11 @@ def run(cfg: DistillConfig) -> Path:
         v = val_rows(cfg, tok)
         val = {"input_ids": v} if v is not None else None
         make_inputs, source = _teacher_inputs(cfg, teacher, accel, t_layers), cfg.teacher
-    module = KDModule(student, tau=cfg.tau, kd_weight=1 - cfg.alpha, ce_weight=cfg.alpha,
+    module = StudentLoss(student, tau=cfg.tau, kd_weight=1 - cfg.alpha, ce_weight=cfg.alpha,
                       hidden_weight=cfg.hidden_weight, student_layers=s_layers, proj=proj, chunk=cfg.chunk,
                       use_liger=cfg.use_liger)
 
-    def save(mod: KDModule, tmp: Path, summary: dict, weights: dict) -> None:
+    def save(mod: StudentLoss, tmp: Path, summary: dict, weights: dict) -> None:
         mod.student.save_pretrained(tmp, state_dict={k.removeprefix("student."): v for k, v in weights.items()
                                                     if k.startswith("student.")})
         tok.save_pretrained(tmp)

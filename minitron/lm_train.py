@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from minitron.config import ConfigError, arg, save_resolved
-from minitron.distill import KDModule, train_rows, val_rows
+from minitron.distill import StudentLoss, train_rows, val_rows
 from minitron.io import atomic_dir, write_model_card
 from minitron.fingerprint import of_config, of_path, record
 from minitron.model_source import load_model_and_tokenizer, resolve_model
@@ -53,9 +53,9 @@ def run(cfg: LMTrainConfig, fp: dict | None = None) -> Path:
     model, tok = load_model_and_tokenizer(cfg.model)
     data = {"input_ids": train_rows(cfg, tok)}
     v = val_rows(cfg, tok)
-    module = KDModule(model, kd_weight=0.0, ce_weight=1.0, chunk=cfg.chunk)
+    module = StudentLoss(model, kd_weight=0.0, ce_weight=1.0, chunk=cfg.chunk)
 
-    def save(mod: KDModule, tmp: Path, summary: dict, weights: dict) -> None:
+    def save(mod: StudentLoss, tmp: Path, summary: dict, weights: dict) -> None:
         mod.student.save_pretrained(tmp, state_dict={k.removeprefix("student."): v for k, v in weights.items()
                                                     if k.startswith("student.")})
         tok.save_pretrained(tmp)

@@ -145,13 +145,13 @@ PROBE = textwrap.dedent('''
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
-    from minitron.distill import KDModule
+    from minitron.distill import StudentLoss
     from minitron.trainer import TrainArgs, make_accelerator
 
     accel = make_accelerator(TrainArgs(data="unused"))
     student = AutoModelForCausalLM.from_pretrained(sys.argv[1])
     full = {k: list(v.shape) for k, v in student.named_parameters()}
-    module = KDModule(student, kd_weight=0.0, ce_weight=1.0)
+    module = StudentLoss(student, kd_weight=0.0, ce_weight=1.0)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     module, optimizer = accel.prepare(module, optimizer)
     params = dict(module.named_parameters())

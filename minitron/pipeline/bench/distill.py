@@ -9,7 +9,7 @@ Prints one JSON object:
   ``kd_loss_time_ratio`` (ours / naive; targets <= 0.10 / <= 0.6) and ``..._vs_trl`` (targets <= 0.2 / <= 0.6);
   ``..._cpu_time_ratio...`` use process CPU time instead of wall time (steadier on a shared machine).
 - ``distill_throughput_ratio``: training tokens/s of distillation / plain LM training of the same student
-  (``minitron.distill.KDModule`` with and without the teacher, random Llamas; the student has half the
+  (``minitron.distill.StudentLoss`` with and without the teacher, random Llamas; the student has half the
   teacher's layers, i.e. half its parameters as in Minitron's 8B -> 4B). Target >= 0.6. The same ratio for a
   50%-width student is reported too.
 
@@ -142,7 +142,7 @@ def throughput(cfg: BenchDistillConfig) -> dict:
     """Distillation vs LM-training tokens/s of the same student (random Llamas, fp32 on CPU / bf16 on CUDA)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minitron.distill import KDModule, base_model, lm_head_weight
+    from minitron.distill import StudentLoss, base_model, lm_head_weight
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -158,9 +158,9 @@ def throughput(cfg: BenchDistillConfig) -> dict:
     out = {"throughput_tokens_per_step": ids.numel(), "throughput_teacher_params": teacher.num_parameters()}
     for name, shape in STUDENTS.items():
         student = LlamaForCausalLM(LlamaConfig(**{**TEACHER, **shape})).to(device)
-        lm = _steps_per_s(KDModule(student, kd_weight=0.0, ce_weight=1.0), lambda x: {"input_ids": x}, ids,
+        lm = _steps_per_s(StudentLoss(student, kd_weight=0.0, ce_weight=1.0), lambda x: {"input_ids": x}, ids,
                           cfg.throughput_steps)
-        kd = _steps_per_s(KDModule(student), with_teacher, ids, cfg.throughput_steps)
+        kd = _steps_per_s(StudentLoss(student), with_teacher, ids, cfg.throughput_steps)
         out.update({f"{name}_student_params": student.num_parameters(), f"{name}_lm_tokens_per_s": lm * ids.numel(),
                     f"{name}_distill_tokens_per_s": kd * ids.numel(), f"{name}_distill_throughput_ratio": kd / lm})
     out["distill_throughput_ratio"] = out["depth_distill_throughput_ratio"]
