@@ -70,12 +70,12 @@ def corpus_source(cfg: TeacherConfig) -> str:
     config) or ``cfg.data``."""
     if cfg.data != WORLD:
         return cfg.data
-    from minitron.world import WorldConfig, ensure_world
+    from minitron.world import WorldConfig, WorldFiles, ensure_world
 
     world = Path(cfg.world_dir)
     if not (world / "world_config.json").exists():
         ensure_world(WorldConfig(out=str(world)))
-    return str(world / "corpus")
+    return str(WorldFiles(world).corpus)
 
 
 def build_tokenizer(source: str, cfg: TeacherConfig) -> Any:
@@ -185,7 +185,9 @@ def run(cfg: TeacherConfig) -> Path:
     trained = read_json(out / "metrics.json")
     metrics: dict[str, Any] = {"parameters": count_parameters(model), "total_seconds": round(time.time() - t0, 1),
                                "data": cfg.data, **trained}
-    mc_file = Path(cfg.world_dir) / "mmlu" / "mmlu_test.jsonl"
+    from minitron.world import WorldFiles
+
+    mc_file = WorldFiles(Path(cfg.world_dir)).mmlu_test
     if cfg.data == WORLD and cfg.eval_items > 0 and mc_file.exists():
         metrics.update(fact_accuracy(model, tokenizer, mc_file, cfg.eval_items))
     card = {"architecture": "LlamaForCausalLM (trained from scratch)", "data": cfg.data,

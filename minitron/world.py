@@ -368,7 +368,7 @@ def bfcl_items(rng: random.Random, entities: list[dict], category: str, n: int, 
 def to_openai_tools(functions: list[dict]) -> list[dict]:
     """BFCL function specs as OpenAI tools, exactly as the function-calling eval offers them (one format for
     training and evaluation: ``evals.bfcl.to_openai_tools``, BFCL's description notes included)."""
-    from evals.bfcl import to_openai_tools as bfcl_tools
+    from minitron.tool_schema import to_openai_tools as bfcl_tools
 
     return bfcl_tools(functions, "simple_python")
 
@@ -555,6 +555,35 @@ def build(cfg: WorldConfig) -> dict[str, list[dict]]:
             out[f"bfcl/possible_answer/BFCL_v4_{cat}.json"] = [{"id": it["id"], "ground_truth": it["ground_truth"]}
                                                                for it in items]
     return out
+
+
+@dataclass(frozen=True)
+class WorldFiles:
+    """Where each data set of a demo world lives: the one definition the pipeline, the teacher, the report and the
+    notebooks read (the eval harness's defaults point at ``runs/demo/world`` through it too)."""
+
+    root: Path
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus"
+
+    @property
+    def mmlu_test(self) -> Path:
+        return self.root / "mmlu" / "mmlu_test.jsonl"
+
+    def align_data(self) -> dict[str, list[str]]:
+        """The ``AlignConfig`` data fields: SFT chats and preference pairs, each with its held-out file."""
+        r = self.root
+        return {"sft_data": [str(r / "sft" / "train.jsonl")], "sft_eval_data": [str(r / "sft" / "validation.jsonl")],
+                "pref_data": [str(r / "preference" / "train.jsonl")],
+                "pref_eval_data": [str(r / "preference" / "test.jsonl")]}
+
+    def eval_data(self) -> dict[str, str]:
+        """The ``EvalConfig`` data fields of the five tasks."""
+        r = self.root
+        return {"mmlu_data": str(r / "mmlu"), "ifeval_data": str(r / "ifeval"), "rag_data": str(r / "rag"),
+                "bfcl_data": str(r / "bfcl"), "roleplay_data": str(r / "sft" / "roleplay_eval.jsonl")}
 
 
 def run(cfg: WorldConfig) -> Path:

@@ -24,13 +24,9 @@ from align.pipeline import AlignConfig, run
 from align.reward import RMArgs
 from align.rl import RLArgs
 from align.sft import SFTArgs
+from minitron.world import WorldFiles
 
 LAYER = "model.layers.0.mlp.up_proj.weight"
-
-
-def _world_files(world: Path) -> dict:
-    return dict(sft_data=[str(world / "sft/train.jsonl")], sft_eval_data=[str(world / "sft/validation.jsonl")],
-                pref_data=[str(world / "preference/train.jsonl")], pref_eval_data=[str(world / "preference/test.jsonl")])
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +47,7 @@ def world_model(tmp_path_factory):
 def aligned(world_model):
     """The whole pipeline, SFT -> RM -> DPO -> RLOO, 10-25 steps each."""
     root, world, base = world_model
-    cfg = AlignConfig(model=str(base), out=str(root / "out"), eval_rows=30, max_length=192, **_world_files(world),
+    cfg = AlignConfig(model=str(base), out=str(root / "out"), eval_rows=30, max_length=192, **WorldFiles(world).align_data(),
                       sft=SFTArgs(steps=15, lr=1e-3, batch_size=8),
                       rm=RMArgs(steps=20, lr=1e-3, batch_size=8),
                       dpo=DPOArgs(steps=10, lr=5e-4, batch_size=4),
@@ -157,7 +153,7 @@ def test_lora_exports_merged_model_and_adapter(world_model, tmp_path):
     root, world, base = world_model
     cfg = AlignConfig(model=str(base), out=str(tmp_path), stages=["sft", "dpo"], max_steps=2, eval_rows=8,
                       max_train_rows=32, max_length=192, lora=LoraArgs(enabled=True, r=4, alpha=8),
-                      **_world_files(world), sft=SFTArgs(batch_size=4, lr=1e-2), dpo=DPOArgs(batch_size=4, lr=1e-2))
+                      **WorldFiles(world).align_data(), sft=SFTArgs(batch_size=4, lr=1e-2), dpo=DPOArgs(batch_size=4, lr=1e-2))
     run(cfg)
     for stage, src in (("sft", base), ("dpo", tmp_path / "sft")):
         assert (tmp_path / stage / "adapter" / "adapter_config.json").exists()
@@ -173,7 +169,7 @@ def test_grpo_runs_with_the_trained_reward_model(aligned, world_model, tmp_path)
     _, _, out = aligned
     shutil.copytree(out / "rm", tmp_path / "rm")
     cfg = AlignConfig(model=str(out / "sft"), out=str(tmp_path), stages=["rl"], max_steps=2, eval_rows=8,
-                      max_length=192, **_world_files(world),
+                      max_length=192, **WorldFiles(world).align_data(),
                       rl=RLArgs(algo="grpo", batch_size=2, num_generations=2, max_completion_length=8,
                                 eval_prompts=4, logging_steps=1, lr=1e-4))
     run(cfg)
@@ -201,7 +197,7 @@ def test_aligned_output_serves_in_vllm(world_model, tmp_path):
     base = make_tiny_model_dir(tmp_path / "base", AutoTokenizer.from_pretrained(world_model[2]), head_dim=32)
     run(AlignConfig(model=str(base), out=str(tmp_path / "out"), stages=["sft"], max_steps=2, eval_rows=8,
                     max_train_rows=32, max_length=192, lora=LoraArgs(enabled=True, r=4, alpha=8),
-                    **_world_files(world)))
+                    **WorldFiles(world).align_data()))
     model = tmp_path / "out" / "final"
     chats = [[{"role": "user", "content": "What is the job of Sate?"}]]
     local = Generator(HFBackend(model), None).chat(chats, max_new_tokens=8)

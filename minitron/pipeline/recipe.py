@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from minitron.config import ConfigError, MinitronError, arg, from_dict, read_yaml, save_resolved
 from minitron.io import write_json
+from minitron.world import WorldFiles
 
 STAGE_NAMES = ["world", "teacher", "mix", "correct", "prune", "distill", "finetune", "scratch", "align", "eval", "report"]
 
@@ -81,8 +82,10 @@ class Paths:
 
     root: Path
 
-    def __getattr__(self, name: str) -> Path:  # world, teacher, corrected, eval, ...
-        return self.root / name
+    def __post_init__(self) -> None:
+        r = self.root
+        self.world, self.mix, self.teacher, self.corrected = r / "world", r / "mix", r / "teacher", r / "corrected"
+        self.finetuned, self.scratch, self.aligned, self.eval = r / "finetuned", r / "scratch", r / "aligned", r / "eval"
 
     def student(self, kind: str, name: str, round_: int = 0) -> Path:
         return self.root / (kind if round_ == 0 else f"round{round_ + 1}") / (name if round_ == 0 else f"{kind}-{name}")
@@ -133,12 +136,12 @@ class Pipeline:
             return str(self.paths.mix)
         if self.cfg.data != "world":
             return self.cfg.data
-        return str(self.paths.world / "corpus")
+        return str(WorldFiles(self.paths.world).corpus)
 
     def make_mix(self, teacher: Path) -> None:
         from minitron import mixture
 
-        text = str(self.paths.world / "corpus") if self.cfg.data == "world" else self.cfg.data
+        text = str(WorldFiles(self.paths.world).corpus) if self.cfg.data == "world" else self.cfg.data
         cfg = _stage_config("minitron.mixture:MixConfig", {"text": text}, self.cfg.mix,
                             {"model": str(teacher), "out": str(self.paths.mix), "force": self.cfg.force})
         self.timed("mix", mixture.run, cfg)
@@ -223,9 +226,7 @@ class Pipeline:
 
         student = self.students[self.cfg.align_student]["distilled"]
         world = self.paths.world
-        data = {"sft_data": [str(world / "sft" / "train.jsonl")], "sft_eval_data": [str(world / "sft" / "validation.jsonl")],
-                "pref_data": [str(world / "preference" / "train.jsonl")],
-                "pref_eval_data": [str(world / "preference" / "test.jsonl")]} if self.cfg.data == "world" else {}
+        data = WorldFiles(world).align_data() if self.cfg.data == "world" else {}
         cfg = _stage_config("align.pipeline:AlignConfig", _file_section(self.cfg.align_config, "align"), data,
                             self.cfg.align, {"model": str(student), "out": str(self.paths.aligned), "force": self.cfg.force})
         return self.timed("align", align_pipeline.run, cfg)
@@ -270,9 +271,7 @@ class Pipeline:
         # the harness scores the story's models; from-scratch baselines are compared in the report (loss, MC)
         labels = {k: v for k, v in self.models().items() if "scratch" not in k}
         world = self.paths.world
-        data = {"mmlu_data": str(world / "mmlu"), "ifeval_data": str(world / "ifeval"), "rag_data": str(world / "rag"),
-                "bfcl_data": str(world / "bfcl"), "roleplay_data": str(world / "sft" / "roleplay_eval.jsonl")
-                } if self.cfg.data == "world" else {}
+        data = WorldFiles(world).eval_data() if self.cfg.data == "world" else {}
         rm = self.paths.aligned / "rm"
         judged = {"judge_model": str(rm) if rm.exists() else None}
         if "aligned" in labels:  # roleplay: the aligned model's win rate against the student it came from

@@ -22,6 +22,7 @@ import torch
 
 from minitron.config import arg
 from minitron.io import count_parameters, write_json, write_text
+from minitron.world import WorldFiles
 
 EVAL_COLUMNS = [("mmlu", "acc", "MMLU letter"), ("mmlu_cloze", "acc_norm", "MMLU cloze"),
                 ("ifeval", "prompt_level_strict_acc", "IFEval strict"), ("ifeval", "inst_level_loose_acc", "IFEval inst loose"),
@@ -185,7 +186,7 @@ def write_report(root: Path, models: dict[str, Path], timings: dict[str, float],
     from transformers import AutoModelForCausalLM
 
     corpus = corpus or (str(world_dir / "corpus") if world_dir and (world_dir / "corpus").exists() else None)
-    mc_file = world_dir / "mmlu" / "mmlu_test.jsonl" if world_dir else None
+    mc_file = WorldFiles(world_dir).mmlu_test if world_dir else None
     evals = eval_metrics(root / "eval")
     ref = None
     if cfg is not None and cfg.chat_val and (cfg.teacher or teacher):

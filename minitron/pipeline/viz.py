@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
+from minitron.world import WorldFiles
+
 # A miniature of configs/demo.yaml: every stage of the story in about a minute on two cores.
 SMALL_RECIPE: dict[str, Any] = {
     "world": {"n_entities": 30, "n_rag_entities": 8, "corpus_repeats": 2, "n_mc_test": 40, "n_ifeval": 14,
@@ -54,13 +56,6 @@ def small_run(run: str | Path, small: bool, need: list[str], report: bool = Fals
     return out
 
 
-def world_files(root: Path) -> dict[str, list[str]]:
-    """The alignment data sources of a run's demo world."""
-    w = root / "world"
-    return {"sft_data": [str(w / "sft/train.jsonl")], "sft_eval_data": [str(w / "sft/validation.jsonl")],
-            "pref_data": [str(w / "preference/train.jsonl")], "pref_eval_data": [str(w / "preference/test.jsonl")]}
-
-
 def small_align_config(root: Path, model: Path) -> Any:
     """SFT -> RM -> DPO -> RLOO at two steps each on tiny batches (a smoke run that still measures each stage)."""
     from align.dpo import DPOArgs
@@ -70,7 +65,7 @@ def small_align_config(root: Path, model: Path) -> Any:
     from align.sft import SFTArgs
 
     return AlignConfig(model=str(model), out=str(root / "aligned"), max_steps=2, eval_rows=4, max_length=192,
-                       **world_files(root), sft=SFTArgs(batch_size=4, lr=1e-3, logging_steps=1),
+                       **WorldFiles(root / "world").align_data(), sft=SFTArgs(batch_size=4, lr=1e-3, logging_steps=1),
                        rm=RMArgs(batch_size=4, lr=1e-3, logging_steps=1), dpo=DPOArgs(batch_size=2, logging_steps=1),
                        rl=RLArgs(batch_size=2, num_generations=2, max_completion_length=8, eval_prompts=4,
                                  logging_steps=1))
@@ -80,12 +75,10 @@ def small_eval_config(root: Path, models: dict[str, Path]) -> Any:
     """The demo suite on the run's world, two items per task (per MMLU subject / BFCL category)."""
     from evals.harness import EvalConfig
 
-    w, rm = root / "world", root / "aligned" / "rm"
+    rm = root / "aligned" / "rm"
     tasks = "mmlu,ifeval,rag,bfcl" + (",roleplay" if (rm / "config.json").exists() else "")
     return EvalConfig(model=[str(p) for p in models.values()], names=list(models), suite=tasks,
-                      out=str(root / "eval"), limit=2, mmlu_data=str(w / "mmlu"), ifeval_data=str(w / "ifeval"),
-                      rag_data=str(w / "rag"), bfcl_data=str(w / "bfcl"),
-                      roleplay_data=str(w / "sft/roleplay_eval.jsonl"), judge_model=str(rm),
+                      out=str(root / "eval"), limit=2, **WorldFiles(root / "world").eval_data(), judge_model=str(rm),
                       ifeval_max_new_tokens=24, rag_max_new_tokens=16, bfcl_max_new_tokens=32,
                       roleplay_max_new_tokens=24)
 
