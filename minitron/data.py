@@ -51,8 +51,13 @@ def resolve_files(source: str | os.PathLike, split: str = "train") -> list[Path]
     return []
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Rows of a JSONL file (``.gz`` allowed); a bad line raises DataError naming file and line."""
+def read_jsonl(path: str | os.PathLike, schemas: dict[str, tuple[str, ...]] | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of a JSONL file (``.gz`` allowed); a bad line raises DataError naming file and line.
+
+    A file that is one JSON array (``[{...}, {...}]``, on one line or many) is refused as such. With ``schemas``
+    (name -> required fields, e.g. ``{"SQuAD 2.0": ("context", "question", "answers")}``) every row must hold
+    the fields of at least one of them; the message names the fields the closest schema misses.
+    """
     path = Path(path)
     with _open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
@@ -61,13 +66,36 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            if isinstance(row, list) and lineno == 1 and line.lstrip().startswith("[{"):
-                raise DataError(f"{path}: a JSON array, but a .jsonl file holds one JSON object per line; write one "
-                                "object per line, or rename the file to .json")
+                _refuse_json_array(path)
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                                "JSONL holds one JSON object per line") from e
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                _refuse_json_array(path)
+                raise DataError(f"{path}:{lineno}: a JSON {type(row).__name__}, not an object; JSONL holds one "
+                                "object per line")
+            missing = {name: [f for f in fields if f not in row] for name, fields in (schemas or {}).items()}
+            if missing and all(missing.values()):
+                closest = max(missing, key=lambda name: len(schemas[name]) - len(missing[name]))  # most fields present
+                expected = " or ".join(f"{name} ({', '.join(fields)})" for name, fields in schemas.items())
+                raise DataError(f"{path}:{lineno}: missing {', '.join(map(repr, missing[closest]))}; expected a row "
+                                f"of {expected}, got fields {sorted(row)}")
             yield row
+
+
+def _refuse_json_array(path: Path) -> None:
+    """Raise the message for a whole file that is one JSON array where JSONL is expected (read only on that error
+    path, and only when the file starts with ``[``)."""
+    with _open_text(path) as fh:
+        if fh.read(64).lstrip()[:1] != "[":
+            return
+        fh.seek(0)
+        try:
+            whole = json.load(fh)
+        except json.JSONDecodeError:
+            return
+    if isinstance(whole, list):
+        raise DataError(f"{path}: a JSON array, but a .jsonl file holds one JSON object per line; convert it with "
+                        f"`jq -c '.[]' {path}` (a training corpus may instead be renamed to .json)")
 
 
 def read_records(source: str | os.PathLike, split: str = "train") -> Iterator[tuple[str, int, dict[str, Any]]]:

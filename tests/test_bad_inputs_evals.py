@@ -116,7 +116,7 @@ CASES = [
      r"rag/rag_eval\.jsonl:3: a JSON list, not an object"),
     ("eval: a JSON array where JSONL is expected",
      lambda c: c.eval(world=c.broken("ifeval/input_data.jsonl", None, json.dumps(IFEVAL_ROWS, indent=2))),
-     r"ifeval/input_data\.jsonl:1: a JSON array, but JSONL \(one JSON object per line\) is expected; convert it "
+     r"ifeval/input_data\.jsonl: a JSON array, but a \.jsonl file holds one JSON object per line; convert it "
      r"with `jq -c '\.\[\]'"),
     ("eval: BFCL question without its functions",
      lambda c: c.eval(world=c.broken("bfcl/BFCL_v4_simple_python.json", 2, json.dumps(
