@@ -1,4 +1,4 @@
-"""Function calling, BFCL-style: data loading, tool rendering, the model-facing task and the standalone checker.
+"""Function calling, BFCL-style: data loading, the model-facing task and the standalone checker (BFCL's own).
 
 Data: BFCL v4 files (JSONL despite the ``.json`` suffix). ``BFCL_v4_<category>.json`` holds questions
 ``{"id", "question", "function"}`` (``question``: a list of turns, each a list of chat messages; ``function``:
@@ -9,15 +9,18 @@ is expected). Any category in this format works; its name comes from the file na
 Standalone checker (``minitron eval-fc``)::
 
     minitron eval-fc --questions DIR_OR_FILE [--answers DIR_OR_FILE] --predictions preds.jsonl \\
-        [--verdicts verdicts.jsonl]
+        [--verdicts verdicts.jsonl] [--lenient]
 
-Each prediction line is ``{"id": ..., "calls": [{"func": {"arg": value}}]}`` (or ``[{"name", "arguments"}]``)
-or ``{"id": ..., "text": "raw model output"}``; it prints per-category accuracy as JSON and writes one
+Each prediction line is ``{"id": ..., "calls": [{"func": {"arg": value}}]}`` (or ``[{"name", "arguments"}]``,
+OpenAI ``tool_calls``: scored in BFCL's FC mode) or ``{"id": ..., "text": "raw model output"}`` (``<tool_call>``
+blocks: FC mode; anything else: BFCL's prompt mode); it prints per-category accuracy as JSON and writes one
 ``{"id", "valid", "error"}`` verdict per prediction, in input order (repeated ids are scored one by one).
 
 Model-facing task (``evaluate``): ``generate_fn(messages, tools) -> str`` is called once per question with the
 question's messages and its functions as OpenAI tools (rendered by the chat template); the raw text is decoded
-(``evals.bfcl_decode``) and checked (``evals.bfcl_checker``).
+(``evals.bfcl_decode``) and checked by BFCL's own checker (``evals.bfcl_checker``, from the ``bfcl-eval``
+package). ``lenient`` (``--lenient`` / ``--bfcl-lenient``) also reads python-fenced answers, which BFCL's prompt
+mode fails; the summary then reports the strict figures beside the lenient ones.
 """
 
 from __future__ import annotations
@@ -34,26 +37,18 @@ from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from evals.bfcl_checker import Verdict, check, language_of
-from evals.bfcl_decode import DecodeError, decode_output, normalize_calls
+from evals.bfcl_checker import Verdict, check
+from evals.bfcl_decode import decode_reply
+from evals.bfcl_upstream import upstream
 from evals.jsonl import read_rows
 from minitron.config import ConfigError, MinitronError, arg
 from minitron.io import write_text
+from minitron.tool_schema import to_openai_tools
 
-VERSION = 1  # bump when scoring changes
+VERSION = 2  # bump when scoring changes (2: BFCL's own checker and prompt-mode decoder)
 FILE_RE = re.compile(r"^BFCL_v\d+_(?P<category>.+?)\.jsonl?$")
 ALIASES = {"simple": "simple_python", "python": "simple_python", "java": "simple_java",
            "javascript": "simple_javascript", "js": "simple_javascript"}
-# BFCL type names -> JSON-schema (OpenAPI) types, as BFCL's GORILLA_TO_OPENAPI.
-OPENAPI_TYPES = {"integer": "integer", "number": "number", "float": "number", "string": "string",
-                 "boolean": "boolean", "bool": "boolean", "array": "array", "list": "array", "dict": "object",
-                 "object": "object", "tuple": "array", "any": "string", "byte": "integer", "short": "integer",
-                 "long": "integer", "double": "number", "char": "string", "ArrayList": "array", "Array": "array",
-                 "HashMap": "object", "Hashtable": "object", "Queue": "array", "Stack": "array", "Any": "string",
-                 "String": "string", "Bigint": "integer"}
-LANGUAGE_HINTS = {"python": " Note that the provided function is in Python 3 syntax.",
-                  "java": " Note that the provided function is in Java 8 SDK syntax.",
-                  "javascript": " Note that the provided function is in JavaScript syntax."}
 
 
 class BFCLError(MinitronError):
@@ -129,78 +124,30 @@ def load_answers(path: str | Path | None, questions: str | Path) -> dict[str, li
     return out
 
 
-# ---------------------------------------------------------------- tools
-
-
-def to_openai_tools(functions: list[dict], category: str = "simple_python", underscore_names: bool = False,
-                    hints: bool = True) -> list[dict]:
-    """BFCL function specs -> OpenAI tools ``{"type": "function", "function": {...}}``, as BFCL's FC mode does.
-
-    Types are mapped to JSON schema (``dict`` -> ``object``, ``float`` -> ``number``, ``tuple`` -> ``array``);
-    Java and JavaScript parameters become strings "in string representation" of their declared type, with the
-    type named in the description. ``hints`` adds BFCL's description notes (the language hint on each
-    function, "This is a float type value." on floats); leave them out for a model fine-tuned on plain tool
-    schemas. ``underscore_names`` replaces ``.`` in names by ``_`` (OpenAI's name rule; the checker accepts both).
-    """
-    language = language_of(category)
-    tools = []
-    for spec in copy.deepcopy(functions):
-        spec["description"] = spec.get("description", "") + (LANGUAGE_HINTS[language] if hints else "")
-        params = spec.setdefault("parameters", {})
-        params["type"] = "object"
-        props = params.setdefault("properties", {})
-        if language != "python":
-            _stringify_params(props, language)
-        _cast_types(props, hints)
-        if underscore_names:
-            spec["name"] = spec["name"].replace(".", "_")
-        tools.append({"type": "function", "function": spec})
-    return tools
-
-
-def _stringify_params(props: dict, language: str) -> None:
-    """Java/JavaScript parameters are passed as source literals: type string, declared type in the text."""
-    lang = "Java" if language == "java" else "JavaScript"
-    for p in props.values():
-        desc, tp = p.get("description", ""), p.get("type", "any")
-        if tp == "any":
-            desc += f" This parameter can be of any type of {lang} object in string representation."
-        else:
-            desc += f" This is {lang} {tp} type parameter in string representation."
-        if "items" in p:
-            item = p.pop("items").get("type")
-            desc += f" The list elements are of type {item}; they are not in string representation."
-        if "properties" in p:
-            desc += (" The dictionary entries have the following schema; they are not in string representation. "
-                     + json.dumps(p.pop("properties")))
-        p["description"], p["type"] = desc, "string"
-
-
-def _cast_types(props: dict, hints: bool = True) -> None:
-    """BFCL types -> JSON-schema types, recursively through ``properties`` and ``items``."""
-    for p in props.values():
-        tp = p.get("type", "string")
-        if tp == "float" and hints:
-            p["format"] = "float"
-            p["description"] = p.get("description", "") + " This is a float type value."
-        p["type"] = OPENAPI_TYPES.get(tp, "string")
-        if isinstance(p.get("properties"), dict):
-            _cast_types(p["properties"], hints)
-        if isinstance(p.get("items"), dict):
-            _cast_types({"items": p["items"]}, hints)
-
-
 # ---------------------------------------------------------------- scoring
 
 
+@dataclasses.dataclass
+class Scored(Verdict):
+    """A verdict with how the reply was read: ``mode`` (``fc`` / ``prompt``), and under ``lenient`` whether it
+    was read from a python fence (``fenced``) and the strict verdict (``strict_valid``)."""
+
+    mode: str = ""
+    fenced: bool = False
+    strict_valid: bool = False
+
+
 def score(question: dict, ground_truth: list[dict] | None, category: str, *, text: str | None = None,
-          calls: Any = None) -> Verdict:
-    """Check one prediction, given as raw model ``text`` or as already decoded ``calls``."""
-    try:
-        decoded = decode_output(text) if calls is None else normalize_calls(calls)
-    except DecodeError as e:
-        return check(question, ground_truth, None, category, decode_error=str(e))
-    return check(question, ground_truth, decoded, category)
+          calls: Any = None, lenient: bool = False) -> Scored:
+    """Check one reply, given as raw model ``text`` or as structured tool ``calls`` (see ``evals.bfcl_decode``)."""
+    functions = question.get("function") or []
+    decoded = decode_reply(text, calls, functions=functions, category=category, lenient=lenient)
+    v = check(question, ground_truth, decoded, category)
+    strict = v.valid
+    if decoded.fenced:  # lenient reading: the strict verdict is that of the undecodable text
+        strict = check(question, ground_truth, decode_reply(text, calls, functions=functions, category=category),
+                       category).valid
+    return Scored(v.valid, v.error, v.error_type, decoded.mode, decoded.fenced, strict)
 
 
 def _mean_stderr(flags: list[bool]) -> dict[str, float]:
@@ -211,16 +158,33 @@ def _mean_stderr(flags: list[bool]) -> dict[str, float]:
     return {"accuracy": acc, "n": n, "correct": int(sum(flags)), "stderr": se}
 
 
-def summarize(records: Iterable[dict]) -> dict[str, Any]:
-    """Per-category accuracy (with n and standard error), overall (micro) and macro accuracy."""
-    by_cat: dict[str, list[bool]] = {}
-    flags = []
+def summarize(records: Iterable[dict], lenient: bool = False) -> dict[str, Any]:
+    """Per-category accuracy (with n and standard error), overall (micro) and macro accuracy.
+
+    With ``lenient``, each category and the overall figure also give ``strict_accuracy``, ``strict_correct``
+    (BFCL's own verdicts) and ``fenced`` (replies read from a python fence), so lenient gains are reported apart.
+    """
+    records = list(records)
+    groups: dict[str, list[dict]] = {}
     for r in records:
-        by_cat.setdefault(r["category"], []).append(bool(r["valid"]))
-        flags.append(bool(r["valid"]))
-    cats = {c: _mean_stderr(v) for c, v in sorted(by_cat.items())}
+        groups.setdefault(r["category"], []).append(r)
+
+    def stats(rs: list[dict]) -> dict[str, Any]:
+        out: dict[str, Any] = _mean_stderr([bool(r["valid"]) for r in rs])
+        if lenient:
+            strict = _mean_stderr([bool(r["strict_valid"]) for r in rs])
+            out.update(strict_accuracy=strict["accuracy"], strict_correct=strict["correct"],
+                       fenced=sum(bool(r["fenced"]) for r in rs))
+        return out
+
+    cats = {c: stats(rs) for c, rs in sorted(groups.items())}
     macro = sum(c["accuracy"] for c in cats.values()) / len(cats) if cats else 0.0
-    return {"categories": cats, "overall": _mean_stderr(flags), "macro_accuracy": macro, "version": VERSION}
+    out = {"categories": cats, "overall": stats(records), "macro_accuracy": macro, "version": VERSION,
+           "checker": f"bfcl-eval {upstream().version}"}
+    if lenient:
+        out["lenient"] = True
+        out["strict_macro_accuracy"] = sum(c["strict_accuracy"] for c in cats.values()) / len(cats) if cats else 0.0
+    return out
 
 
 # ---------------------------------------------------------------- model-facing task
@@ -232,9 +196,11 @@ def build_requests(data_dir: str | Path, limit: int | None = None,
 
     ``categories`` picks categories by name (``simple``, ``java`` and ``javascript`` are aliases of BFCL's
     ``simple_python``, ``simple_java``, ``simple_javascript``); ``limit`` caps the questions per category;
-    ``hints``: see ``to_openai_tools``. Without ``categories``, files in another format (BFCL's multi-turn
-    and agentic ones) are skipped with a warning; named explicitly, they are an error.
+    ``hints``: see ``minitron.tool_schema.to_openai_tools``. Without ``categories``, files in another format
+    (BFCL's multi-turn and agentic ones) are skipped with a warning; named explicitly, they are an error.
+    BFCL's checker is loaded first, so a missing ``bfcl-eval`` is refused before any generation.
     """
+    upstream()
     files = category_files(data_dir)
     wanted = list(files) if not categories else [ALIASES.get(c, c) for c in categories]
     unknown = [c for c in wanted if c not in files]
@@ -270,28 +236,38 @@ def _category_requests(cat: str, qfile: Path, afile: Path | None, limit: int | N
     return out
 
 
-def score_outputs(requests: list[dict], texts: list[str]) -> dict[str, Any]:
-    """Check each raw output against its request: the summary plus per-item records."""
+def _record(item_id: str, category: str, v: Scored, lenient: bool) -> dict[str, Any]:
+    """One item's record: ``{"id", "category", "valid", "error", "error_type", "mode"}`` (+ lenient fields)."""
+    rec = {"id": item_id, "category": category, "valid": v.valid, "error": v.error, "error_type": v.error_type,
+           "mode": v.mode}
+    if lenient:
+        rec.update(strict_valid=v.strict_valid, fenced=v.fenced)
+    return rec
+
+
+def score_outputs(requests: list[dict], texts: list[str], lenient: bool = False) -> dict[str, Any]:
+    """Check each raw output against its request: the summary plus per-item records (with the text)."""
     items = []
     for req, text in zip(requests, texts, strict=True):
-        v = score(req["question"], req["ground_truth"], req["category"], text=text)
-        items.append({"id": req["id"], "category": req["category"], "text": text, "valid": v.valid,
-                      "error": v.error, "error_type": v.error_type})
-    return {**summarize(items), "items": items}
+        v = score(req["question"], req["ground_truth"], req["category"], text=text, lenient=lenient)
+        items.append({**_record(req["id"], req["category"], v, lenient), "text": text})
+    return {**summarize(items, lenient), "items": items}
 
 
 def evaluate(generate_fn: Callable[[list[dict], list[dict]], str], data_dir: str | Path,
-             limit: int | None = None, categories: Iterable[str] | None = None, hints: bool = True) -> dict[str, Any]:
+             limit: int | None = None, categories: Iterable[str] | None = None, hints: bool = True,
+             lenient: bool = False) -> dict[str, Any]:
     """BFCL on a model: ``generate_fn(messages, tools) -> raw assistant text`` for each question.
 
     Returns ``{"categories": {cat: {"accuracy", "n", "correct", "stderr"}}, "overall": {...},
-    "macro_accuracy", "version", "items": [{"id", "category", "text", "valid", "error", "error_type"}]}``.
-    ``hints=False`` drops BFCL's description notes from the tools (see ``to_openai_tools``). A harness that
-    batches or caches generation can call ``build_requests`` and ``score_outputs`` itself.
+    "macro_accuracy", "version", "checker", "items": [{"id", "category", "text", "valid", "error", "error_type",
+    "mode"}]}`` (``lenient``: see ``summarize``). ``hints=False`` drops BFCL's description notes from the tools
+    (see ``minitron.tool_schema.to_openai_tools``). A harness that batches or caches generation can call
+    ``build_requests`` and ``score_outputs`` itself.
     """
     requests = build_requests(data_dir, limit, categories, hints)
     texts = [generate_fn(r["messages"], r["tools"]) for r in tqdm(requests, desc="bfcl", unit="q")]
-    return score_outputs(requests, texts)
+    return score_outputs(requests, texts, lenient)
 
 
 # ---------------------------------------------------------------- standalone checker (minitron eval-fc)
@@ -305,6 +281,8 @@ class CheckConfig:
     answers: str | None = arg(None, "possible-answer file or directory (default: possible_answer/ beside them)")
     predictions: str | None = arg(None, 'JSONL: {"id", "calls": [{"func": {"arg": value}}]} or {"id", "text"}')
     verdicts: str | None = arg(None, 'write one {"id", "valid", "error"} JSONL line per prediction, in input order')
+    lenient: bool = arg(False, "also accept python-fenced text answers (BFCL's prompt mode fails them); the strict "
+                               "figures are reported beside")
 
     def __post_init__(self) -> None:
         for name in ("questions", "predictions"):
@@ -314,8 +292,8 @@ class CheckConfig:
                 raise ConfigError(f"--{name} {getattr(self, name)} does not exist")
 
 
-def check_predictions(questions: dict, answers: dict, predictions: list[dict]) -> list[dict]:
-    """One record per prediction, in order: ``{"id", "category", "valid", "error", "error_type"}``."""
+def check_predictions(questions: dict, answers: dict, predictions: list[dict], lenient: bool = False) -> list[dict]:
+    """One record per prediction, in order: ``{"id", "category", "valid", "error", "error_type", "mode"}``."""
     records = []
     for n, p in enumerate(predictions, 1):
         if "id" not in p or ("calls" not in p and "text" not in p):
@@ -326,21 +304,21 @@ def check_predictions(questions: dict, answers: dict, predictions: list[dict]) -
         gt = answers.get(p["id"])
         if gt is None and "relevance" not in category:  # (ir)relevance questions have no ground truth
             raise BFCLError(f"prediction {n}: no ground truth for {p['id']!r}; pass --answers")
-        v = score(q, gt, category, text=p.get("text"), calls=p.get("calls"))
-        records.append({"id": p["id"], "category": category, "valid": v.valid, "error": v.error,
-                        "error_type": v.error_type})
+        v = score(q, gt, category, text=p.get("text"), calls=p.get("calls"), lenient=lenient)
+        records.append(_record(p["id"], category, v, lenient))
     return records
 
 
 def run(cfg: CheckConfig) -> dict[str, Any]:
     """Score every prediction, print per-category accuracy as JSON (stdout), write verdicts if asked."""
+    upstream()  # a missing bfcl-eval is refused before reading anything
     questions = load_questions(cfg.questions)
     answers = load_answers(cfg.answers, cfg.questions)
-    records = check_predictions(questions, answers, read_rows(cfg.predictions, PREDICTION))
+    records = check_predictions(questions, answers, read_rows(cfg.predictions, PREDICTION), cfg.lenient)
     if cfg.verdicts:
         lines = [json.dumps({"id": r["id"], "valid": r["valid"], "error": r["error"]}) for r in records]
         write_text(cfg.verdicts, "".join(line + "\n" for line in lines))
-    summary = summarize(records)
+    summary = summarize(records, cfg.lenient)
     print(json.dumps(summary, indent=2))
     sys.stdout.flush()
     return summary

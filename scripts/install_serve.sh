@@ -30,6 +30,15 @@ try: print(m.version(sys.argv[1]))
 except m.PackageNotFoundError: pass" "$1"
 }
 
+# BFCL's own checker (evals/bfcl_upstream.py), on every machine: bfcl-eval with --no-deps (its requirements pin
+# numpy 1.x and a dozen provider SDKs the project must not pull in) plus the tree-sitter pins its parsers need.
+BFCL_SPECS=(bfcl-eval==2026.3.23 tree_sitter==0.21.3 tree-sitter-java==0.21.0 tree-sitter-javascript==0.21.4)
+if [[ "$(installed_version bfcl-eval)" != 2026.3.23 || "$(installed_version tree_sitter)" != 0.21.3
+      || "$(installed_version tree-sitter-java)" != 0.21.0 || "$(installed_version tree-sitter-javascript)" != 0.21.4 ]]; then
+  echo "== BFCL's checker: ${BFCL_SPECS[*]} (--no-deps)"
+  "${PIP[@]}" install -q --no-deps "${BFCL_SPECS[@]}"
+fi
+
 has_cuda_gpu() {
   command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'
 }

@@ -48,7 +48,7 @@ def test_formats_match_the_real_data_sets(world):
 
 def test_sft_tools_are_offered_as_the_function_calling_eval_offers_them(world):
     """One tool format for training and evaluation: the world's SFT schemas are the BFCL eval's rendering."""
-    from evals import bfcl
+    from minitron.tool_schema import to_openai_tools
     from minitron.world import FUNCTIONS
 
     sft = [r for r in read_jsonl(world / "sft" / "train.jsonl") if "tools" in r]
@@ -56,7 +56,7 @@ def test_sft_tools_are_offered_as_the_function_calling_eval_offers_them(world):
     assert calls and len(calls) < len(sft)  # tool calls, and answers in text when no offered tool fits
     for r in sft:
         names = [t["function"]["name"] for t in r["tools"]]
-        assert r["tools"] == bfcl.to_openai_tools([FUNCTIONS[n] for n in names], "simple_python")
+        assert r["tools"] == to_openai_tools([FUNCTIONS[n] for n in names], "simple_python")
     for r in calls:
         offered = {t["function"]["name"] for t in r["tools"]}
         assert {c["function"]["name"] for c in r["messages"][-1]["tool_calls"]} <= offered
