@@ -24,6 +24,23 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def assert_generates_greedily(model, input_ids: torch.Tensor, max_new_tokens: int = 4) -> list[int]:
+    """``model.generate`` (KV cache and the directory's generation config) gives the tokens that argmax over full
+    forward passes gives, at least one, and stops early only on one of its stop tokens. Returns the new tokens."""
+    gen = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
+    new = gen[0, input_ids.shape[1]:].tolist()
+    assert new, "no token generated"
+    seq = input_ids[0].tolist()
+    with torch.no_grad():
+        for t in new:
+            assert t == model(torch.tensor([seq])).logits[0, -1].argmax().item(), (seq, new)
+            seq.append(t)
+    eos = model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
+    assert len(new) == max_new_tokens or new[-1] in stops, (new, stops)
+    return new
+
+
 def refused(args: list, match: str, leaves: tuple = ()) -> str:
     """Run the real CLI in-process on a bad input and check the contract of every refusal: exit code 2, exactly
     one ``error:`` line that matches the regex ``match``, no traceback, and none of ``leaves`` (outputs that must

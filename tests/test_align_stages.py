@@ -9,7 +9,6 @@ export LoRA adapters merged.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from align.pipeline import AlignConfig, run
 from align.reward import RMArgs
 from align.rl import RLArgs
 from align.sft import SFTArgs
+from conftest import assert_generates_greedily
 from minitron.world import WorldFiles
 
 LAYER = "model.layers.0.mlp.up_proj.weight"
@@ -83,8 +83,7 @@ def test_outputs_load_in_transformers_with_chat_template(aligned):
         ids = tok.apply_chat_template([{"role": "user", "content": "What is the job of Sate?"}],
                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)
         assert ids["input_ids"][0, 0].item() == tok.bos_token_id and (ids["input_ids"][0] == tok.bos_token_id).sum() == 1
-        gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
-        assert gen.shape[1] > ids["input_ids"].shape[1]
+        assert_generates_greedily(model.eval(), ids["input_ids"], max_new_tokens=4)
         assert (out / stage / "README.md").exists() and (out / stage / "config.resolved.yaml").exists()
     rm = AutoModelForSequenceClassification.from_pretrained(out / "rm")
     assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
@@ -97,9 +96,11 @@ def test_stage_metrics_move_the_right_way(aligned):
     assert rm["accuracy"] > 0.6, rm  # 30 held-out demo pairs: chance is 0.5
     assert dpo["logp_margin"] > dpo["logp_margin_before"] and dpo["reward_accuracy"] > 0.5
     rewards = [h["reward"] for h in rl["history"] if "reward" in h]
-    assert len(rewards) == 3 and all(isinstance(r, float) for r in rewards)
-    # 3 RL steps need not move the sampled reward; that RL trains is shown by its weights changing (above)
-    assert all(math.isfinite(rl[k]) for k in ("kl_to_reference", "reward", "reward_before"))
+    assert len(rewards) == 3 and len(set(rewards)) > 1  # a reward per step, from different samples
+    # 3 RL steps need not raise the sampled reward, but the policy moved: its weights changed (above), its samples
+    # get other log-probs than under the reference (an unmoved policy gives exactly 0: the estimate is a sum of
+    # log-ratios), and the held-out reward was measured again on the new policy
+    assert rl["kl_to_reference"] != 0 and rl["reward"] != rl["reward_before"]
     assert not any(k.startswith(".") and "tmp" in k for k in (p.name for p in out.iterdir()))
     assert not (out / ".work" / "sft").exists()  # checkpoints are dropped once a stage is saved
 

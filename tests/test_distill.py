@@ -80,12 +80,12 @@ def test_hidden_state_loss_with_depth_map(pair, tmp_path):
     from minitron.distill import default_layer_map, run
 
     teacher, student, corpus = pair
-    (Path(student) / "metrics.json").write_text(json.dumps({"dropped_layers": [0, 2]}))
+    (Path(student) / "metrics.json").write_text(json.dumps({"dropped_layers": [1, 3]}))
     try:
-        assert default_layer_map(student, 2, 4) == [1, 3]
+        assert default_layer_map(student, 2, 4) == [0, 2]  # the layers the pruner kept
     finally:
         (Path(student) / "metrics.json").unlink()
-    assert default_layer_map(student, 2, 4) == [1, 3]  # evenly spaced, last layers aligned
+    assert default_layer_map(student, 2, 4) == [1, 3]  # no record: evenly spaced, last layers aligned
     out = run(distill_cfg(teacher, student, corpus, tmp_path / "out", tokens=4 * 32 * 3, hidden_weight=0.5,
                           alpha=0.3))
     m = json.loads((out / "metrics.json").read_text())

@@ -10,6 +10,7 @@ from minitron.config import ConfigError
 from minitron.teacher import TeacherConfig, run
 from minitron.world import WorldConfig, ensure_world
 
+from conftest import assert_generates_greedily
 from test_world import SMALL
 
 
@@ -34,8 +35,7 @@ def test_output_is_a_standard_hf_directory(teacher_dir):
     assert tok.chat_template.lstrip().startswith("{#- minitron chat template v1")  # the project template, one BOS (above)
     eos = model.generation_config.eos_token_id
     assert isinstance(eos, list) and tok.convert_tokens_to_ids("<|im_end|>") in eos
-    out = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)
-    assert out.shape[1] > len(ids)
+    assert_generates_greedily(model.eval(), torch.tensor([ids]), max_new_tokens=3)
     metrics = json.loads((teacher_dir / "metrics.json").read_text())
     assert metrics["parameters"] > 0 and 0 <= metrics["world_mc_accuracy"] <= 1
     history = [json.loads(line) for line in (teacher_dir / "metrics.jsonl").read_text().splitlines()]
