@@ -54,11 +54,14 @@ class BenchPruneConfig:
     dtype: str = arg("bfloat16", "compute dtype of the importance pass and the tokens/s timing")
     repeats: int = arg(5, "repeats of each timed forward (the minimum is kept)")
     workdir: str | None = arg(None, "8b scale: where the 16 GB checkpoint goes (default: a temp dir, removed after)")
+    kinds: list[str] = arg(["width", "depth"], "8b scale: which 4B students to prune (width, depth)")
     out: str | None = arg(None, "also write the JSON here")
 
     def __post_init__(self) -> None:
         if self.scale not in ("small", "8b"):
             raise ConfigError("scale must be small or 8b")
+        if not self.kinds or set(self.kinds) - {"width", "depth"}:
+            raise ConfigError(f"kinds {self.kinds}: choose from width, depth")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError("dtype must be float32 or bfloat16")
 
@@ -255,14 +258,15 @@ def bench_8b(cfg: BenchPruneConfig) -> dict[str, Any]:
         print(f"wrote {src} in {res['write_8b_checkpoint_seconds']} s", file=sys.stderr, flush=True)
         base = dict(model=str(src), calib=str(corpus), calib_samples=cfg.calib_samples,
                     calib_seq_len=cfg.calib_seq_len, mode="layers", batch_size=4, dtype=cfg.dtype, max_shard_size="5GB")
-        for name, shape in (("width", WIDTH_4B), ("depth", {**DEPTH_4B, "depth_metric": "block_importance"})):
+        shapes = {"width": WIDTH_4B, "depth": {**DEPTH_4B, "depth_metric": "block_importance"}}
+        for name, shape in ((k, shapes[k]) for k in cfg.kinds):
             r = _prune_in_fresh_process({**base, **shape, "out": str(root / f"4b-{name}")})
             print(f"prune 8b -> 4b {name}: {r}", file=sys.stderr, flush=True)
             res[f"prune_8b_{name}_seconds"] = r["seconds"]
             res[f"prune_8b_{name}_peak_rss_gib"] = r["peak_rss_gib"]
             res["prune_8b_setup_rss_gib"] = r["setup_rss_gib"]
             shutil.rmtree(root / f"4b-{name}", ignore_errors=True)
-        res["prune_8b_peak_rss_gib"] = max(res["prune_8b_width_peak_rss_gib"], res["prune_8b_depth_peak_rss_gib"])
+        res["prune_8b_peak_rss_gib"] = max(res[f"prune_8b_{k}_peak_rss_gib"] for k in cfg.kinds)
         res["prune_8b_calibration"] = f"{cfg.calib_samples} x {cfg.calib_seq_len} tokens, {cfg.dtype}, layer by layer"
         return res
     finally:
