@@ -26,10 +26,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from evals.client import OpenAIClient
-from evals.serve import VLLMServer, has_cuda
+from evals.serve import VLLMServer, has_cuda, openai_client
 from minitron.config import ConfigError, arg
 from minitron.io import write_json, write_text
+from minitron.weights import stored_parameters
 
 PROMPTS = [
     "Tell me about the color of Mirel.", "Where does Quen live?", "Write a short story about a fox in Lima.",
@@ -64,35 +64,21 @@ class BenchServeConfig:
             raise ConfigError(f"teacher directory not found: {self.teacher} (run `minitron teacher` or pass --teacher)")
 
 
-def count_parameters(model_dir: Path) -> int:
-    """Parameters in the safetensors files (read from their headers: nothing is loaded)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(f, "np") as st:
-            for key in st.keys():
-                n = 1
-                for d in st.get_slice(key).get_shape():
-                    n *= d
-                total += n
-    return total
-
-
-def one_request(client: OpenAIClient, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """(latency in s, completion tokens) of one greedy chat request."""
+def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """(latency in s, completion tokens) of one greedy chat request (``client``: the openai SDK's)."""
     t0 = time.perf_counter()
-    reply = client.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-                        ignore_eos=True)
-    return time.perf_counter() - t0, reply["usage"]["completion_tokens"]
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
+    return time.perf_counter() - t0, reply.usage.completion_tokens
 
 
-def measure_level(client: OpenAIClient, concurrency: int, n: int, max_tokens: int) -> dict[str, float]:
-    """Send ``n`` requests from ``concurrency`` threads; throughput over the wall time of the whole batch."""
+def measure_level(client: Any, model: str, concurrency: int, n: int, max_tokens: int) -> dict[str, float]:
+    """Send ``n`` requests from ``concurrency`` threads (one SDK client: it is thread-safe); throughput over the
+    wall time of the whole batch."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(lambda p: one_request(client, p, max_tokens), prompts))
+        results = list(pool.map(lambda p: one_request(client, model, p, max_tokens), prompts))
     wall = time.perf_counter() - t0
     tokens = sum(r[1] for r in results)
     return {"requests": n, "seconds": round(wall, 3), "requests_per_s": round(n / wall, 3),
@@ -103,18 +89,20 @@ def measure_level(client: OpenAIClient, concurrency: int, n: int, max_tokens: in
 def bench_model(model_dir: Path, cfg: BenchServeConfig) -> dict[str, Any]:
     """Serve one model and measure every concurrency level."""
     shape = json.loads((model_dir / "config.json").read_text())
-    row: dict[str, Any] = {"dir": str(model_dir), "parameters": count_parameters(model_dir),
+    row: dict[str, Any] = {"dir": str(model_dir), "parameters": stored_parameters(model_dir),
                            **{k: shape.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                         "num_attention_heads", "num_key_value_heads")}}
     t0 = time.perf_counter()
     with VLLMServer(model_dir, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb, dtype=cfg.dtype) as url:
         row["startup_s"] = round(time.perf_counter() - t0, 1)
-        client = OpenAIClient(url)
+        client = openai_client(url)
+        model = client.models.list().data[0].id
         for i in range(cfg.warmup):
-            one_request(client, PROMPTS[i % len(PROMPTS)], cfg.max_tokens)
+            one_request(client, model, PROMPTS[i % len(PROMPTS)], cfg.max_tokens)
         row["levels"] = {}
         for c in tqdm(cfg.concurrency, desc=f"serve {model_dir.name}", leave=False):
-            runs = [measure_level(client, c, max(cfg.requests, 4 * c), cfg.max_tokens) for _ in range(cfg.repeats)]
+            runs = [measure_level(client, model, c, max(cfg.requests, 4 * c), cfg.max_tokens)
+                    for _ in range(cfg.repeats)]
             best = max(runs, key=lambda r: r["output_tokens_per_s"])
             best["output_tokens_per_s_all"] = [r["output_tokens_per_s"] for r in runs]
             row["levels"][f"c{c}"] = best

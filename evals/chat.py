@@ -16,18 +16,21 @@ When the model calls tools, each call is shown and you type its result, which go
 the model then answers again (at most ``MAX_TOOL_ROUNDS`` calls per message). ``--tool-choice required``
 asks for a call on the first reply of each turn; follow-up replies use ``auto``. An untrained model can be
 made to call a tool with ``/extra {"structured_outputs": {"regex": "<tool_call>...</tool_call>"}}``.
-Input is read line by line from stdin, so a session can be scripted.
+Input is read line by line from stdin, so a session can be scripted. Requests go through the openai SDK (the
+``/extra`` fields as its ``extra_body``); a streamed reply is folded into one message by its
+``ChatCompletionStreamState``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
-from evals.client import OpenAIClient, merge_deltas
+from evals.serve import connection_reason, openai_client, server_message, server_root
 from minitron.config import ConfigError, MinitronError, arg
 from minitron.io import write_json
 
@@ -75,16 +78,48 @@ def load_tools(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+class ChatError(MinitronError):
+    """The server is unreachable or refused a request (the message carries its answer)."""
+
+
 class ChatSession:
     """The conversation state and the command loop; reads ``inp`` line by line and writes to ``out``."""
 
     def __init__(self, cfg: ChatConfig, inp: TextIO = sys.stdin, out: TextIO = sys.stdout):
         self.cfg, self.inp, self.out = cfg, inp, out
-        self.client = OpenAIClient(cfg.endpoint, api_key=cfg.api_key, model=cfg.model)
+        self.client, self.url = openai_client(cfg.endpoint, cfg.api_key), server_root(cfg.endpoint)
+        self._model = cfg.model
         self.system = cfg.system
         self.tools = load_tools(cfg.tools) if cfg.tools else []
         self.messages: list[dict[str, Any]] = []
         self.extra = dict(cfg.extra)
+
+    @contextlib.contextmanager
+    def answering(self, route: str) -> Iterator[None]:
+        """SDK errors inside the block become one ChatError line: unreachable, refused (with the server's message),
+        or an error event inside a stream."""
+        import openai
+
+        try:
+            yield
+        except openai.APIConnectionError as e:
+            raise ChatError(f"cannot reach {self.url}/v1{route}: {connection_reason(e)} (is a server running? "
+                            "`minitron serve --model DIR`)") from None
+        except openai.APIStatusError as e:
+            raise ChatError(f"{self.url}/v1{route} -> HTTP {e.status_code}: {server_message(e)}") from None
+        except openai.APIError as e:
+            raise ChatError(f"{self.url}/v1{route}: {e.message}") from None
+
+    @property
+    def model(self) -> str:
+        """The model to ask: the one given, else the server's first."""
+        if self._model is None:
+            with self.answering("/models"):
+                names = [m.id for m in self.client.models.list()]
+            if not names:
+                raise ChatError(f"{self.url} serves no model")
+            self._model = names[0]
+        return self._model
 
     def say(self, text: str = "", end: str = "\n") -> None:
         """Write and flush (streamed tokens must show at once)."""
@@ -128,7 +163,7 @@ class ChatSession:
         elif name == "/save":
             if not rest:
                 raise ConfigError("/save needs a file name")
-            write_json(rest, {"endpoint": self.cfg.endpoint, "model": self.client.model, "system": self.system,
+            write_json(rest, {"endpoint": self.cfg.endpoint, "model": self.model, "system": self.system,
                               "tools": self.tools, "messages": self.messages})
             self.say(f"[saved {len(self.messages)} messages to {rest}]")
         else:
@@ -137,24 +172,32 @@ class ChatSession:
 
     def reply(self, tool_choice: str) -> dict[str, Any]:
         """One assistant message, streamed to the terminal as it arrives."""
-        kw = dict(self.extra, max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature)
-        tools = self.tools or None
+        import openai
+        from openai.lib.streaming.chat import ChatCompletionStreamState
+
+        tools = self.tools or openai.omit
+        extra = {k: v for k, v in self.extra.items() if k not in ("max_tokens", "temperature")}  # the flags win
+        request = dict(model=self.model, messages=self.conversation(), max_tokens=self.cfg.max_tokens,
+                       temperature=self.cfg.temperature, tools=tools, extra_body=extra or None,
+                       tool_choice=tool_choice if self.tools else openai.omit)  # servers reject a choice alone
         self.say("assistant> ", end="")
-        if not self.cfg.stream:
-            message = self.client.chat(self.conversation(), tools, tool_choice if tools else None, **kw)
-            message = message["choices"][0]["message"]
-            self.say(message.get("content") or "", end="")
-        else:
-            deltas = []
-            for choice in self.client.chat_stream(self.conversation(), tools, tool_choice if tools else None, **kw):
-                deltas.append(choice)
-                self.say((choice.get("delta") or {}).get("content") or "", end="")
-            message = merge_deltas(deltas)
+        with self.answering("/chat/completions"):
+            if not self.cfg.stream:
+                message = self.client.chat.completions.create(**request).choices[0].message
+                self.say(message.content or "", end="")
+            else:
+                state = ChatCompletionStreamState()  # folds the deltas (text, tool-call fragments) into one message
+                for chunk in self.client.chat.completions.create(stream=True, **request):
+                    state.handle_chunk(chunk)
+                    if chunk.choices:
+                        self.say(chunk.choices[0].delta.content or "", end="")
+                message = state.current_completion_snapshot.choices[0].message
         self.say()
-        keep = {"role": "assistant", "content": message.get("content") or ""}
-        if message.get("tool_calls"):
-            keep["tool_calls"] = [{"id": c.get("id"), "type": "function", "function": c["function"]}
-                                  for c in message["tool_calls"]]
+        keep: dict[str, Any] = {"role": "assistant", "content": message.content or ""}
+        if message.tool_calls:
+            keep["tool_calls"] = [{"id": c.id, "type": "function",
+                                   "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                  for c in message.tool_calls]
         return keep
 
     def turn(self, text: str) -> bool:
@@ -190,7 +233,7 @@ class ChatSession:
     def loop(self) -> None:
         """Read commands and messages until /quit or end of input (the model name is asked first: a missing
         server fails here, naming the endpoint)."""
-        self.say(f"chatting with {self.client.model} at {self.client.base} ({HELP})")
+        self.say(f"chatting with {self.model} at {self.url} ({HELP})")
         while True:
             line = self.read("you> ")
             if line is None:

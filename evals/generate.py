@@ -16,7 +16,7 @@ ids to text or log-probabilities:
 - ``HFBackend``: a model directory loaded with ``AutoModelForCausalLM`` (greedy, batched, stops at the
   ``eos_token_id`` list of ``generation_config.json``);
 - ``EndpointBackend``: ``/v1/completions`` with token-id prompts (``echo`` + ``logprobs`` for scoring), or
-  ``/v1/chat/completions`` when no local tokenizer is known (plain HTTP via ``requests``).
+  ``/v1/chat/completions`` when no local tokenizer is known (through the ``openai`` SDK).
 
 Both see the same token ids, so greedy scores agree in-process and served. Every request goes through the
 per-item cache (``evals.cache``): results are committed after each batch and reused on a rerun.
@@ -26,28 +26,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
-import requests
 import torch
 from tqdm.auto import tqdm
 
 from evals.cache import ItemCache, request_key
+from evals.serve import connection_reason, openai_client, server_message, server_root
 from minitron.chat_format import stop_token_ids
 from minitron.config import MinitronError
 from minitron.model_source import resolve_model
+from minitron.scoring import continuation_logprobs
 
 
 class EvalError(MinitronError):
     """An eval that cannot run as configured (missing data, unreachable endpoint...)."""
-
-
-def _reason(e: Exception) -> str:
-    """The short cause of a failed HTTP call (``[Errno 111] Connection refused``), not urllib3's whole repr."""
-    m = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(e))
-    return m.group(0).strip() if m else type(e).__name__
 
 
 def _truncate_at_stops(text: str, stop: Sequence[str]) -> str:
@@ -131,31 +125,6 @@ class HFBackend:
         return request_key("hf", model_dir_key(self.path) + ([self.dtype] if self.dtype != "float32" else []))
 
     @torch.no_grad()
-    def _score_shared(self, seqs: list[list[int]], conts: list[list[int]]) -> list[tuple[float, bool]]:
-        """Continuations of one shared context: the context once, then every continuation on its KV cache."""
-        n_ctx = len(seqs[0]) - len(conts[0])
-        head = torch.tensor([seqs[0][: n_ctx - 1]], device=self.device)
-        cache = self.model(input_ids=head, use_cache=True).past_key_values
-        tails = [s[n_ctx - 1:] for s in seqs]  # the context's last token, then the continuation
-        width = max(len(t) for t in tails)
-        ids = torch.full((len(tails), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(tails), n_ctx - 1 + width), dtype=torch.long)
-        mask[:, : n_ctx - 1] = 1
-        for i, t in enumerate(tails):
-            ids[i, : len(t)] = torch.tensor(t)
-            mask[i, n_ctx - 1 : n_ctx - 1 + len(t)] = 1
-        cache.batch_repeat_interleave(len(tails))
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            past_key_values=cache, use_cache=True).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        out = []
-        for i, cont in enumerate(conts):
-            target = torch.tensor(cont)
-            lp = logp[i, : len(cont)]
-            out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
-        return out
-
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         """Greedy continuations of a batch of token-id prompts (left-padded), decoded up to the first stop id."""
         prompts, max_new_tokens = fit_prompts(prompts, max_new_tokens, self.max_length)
@@ -170,75 +139,47 @@ class HFBackend:
                                   pad_token_id=self.pad_id, use_cache=True)
         return [decode_until_stop(self.tokenizer, row, self.stop_ids) for row in out[:, width:].tolist()]
 
-    @torch.no_grad()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """Sum of log-probs of each continuation and whether it is the greedy one (right-padded batch).
-
-        Requests with the same input (a shared context and one-token choices, as MMLU's `` A``..`` D``) share
-        one forward pass; several multi-token continuations of one context (cloze choices) share the context's
-        KV cache, so the context runs once.
-        """
+        """Sum of log-probs of each continuation and whether it is the greedy one: one right-padded forward per
+        batch, by the core's scorer (``minitron.scoring.continuation_logprobs``) on the same window as the endpoint."""
         seqs = score_window(pairs, self.max_length)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (s, (_, cont)) in enumerate(zip(seqs, pairs)):
-            groups.setdefault(tuple(s[: len(s) - len(cont)]), []).append(i)
-        shared = [idx for ctx, idx in groups.items() if len(idx) > 1 and len(ctx) > 1
-                  and max(len(pairs[i][1]) for i in idx) > 1]
-        if shared:
-            results: dict[int, tuple[float, bool]] = {}
-            for idx in shared:
-                results.update(zip(idx, self._score_shared([seqs[i] for i in idx], [pairs[i][1] for i in idx])))
-            rest = [i for i in range(len(pairs)) if i not in results]
-            if rest:
-                results.update(zip(rest, self.score([pairs[i] for i in rest])))
-            return [results[i] for i in range(len(pairs))]
-        inputs = list(dict.fromkeys(tuple(s[:-1]) for s in seqs))
-        row = {x: i for i, x in enumerate(inputs)}
-        width = max(len(x) for x in inputs)
-        ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
-        for i, x in enumerate(inputs):
-            ids[i, : len(x)] = torch.tensor(x)
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in inputs])[:, None]).long()
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        results = []
-        for s, (_, cont) in zip(seqs, pairs):
-            n = len(cont)
-            pos = torch.arange(len(s) - 1 - n, len(s) - 1)  # positions predicting the continuation
-            target = torch.tensor(s[-n:])
-            lp = logp[row[tuple(s[:-1])], pos]
-            results.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
-        return results
+        conts = [cont for _, cont in pairs]
+        logps, greedy = continuation_logprobs(self.model, [s[: len(s) - len(x)] for s, x in zip(seqs, conts)], conts,
+                                              self.pad_id, batch_size=max(len(pairs), 1), greedy=True)
+        return list(zip(logps.tolist(), greedy.tolist()))
 
 
 class EndpointBackend:
-    """An OpenAI-compatible server (vLLM's, or any other), over plain HTTP.
+    """An OpenAI-compatible server (vLLM's, or any other), through the openai SDK.
 
     With a local tokenizer (``tokenizer`` argument, or the server's model id when it is a local directory, as
     with ``vllm ... --model DIR``) prompts go as token ids to ``/v1/completions``; without one, chats go to
-    ``/v1/chat/completions`` and log-likelihood tasks are unavailable.
+    ``/v1/chat/completions`` and log-likelihood tasks are unavailable. vLLM's extensions to the requests
+    (``return_token_ids``, ``truncate_prompt_tokens``) and to ``/v1/models`` (``max_model_len``) pass through the
+    SDK's ``extra_body`` and extra response fields.
     """
 
     def __init__(self, url: str, model: str | None = None, tokenizer: str | None = None, timeout: float = 600.0,
                  api_key: str | None = None):
-        self.url, self.timeout, self._session = url.rstrip("/"), timeout, requests.Session()
-        if self.url.endswith("/v1"):
-            self.url = self.url[:-3]
-        if api_key:
-            self._session.headers["Authorization"] = f"Bearer {api_key}"
+        import openai
+
+        self.url, self.client = server_root(url), openai_client(url, api_key, timeout)
+        try:  # the raw answer: the SDK parses any 200 leniently (a web page would pass for an empty list)
+            raw = self.client.models.with_raw_response.list(timeout=30).http_response
+        except openai.AuthenticationError:
+            raise EvalError(f"{self.url} refused the API key (HTTP 401): pass --endpoint-api-key KEY or set "
+                            "OPENAI_API_KEY") from None
+        except openai.APIConnectionError as e:
+            raise EvalError(f"no server answers at {self.url} ({connection_reason(e)}): start one with `minitron "
+                            "serve --model DIR` or fix the URL") from None
+        except openai.APIStatusError as e:
+            raw = e.response
         try:
-            r = self._session.get(f"{self.url}/v1/models", timeout=30)
-        except requests.RequestException as e:
-            raise EvalError(f"no server answers at {self.url} ({_reason(e)}): start one with `minitron serve --model DIR` "
-                            "or fix the URL") from None
-        if r.status_code == 401:
-            raise EvalError(f"{self.url} refused the API key (HTTP 401): pass --endpoint-api-key KEY or set OPENAI_API_KEY")
-        try:
-            served = r.json()["data"]
+            served = raw.json()["data"]
             ids = [m["id"] for m in served]
         except (ValueError, KeyError, TypeError):
-            raise EvalError(f"{self.url}/v1/models answered HTTP {r.status_code} without a model list: "
-                            "not an OpenAI-compatible server (pass its base URL, e.g. http://HOST:PORT/v1)") from None
+            raise EvalError(f"{self.url}/v1/models answered HTTP {raw.status_code} without a model list: not an "
+                            "OpenAI-compatible server (pass its base URL, e.g. http://HOST:PORT/v1)") from None
         if not ids:
             raise EvalError(f"{self.url} serves no model")
         self.model = model or ids[0]
@@ -263,22 +204,20 @@ class EndpointBackend:
         where = model_dir_key(self.path) if self.path is not None else [self.url, self.model]
         return request_key("endpoint", where + [self.max_length])
 
-    def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One request; a server that went away or failed is one EvalError saying that a rerun resumes."""
+    def _call(self, route: str, create: Any, **body: Any) -> Any:
+        """One SDK request; a server that went away or failed is one EvalError saying that a rerun resumes."""
+        import openai
+
         resume = "restart the server and rerun the same command: finished items are read back from the eval's cache"
         try:
-            r = self._session.post(f"{self.url}{route}", json={"model": self.model, **body}, timeout=self.timeout)
-        except requests.RequestException as e:
-            raise EvalError(f"the server at {self.url} stopped answering ({_reason(e)}); {resume}") from None
-        if r.status_code >= 500:
-            try:
-                why = r.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                why = r.text
-            raise EvalError(f"{self.url}{route} failed with HTTP {r.status_code} ({why[:200]}); {resume}")
-        if r.status_code != 200:
-            raise EvalError(f"{self.url}{route} answered HTTP {r.status_code}: {r.text[:500]}")
-        return r.json()
+            return create(model=self.model, **body)
+        except openai.APIConnectionError as e:  # refused, reset, timed out
+            raise EvalError(f"the server at {self.url} stopped answering ({connection_reason(e)}); {resume}") from None
+        except openai.APIStatusError as e:
+            if e.status_code >= 500:
+                raise EvalError(f"{self.url}{route} failed with HTTP {e.status_code} ({server_message(e)[:200]}); "
+                                f"{resume}") from None
+            raise EvalError(f"{self.url}{route} answered HTTP {e.status_code}: {server_message(e)[:500]}") from None
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         """Greedy completions of token-id prompts; the server stops at the model's eos list.
@@ -287,20 +226,20 @@ class EndpointBackend:
         (the server's own text drops a trailing incomplete UTF-8 byte sequence that HF decodes as U+FFFD).
         """
         prompts, max_new_tokens = fit_prompts(prompts, max_new_tokens, self.max_length)
-        out = self._post("/v1/completions", {"prompt": prompts, "max_tokens": max_new_tokens, "temperature": 0.0,
-                                             "return_token_ids": True})
-        choices = sorted(out["choices"], key=lambda c: c["index"])
-        return [decode_until_stop(self.tokenizer, c["token_ids"], self.stop_ids) if c.get("token_ids") is not None
-                else c["text"] for c in choices]
+        out = self._call("/v1/completions", self.client.completions.create, prompt=prompts, max_tokens=max_new_tokens,
+                         temperature=0.0, extra_body={"return_token_ids": True})
+        choices = sorted(out.choices, key=lambda c: c.index)
+        return [decode_until_stop(self.tokenizer, c.token_ids, self.stop_ids)
+                if getattr(c, "token_ids", None) is not None else c.text for c in choices]
 
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """Prompt log-probs through ``echo=true, logprobs=1`` (the last, generated token is ignored)."""
         seqs = score_window(pairs, self.max_length)
-        out = self._post("/v1/completions", {"prompt": seqs, "max_tokens": 1,
-                                             "temperature": 0.0, "echo": True, "logprobs": 1})
+        out = self._call("/v1/completions", self.client.completions.create, prompt=seqs, max_tokens=1,
+                         temperature=0.0, echo=True, logprobs=1)
         results = []
-        for seq, (_, cont), ch in zip(seqs, pairs, sorted(out["choices"], key=lambda c: c["index"])):
-            lps, tops = ch["logprobs"]["token_logprobs"], ch["logprobs"]["top_logprobs"]
+        for seq, (_, cont), ch in zip(seqs, pairs, sorted(out.choices, key=lambda c: c.index)):
+            lps, tops = ch.logprobs.token_logprobs, ch.logprobs.top_logprobs
             span = range(len(seq) - len(cont), len(seq))
             total = sum(lps[i] for i in span)
             greedy = all(max(tops[i].values()) <= lps[i] + 1e-6 for i in span)
@@ -314,17 +253,19 @@ class EndpointBackend:
         the reply gets at most half the context and the prompt keeps its last tokens (vLLM's left truncation), so
         a long prompt is scored as in-process instead of being refused with HTTP 400.
         """
-        body = {"messages": conversation["messages"], "max_tokens": max_new_tokens, "temperature": 0.0}
+        import openai
+
+        body: dict[str, Any] = {"messages": conversation["messages"], "max_tokens": max_new_tokens,
+                                "temperature": 0.0, "tools": conversation.get("tools") or openai.omit}
         if self.max_length:
             new = fit_prompts([], max_new_tokens, self.max_length)[1]
-            body.update(max_tokens=new, truncate_prompt_tokens=self.max_length - new, truncation_side="left")
-        if conversation.get("tools"):
-            body["tools"] = conversation["tools"]
-        msg = self._post("/v1/chat/completions", body)["choices"][0]["message"]
+            body.update(max_tokens=new, extra_body={"truncate_prompt_tokens": self.max_length - new,
+                                                    "truncation_side": "left"})
+        msg = self._call("/v1/chat/completions", self.client.chat.completions.create, **body).choices[0].message
         calls = "".join(
-            f'<tool_call>{{"name": "{c["function"]["name"]}", "arguments": {c["function"]["arguments"]}}}</tool_call>'
-            for c in msg.get("tool_calls") or [])
-        return (msg.get("content") or "") + calls
+            f'<tool_call>{{"name": "{c.function.name}", "arguments": {c.function.arguments}}}</tool_call>'
+            for c in msg.tool_calls or [])
+        return (msg.content or "") + calls
 
 
 def _order(payload: Any, blob: str) -> tuple:

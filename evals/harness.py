@@ -37,10 +37,11 @@ from rich.table import Table
 
 from evals.cache import ItemCache
 from evals.generate import EndpointBackend, EvalError, Generator, HFBackend
-from evals.report import HEADLINE, count_params, mean_metric, metric_columns, write_report
+from evals.report import HEADLINE, mean_metric, metric_columns, write_report
 from minitron.config import ConfigError, arg, to_dict
 from minitron.io import write_text
 from minitron.model_source import resolve_model
+from minitron.weights import stored_parameters
 
 TASKS = ("mmlu", "mmlu_cloze", "ifeval", "rag", "bfcl", "roleplay")
 DEFAULT_TASKS = ("mmlu", "ifeval", "rag", "bfcl", "roleplay")  # what ``demo`` and ``full`` run
@@ -87,6 +88,7 @@ class EvalConfig:
     rag_dense_model: str | None = arg(None, "encoder dir for dense retrieval (default: the evaluated model)")
     rag_max_new_tokens: int = arg(32, "RAG answer length cap")
     bfcl_max_new_tokens: int = arg(128, "function-calling reply length cap")
+    bfcl_lenient: bool = arg(False, "BFCL: also accept python-fenced answers (BFCL fails them); accuracy_strict beside")
     roleplay_max_new_tokens: int = arg(96, "roleplay reply length cap")
     roleplay_baseline: str = arg("first", "first (the first model) | reference (the data's outputs) | a model dir")
     judge_endpoint: str | None = arg(None, "OpenAI-compatible judge for roleplay (pairwise, both orders)")
@@ -150,14 +152,14 @@ def make_generator(cfg: EvalConfig, model: str | EndpointBackend, cache_dir: Pat
     return Generator(backend, cache, cfg.batch_size)
 
 
-def _bfcl(gen: Generator, data: str, limit: int | None, max_new_tokens: int) -> dict[str, Any]:
+def _bfcl(gen: Generator, data: str, limit: int | None, max_new_tokens: int, lenient: bool = False) -> dict[str, Any]:
     """BFCL through evals.bfcl: its requests and checker, our batched, cached generation."""
     from evals import bfcl
 
     requests = bfcl.build_requests(data, limit)
     texts = gen.chat([{"messages": r["messages"], "tools": r["tools"]} for r in requests],
                      max_new_tokens=max_new_tokens, desc="bfcl")
-    res = bfcl.score_outputs(requests, texts)
+    res = bfcl.score_outputs(requests, texts, lenient)
     # the checker's summary recomputed as harness metrics (value, stderr, n): overall = micro over every
     # question, one acc_<category> each, and the macro average whose stderr combines the per-category ones
     metrics = {"accuracy": mean_metric([float(i["valid"]) for i in res["items"]])}
@@ -167,6 +169,8 @@ def _bfcl(gen: Generator, data: str, limit: int | None, max_new_tokens: int) -> 
         metrics[f"acc_{cat}"] = cats[cat]
     se = sum(c["stderr"] ** 2 for c in cats.values()) ** 0.5 / max(len(cats), 1)
     metrics["macro_accuracy"] = {"value": res["macro_accuracy"], "stderr": se, "n": len(res["items"])}
+    if lenient:  # BFCL's own (strict) figure beside the lenient one
+        metrics["accuracy_strict"] = mean_metric([float(i["strict_valid"]) for i in res["items"]])
     return {"metrics": metrics, "items": res["items"]}
 
 
@@ -185,7 +189,7 @@ def run_task(task: str, gen: Generator, cfg: EvalConfig, work: Path, baseline: A
         return rag.evaluate(gen, data, limit, cfg.rag_top_k, cfg.rag_retriever, cfg.rag_dense_model,
                             cfg.rag_max_new_tokens)
     if task == "bfcl":
-        return _bfcl(gen, data, limit, cfg.bfcl_max_new_tokens)
+        return _bfcl(gen, data, limit, cfg.bfcl_max_new_tokens, cfg.bfcl_lenient)
     # roleplay: an endpoint judge when given, else the reward model; without either it is reported as skipped
     # (a missing judge should not throw away the other tasks' numbers)
     judge_model = cfg.judge_model or cfg.preset().get("judge_model")
@@ -286,8 +290,8 @@ def evaluate_model(cfg: EvalConfig, name: str, model: str | EndpointBackend, out
     """Every task on one model dir or endpoint (finished requests come back from the model's cache)."""
     gen = make_generator(cfg, model, out / "cache")
     local = getattr(gen.backend, "path", None)
-    entry = {"name": name, "path": model if isinstance(model, str) else cfg.endpoint, "params": count_params(local),
-             "tasks": {}}
+    entry = {"name": name, "path": model if isinstance(model, str) else cfg.endpoint,
+             "params": stored_parameters(local), "tasks": {}}
     for task in cfg.tasks():
         t0 = time.time()
         console.log(f"[bold]{name}[/bold]: {task} ({cfg.data(task)}, limit {cfg.task_limit(task)})")

@@ -10,9 +10,6 @@ metrics.
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,21 +35,6 @@ def mean_metric(values: Sequence[float], raw: bool = False) -> dict[str, Any]:
     mean, stderr = mean_stderr(values)
     out = {"value": mean, "stderr": stderr, "n": len(values)}
     return {**out, "scale": "raw"} if raw else out
-
-
-def count_params(model_dir: str | Path | None) -> int | None:
-    """Parameters stored in a model directory's safetensors files (read from headers, nothing loaded)."""
-    if model_dir is None or not Path(model_dir).is_dir():
-        return None
-    total = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                total += math.prod(meta["shape"])
-    return total or None
 
 
 def _fmt_params(n: int | None) -> str:

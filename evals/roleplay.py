@@ -93,7 +93,7 @@ def judge_with_reward_model(rm_dir: str | Path, items: list[dict]) -> list[dict[
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from align.scoring import reward_scores
+    from minitron.scoring import reward_scores
 
     if not Path(rm_dir, "config.json").exists():
         raise EvalError(f"{rm_dir} is not a reward model directory (AutoModelForSequenceClassification)")

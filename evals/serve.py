@@ -6,13 +6,18 @@ The directory is checked before vLLM starts (files, chat template, architecture,
 ``python -m vllm.entrypoints.openai.api_server`` runs in its own process group with the project's chat
 template and the ``hermes`` tool-call parser (``minitron.chat_format.TOOL_PARSER``). On CPU it uses the
 settings verified in ../shared/NOTES.md: float32, ``--enforce-eager``, a bounded ``--max-model-len`` and
-``VLLM_CPU_KVCACHE_SPACE`` (GiB). Once ``/health`` answers it prints the URL and a ready-to-paste curl;
+``VLLM_CPU_KVCACHE_SPACE`` (GiB). Once ``/v1/models`` answers it prints the URL and a ready-to-paste curl;
 Ctrl-C (or SIGTERM) stops the whole process group. If vLLM dies, the command fails with its last log lines.
 
 ``VLLMServer`` is the same thing as a context manager for tests, evals and benchmarks::
 
     with VLLMServer("runs/demo/teacher") as url:   # a free port on 127.0.0.1
-        requests.post(f"{url}/v1/chat/completions", json={...})
+        client = openai_client(url)                # the openai SDK's client for it
+        client.chat.completions.create(model=..., messages=[...])
+
+Every call to a server (this one, or any OpenAI-compatible one: the eval backend, ``minitron chat``, the serving
+benchmark) goes through the openai SDK's client from ``openai_client``; ``connection_reason`` and
+``server_message`` turn its errors into the short causes the one-line messages quote.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import collections
 import importlib.util
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -176,7 +182,7 @@ class VLLMServer:
         return cmd + self.extra_args
 
     def start(self) -> str:
-        """Start vLLM and wait for ``/health``; returns the base URL or raises ServeError with its last logs."""
+        """Start vLLM and wait for ``/v1/models``; returns the base URL or raises ServeError with its last logs."""
         if self.port is None:
             self.port = free_port(self.host)
         check_port(self.host, self.port)
@@ -216,22 +222,24 @@ class VLLMServer:
                 sys.stderr.write(line)
 
     def _wait_healthy(self) -> None:
-        """Poll ``/health`` until 200; fail fast if vLLM exits, with its last log lines."""
-        import requests
+        """Poll ``/v1/models`` until it answers (vLLM serves it once the engine is up, as ``/health``); fail fast
+        if vLLM exits, with its last log lines."""
+        import openai
 
+        client = openai_client(self.url, self.api_key, timeout=2)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             self._track_pids()
             if self.proc.poll() is not None:
                 raise ServeError(f"vLLM exited with code {self.proc.returncode} while starting:\n{self.log_tail()}")
             try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self._track_pids()
-                    return
-            except requests.RequestException:
+                client.models.list()
+                self._track_pids()
+                return
+            except openai.APIError:
                 pass
             time.sleep(0.5)
-        raise ServeError(f"vLLM did not answer {self.url}/health within {self.startup_timeout:.0f} s:\n"
+        raise ServeError(f"vLLM did not answer {self.url}/v1/models within {self.startup_timeout:.0f} s:\n"
                          + self.log_tail())
 
     def _track_pids(self) -> None:
@@ -304,6 +312,43 @@ class VLLMServer:
         self.stop()
 
 
+# --- talking to a server (this one or any OpenAI-compatible one) through the openai SDK ---------------------
+
+def server_root(url: str) -> str:
+    """``http://HOST:PORT`` of a server URL given with or without ``/v1`` (what messages name)."""
+    base = str(url).rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+def openai_client(url: str, api_key: str | None = None, timeout: float = 600.0) -> Any:
+    """The openai SDK's client for the server at ``url`` (with or without ``/v1``). It does not retry: callers
+    report a failure at once, in one line. A server started without a key accepts the placeholder ``EMPTY``."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server_root(url)}/v1", api_key=api_key or "EMPTY", timeout=timeout,
+                         max_retries=0)
+
+
+def connection_reason(e: BaseException) -> str:
+    """The short cause of a failed connection (``[Errno 111] Connection refused``), not the transport's whole repr."""
+    chain = [e]
+    while chain[-1].__cause__ is not None and len(chain) < 5:
+        chain.append(chain[-1].__cause__)
+    for x in chain:
+        m = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(x))
+        if m:
+            return m.group(0).strip()
+    return str(chain[-1]) or type(chain[-1]).__name__
+
+
+def server_message(e: Any) -> str:
+    """The server's own message in a refused request (an ``openai.APIStatusError``): its JSON ``message``, else
+    the body's text."""
+    body = e.body
+    why = body.get("message", body) if isinstance(body, dict) else body
+    return str(why if why not in (None, "") else e.response.text)
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -318,7 +363,7 @@ class ServeConfig:
                                     "passed to vLLM's --api-key")
     max_model_len: int | None = arg(None, "context length (default: the model's, at most 2048)")
     kv_cache_gb: int = arg(1, "KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE)")
-    startup_timeout: float = arg(300.0, "seconds to wait for /health")
+    startup_timeout: float = arg(300.0, "seconds to wait for the server to answer")
     extra_args: list[str] = arg([], "more vLLM flags, passed as they are (e.g. --extra-args=--max-num-seqs=64)")
     dtype: str | None = arg(None, "weights dtype: float32 (CPU default), bfloat16, float16, auto (GPU default)")
 

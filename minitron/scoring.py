@@ -48,19 +48,28 @@ def token_loss(model: Any, rows: torch.Tensor, batch_size: int = 16) -> float:
 
 @torch.no_grad()
 def continuation_logprobs(model: Any, contexts: list[list[int]], continuations: list[list[int]], pad_id: int,
-                          batch_size: int = 8) -> torch.Tensor:
-    """Sum of log p(continuation token | everything before it) for each (context, continuation) pair: [N] float32."""
+                          batch_size: int = 8, greedy: bool = False) -> Any:
+    """Sum of log p(continuation token | everything before it) for each (context, continuation) pair: [N] float32.
+
+    ``greedy=True`` also returns whether every continuation token is the argmax at its position (lm-eval's
+    ``is_greedy``): ``([N] float32, [N] bool)``, from the same forward pass.
+    """
     device = next(model.parameters()).device
-    out = []
+    out, flags = [], []
     for s in range(0, len(contexts), batch_size):
         ctx, cont = contexts[s:s + batch_size], continuations[s:s + batch_size]
         ids, mask = pad_rows([c + x for c, x in zip(ctx, cont)], pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [B, T, V]
         # token t is predicted at position t-1: continuation token j sits at len(c) + j, scored at len(c) + j - 1
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]  # [B, T-1]
+        top = logits[:, :-1].argmax(-1) == ids[:, 1:].to(device) if greedy else None  # [B, T-1]
         for i, (c, x) in enumerate(zip(ctx, cont)):
-            out.append(logp[i, len(c) - 1:len(c) - 1 + len(x)].sum().cpu())
-    return torch.stack(out)
+            span = slice(len(c) - 1, len(c) - 1 + len(x))
+            out.append(logp[i, span].sum().cpu())
+            if greedy:
+                flags.append(bool(top[i, span].all()))
+    logps = torch.stack(out)
+    return (logps, torch.tensor(flags, dtype=torch.bool)) if greedy else logps
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evals.cache import ItemCache
-from evals.generate import EvalError, Generator, HFBackend
+from evals.generate import Generator, HFBackend
 
 CHATS = [{"messages": [{"role": "user", "content": q}]} for q in
          ["What is the color of Mirel?", "hi", "Where does Quen live? Answer briefly please.", "food of Atha", "x"]]
@@ -28,9 +28,9 @@ def test_batched_equals_one_by_one(backend):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
 
 
-def test_choices_of_one_context_share_its_kv_cache_and_score_the_same(backend):
-    """Cloze-style choices (multi-token, one shared context) scored on the context's KV cache equal the
-    same choices scored one by one, in fp32 and in bf16 weights."""
+def test_choices_of_one_context_score_the_same_together_and_alone(backend):
+    """Cloze-style choices (multi-token, one shared context, different lengths) scored in one padded batch equal
+    the same choices scored one by one."""
     ctx = "Borin lives in Oslo. Mirel likes red things and lives in"
     choices = [" Lima", " Paris and likes bread", " Oslo", " the red house of Quen"]
     pairs = [(ctx, c) for c in choices]
@@ -38,8 +38,6 @@ def test_choices_of_one_context_share_its_kv_cache_and_score_the_same(backend):
     alone = Generator(backend, None, batch_size=1).loglikelihood(pairs)
     for (a, ga), (b, gb) in zip(together, alone):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
-    enc = [list(Generator(backend, None).encode_pair(ctx, c)) for c in choices]
-    assert len({tuple(e[0]) for e in enc}) == 1  # one shared context: the KV path is the one taken
 
 
 def test_loglikelihood_matches_a_manual_forward(backend):
@@ -57,17 +55,45 @@ def test_loglikelihood_matches_a_manual_forward(backend):
     assert greedy == all(logp[len(ctx) - 1 + i].argmax().item() == t for i, t in enumerate(cont))
 
 
-def test_generation_stops_at_the_eos_list(tiny_model_dir, backend):
-    """A token listed in generation_config's eos_token_id ends the reply (and is not part of it)."""
+def greedy_tokens(backend, prompt: list[int], n: int) -> list[int]:
+    """The model's next ``n`` argmax tokens after ``prompt``, one plain forward per token (no ``generate``)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(backend.model(torch.tensor([ids])).logits[0, -1].argmax().item())
+    return ids[len(prompt):]
+
+
+def test_loglikelihood_of_the_greedy_continuation(backend):
+    """The model's own argmax continuation is flagged greedy and scores the sum of the top log-probs; changing
+    one of its tokens clears the flag and lowers the score."""
+    tok = backend.tokenizer
+    ctx = [tok.bos_token_id] + tok("The color of Mirel is", add_special_tokens=False)["input_ids"]
+    cont = greedy_tokens(backend, ctx, 3)
+    with torch.no_grad():
+        logp = torch.log_softmax(backend.model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+    top = sum(logp[len(ctx) - 1 + i].max().item() for i in range(3))
+    other = cont[:1] + [logp[len(ctx)].argsort()[-2].item()] + cont[2:]  # the runner-up as the second token
+    (lp, greedy), (lp2, greedy2) = backend.score([(ctx, cont), (ctx, other)])
+    assert greedy and lp == pytest.approx(top, abs=1e-4)
+    assert not greedy2 and lp2 < lp
+
+
+def test_generation_decodes_the_greedy_tokens_and_stops_at_the_eos_list(tiny_model_dir, backend):
+    """A reply is the decoded argmax continuation; a token listed in generation_config's eos_token_id ends the
+    reply there (and is not part of it)."""
+    tok = backend.tokenizer
     gen = Generator(backend, None)
+    prompt = tok(gen.render_chat(CHATS[0]), add_special_tokens=False)["input_ids"]
+    new = greedy_tokens(backend, prompt, 6)
+    assert not set(new) & set(backend.stop_ids)  # (the tiny model ends no reply by itself within 6 tokens)
     free = gen.chat(CHATS[:1], max_new_tokens=6)[0]
-    prompt = gen.render_chat(CHATS[0])
-    ids = backend.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    first = backend.model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False)[0, len(ids)].item()
+    assert free == tok.decode(new, skip_special_tokens=True) and free
     stopped = HFBackend(tiny_model_dir)
-    stopped.stop_ids = stopped.stop_ids + [first]
-    assert free != ""
-    assert Generator(stopped, None).chat(CHATS[:1], max_new_tokens=6)[0] == ""
+    stopped.stop_ids = stopped.stop_ids + [new[3]]
+    cut = new.index(new[3])  # the first occurrence of the new stop token
+    head = tok.decode(new[:cut], skip_special_tokens=True)
+    assert Generator(stopped, None).chat(CHATS[:1], max_new_tokens=6)[0] == head and head != free
 
 
 class FlakyBackend:

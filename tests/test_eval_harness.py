@@ -90,10 +90,15 @@ def monkeypatch_module(tmp_path_factory, world):
     mp.undo()
 
 
-def test_results_json_has_n_and_stderr_everywhere(first_run):
+def test_results_json_has_n_and_stderr_everywhere(first_run, models):
+    from transformers import AutoModelForCausalLM
+
     res = json.loads((first_run / "results.json").read_text())
     assert [m["name"] for m in res["models"]] == ["teacher", "width/distilled"]
-    assert res["models"][0]["params"] > res["models"][1]["params"] > 0
+    # parameter counts (read from the weights' headers) are the loaded models' own
+    for m, d in zip(res["models"], ["teacher", "width/distilled"]):
+        assert m["params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(models / d).parameters())
+    assert res["models"][0]["params"] > res["models"][1]["params"]
     expected = {"mmlu": 6, "ifeval": 2, "rag": 2, "bfcl": 3, "roleplay": 2}  # limit 2 per subject/category/task
     for m in res["models"]:
         assert set(m["tasks"]) == set(expected)

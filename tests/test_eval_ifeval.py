@@ -64,11 +64,19 @@ def test_lm_eval_checkers_on_known_replies(punkt):
 
 
 def test_ifeval_end_to_end(punkt, data, tiny_model_dir, tmp_path):
-    """Prompts through the chat template; four metrics with n (prompts or instructions) and stderr."""
-    res = ifeval.evaluate(Generator(HFBackend(tiny_model_dir), None), data, None, tmp_path, max_new_tokens=16)
-    m = res["metrics"]
+    """Prompts through the chat template: each response is the model's greedy chat reply to its prompt, each item
+    is scored by lm-eval's checker, and the metrics (n = prompts or instructions) average those scores."""
+    from lm_eval.tasks.ifeval.utils import process_results
+
+    gen = Generator(HFBackend(tiny_model_dir), None)
+    res = ifeval.evaluate(gen, data, None, tmp_path, max_new_tokens=16)
+    items, m = res["items"], res["metrics"]
+    assert [i["id"] for i in items] == [1, 2, 3]
+    replies = gen.chat([{"messages": [{"role": "user", "content": r["prompt"]}]} for r in ROWS], max_new_tokens=16)
+    assert [i["response"] for i in items] == replies and all(replies)
+    for row, item in zip(ROWS, items):
+        assert process_results(row, [item["response"]])["prompt_level_strict_acc"] == item["prompt_level_strict_acc"]
     assert set(m) == set(ifeval.METRICS)
     assert m["prompt_level_strict_acc"]["n"] == 3 and m["inst_level_strict_acc"]["n"] == 4
-    assert all(0 <= v["value"] <= 1 and v["stderr"] >= 0 for v in m.values())
-    assert [i["id"] for i in res["items"]] == [1, 2, 3] and all(isinstance(i["response"], str) for i in res["items"])
-    assert "hit max_new_tokens=16" in res["note"]  # a random model never ends its reply
+    assert m["prompt_level_strict_acc"]["value"] == pytest.approx(sum(i["prompt_level_strict_acc"] for i in items) / 3)
+    assert "3/3 replies hit max_new_tokens=16" in res["note"]  # a random model never ends its reply

@@ -54,12 +54,23 @@ def test_parse_verdict():
 
 
 def test_reward_model_judge_end_to_end(data, reward_model, tiny_model_dir):
-    """Win rate of a model against the references, and against itself (all ties: exactly 0.5)."""
+    """Win rate of a model against the references: each reply is the model's greedy chat reply, each reward the
+    reward model's score of the whole conversation; and against itself (all ties: exactly 0.5)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from minitron.scoring import reward_scores
+
     gen = Generator(HFBackend(tiny_model_dir), None)
     res = roleplay.evaluate(gen, data, None, "reference", judge_model=reward_model, max_new_tokens=12)
-    m = res["metrics"]
-    assert m["win_rate"]["n"] == 3 and 0 <= m["win_rate"]["value"] <= 1
-    assert all(i["score"] == (1.0 if i["reward"] > i["baseline_reward"] else 0.0) for i in res["items"])
+    items, m = res["items"], res["metrics"]
+    assert [i["response"] for i in items] == gen.chat([{"messages": i["messages"]} for i in items], max_new_tokens=12)
+    assert [i["baseline"] for i in items] == [r["output"] for r in ROWS]
+    rm, tok = AutoModelForSequenceClassification.from_pretrained(reward_model), AutoTokenizer.from_pretrained(reward_model)
+    rm.config.pad_token_id = tok.pad_token_id
+    convs = [i["messages"] + [{"role": "assistant", "content": i["baseline"]}] for i in items]
+    assert [i["baseline_reward"] for i in items] == pytest.approx(reward_scores(rm.eval(), tok, convs).tolist(), abs=1e-5)
+    assert all(i["score"] == (1.0 if i["reward"] > i["baseline_reward"] else 0.0) for i in items)
+    assert m["win_rate"]["n"] == 3 and m["win_rate"]["value"] == pytest.approx(sum(i["score"] for i in items) / 3)
     assert m["reward_margin"]["scale"] == "raw"
     self_play = roleplay.evaluate(gen, data, 2, gen, judge_model=reward_model, max_new_tokens=12)
     assert self_play["metrics"]["win_rate"]["value"] == 0.5 and self_play["metrics"]["win_rate"]["n"] == 2

@@ -1,4 +1,4 @@
-"""vLLM serving: the real OpenAI-compatible server on a tiny model (CPU), the client, the chat REPL, and
+"""vLLM serving: the real OpenAI-compatible server on a tiny model (CPU), the chat REPL, error lines, and
 ``minitron eval --endpoint`` against in-process evaluation for every task.
 
 One server is shared by the module (a start costs ~25-90 s and ~3 GB on this machine): ``minitron serve`` run
@@ -25,14 +25,15 @@ import subprocess
 import sys
 import time
 
+import openai
 import psutil
 import pytest
 import torch
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from conftest import make_tiny_model_dir, refused
 from evals.chat import ChatConfig, ChatSession
-from evals.client import ClientError, OpenAIClient, merge_deltas
-from evals.serve import ServeError, VLLMServer, check_port, usage_text, validate_model_dir
+from evals.serve import ServeError, VLLMServer, check_port, openai_client, usage_text, validate_model_dir
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (run scripts/install_serve.sh)")
@@ -191,7 +192,8 @@ def server(serve_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return OpenAIClient(server.url + "/v1", api_key=KEY, model=server.name)
+    """The openai SDK's client for the shared server (with its key); requests name the model ``server.name``."""
+    return openai_client(server.url + "/v1", KEY)
 
 
 @pytest.fixture(scope="module")
@@ -363,9 +365,10 @@ def test_serve_banner_and_api_key(server, tmp_path):
     assert f"{server.url}/v1" in server.banner and f"Bearer {KEY}" in server.banner
     assert f"minitron chat --endpoint {server.url}/v1 --api-key {KEY}" in server.banner
     assert len(server.children) >= 2  # vLLM's API server and at least its engine process
-    assert OpenAIClient(server.url, api_key=KEY).models() == [str(server.model_dir.resolve()), server.name]
-    with pytest.raises(ClientError, match="HTTP 401"):
-        OpenAIClient(server.url, api_key="wrong", model="x").chat([{"role": "user", "content": "x"}])
+    served = [m.id for m in openai_client(server.url, KEY).models.list()]
+    assert served == [str(server.model_dir.resolve()), server.name]
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(server.url, "wrong").models.list()
     from test_eval_mmlu import write_mmlu
 
     write_mmlu(tmp_path / "mmlu", n_test=1)
@@ -376,68 +379,89 @@ def test_serve_banner_and_api_key(server, tmp_path):
 
 
 @pytest.mark.vllm
-def test_greedy_chat_equals_hf_generate(client, hf):
+def test_greedy_chat_equals_hf_generate(client, server, hf):
     """Served greedy chat == HF ``generate`` (same prompt tokens, same new tokens, same text)."""
     messages = [{"role": "system", "content": "You answer briefly."},
                 {"role": "user", "content": "The color of Mirel is"}]
-    reply = client.chat(messages, max_tokens=MAX_NEW, temperature=0, return_token_ids=True)
+    reply = client.chat.completions.create(model=server.name, messages=messages, max_tokens=MAX_NEW, temperature=0,
+                                           extra_body={"return_token_ids": True})
     prompt_ids, new_ids, text = hf_greedy(hf, messages)
-    choice = reply["choices"][0]
-    assert reply["usage"]["prompt_tokens"] == len(prompt_ids)  # same chat template, same single BOS
-    assert choice["token_ids"][: len(new_ids)] == new_ids
+    choice = reply.choices[0]
+    assert reply.usage.prompt_tokens == len(prompt_ids)  # same chat template, same single BOS
+    assert choice.token_ids[: len(new_ids)] == new_ids
     # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 sequence (an untrained byte-level
     # model emits byte fragments); HF renders it as U+FFFD. Everything before it must be identical.
-    assert choice["message"]["content"] in (text, text.removesuffix("\ufffd"))
+    assert choice.message.content in (text, text.removesuffix("\ufffd"))
     assert len(new_ids) > 0
 
 
 @pytest.mark.vllm
-def test_streaming_equals_plain_reply(client):
-    """SSE streaming arrives in several chunks and adds up to the non-streamed reply."""
-    messages = [{"role": "user", "content": "Ask Quen about Lima"}]
-    plain = client.chat(messages, max_tokens=16, temperature=0)["choices"][0]["message"]["content"]
-    chunks = list(client.chat_stream(messages, max_tokens=16, temperature=0))
-    assert sum(bool((c.get("delta") or {}).get("content")) for c in chunks) >= 2  # really incremental
-    assert chunks[-1]["finish_reason"] in ("length", "stop")
-    assert merge_deltas(chunks)["content"] == plain
+class Writes(io.StringIO):
+    """A terminal that counts the non-empty writes it gets."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += bool(text)
+        return super().write(text)
+
+
+def test_streaming_equals_plain_reply(server):
+    """``minitron chat`` shows a streamed reply piece by piece as it arrives (several writes), and it adds up to
+    the non-streamed reply."""
+    seen = {}
+    for stream in (True, False):
+        out = Writes()
+        cfg = ChatConfig(endpoint=server.url, api_key=KEY, temperature=0, max_tokens=16, stream=stream)
+        session = ChatSession(cfg, inp=io.StringIO("Ask Quen about Lima\n"), out=out)
+        session.loop()
+        seen[stream] = session.messages[-1]["content"], out.writes
+    assert seen[True][0] == seen[False][0] and seen[True][0]
+    assert seen[True][1] >= seen[False][1] + 2  # really incremental: three pieces or more instead of one
 
 
 @pytest.mark.vllm
-def test_tool_call_round_trip(client, hf):
-    """A Hermes call forced by structured output is parsed by the server; the result goes back as a tool turn."""
+def test_tool_call_round_trip(client, server, hf):
+    """A Hermes call forced by structured output is parsed by the server (streamed too, folded as ``minitron chat``
+    folds it); the result goes back as a tool turn."""
     messages = [{"role": "user", "content": "What is the favourite color of Quen?"}]
-    reply = client.chat(messages, TOOLS, "auto", max_tokens=80, temperature=0,
-                        structured_outputs={"regex": TOOL_CALL_REGEX})
-    choice = reply["choices"][0]
-    assert choice["finish_reason"] == "tool_calls", reply
-    (call,) = choice["message"]["tool_calls"]
-    assert call["function"]["name"] == "get_color"
-    args = json.loads(call["function"]["arguments"])
+    request = dict(model=server.name, messages=messages, tools=TOOLS, tool_choice="auto", max_tokens=80,
+                   temperature=0, extra_body={"structured_outputs": {"regex": TOOL_CALL_REGEX}})
+    reply = client.chat.completions.create(**request)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", reply
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_color"
+    args = json.loads(call.function.arguments)
     assert args["name"] in ("Mirel", "Quen")
 
-    streamed = merge_deltas(client.chat_stream(messages, TOOLS, "auto", max_tokens=80, temperature=0,
-                                               structured_outputs={"regex": TOOL_CALL_REGEX}))
-    assert [c["function"]["name"] for c in streamed["tool_calls"]] == ["get_color"]
-    assert json.loads(streamed["tool_calls"][0]["function"]["arguments"]) == args
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(stream=True, **request):
+        state.handle_chunk(chunk)
+    streamed = state.current_completion_snapshot.choices[0].message
+    assert [c.function.name for c in streamed.tool_calls] == ["get_color"]
+    assert json.loads(streamed.tool_calls[0].function.arguments) == args
 
+    call = {"id": call.id, "type": "function", "function": {"name": "get_color", "arguments": call.function.arguments}}
     history = messages + [{"role": "assistant", "content": "", "tool_calls": [call]},
                           {"role": "tool", "tool_call_id": call["id"], "content": '{"color": "red"}'}]
-    follow = client.chat(history, TOOLS, max_tokens=MAX_NEW, temperature=0, return_token_ids=True)
+    follow = client.chat.completions.create(model=server.name, messages=history, tools=TOOLS, max_tokens=MAX_NEW,
+                                            temperature=0, extra_body={"return_token_ids": True})
     hf_history = messages + [{"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": "get_color", "arguments": args}}]},
         {"role": "tool", "content": '{"color": "red"}'}]
     prompt_ids, new_ids, _ = hf_greedy(hf, hf_history, tools=TOOLS)
-    assert follow["usage"]["prompt_tokens"] == len(prompt_ids)  # the tool turn was rendered as HF renders it
-    assert follow["choices"][0]["token_ids"][: len(new_ids)] == new_ids
+    assert follow.usage.prompt_tokens == len(prompt_ids)  # the tool turn was rendered as HF renders it
+    assert follow.choices[0].token_ids[: len(new_ids)] == new_ids
 
 
 @pytest.mark.vllm
-def test_completions_prompt_logprobs_match_hf(client, hf):
+def test_completions_prompt_logprobs_match_hf(client, server, hf):
     """``echo`` + ``logprobs`` give HF's prompt log-probabilities (MC evals through the server)."""
     model, tok = hf
     ids = [tok.bos_token_id] + tok("Zorvath lives in Paris", add_special_tokens=False).input_ids
-    out = client.completions(ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
-    served = out["choices"][0]["logprobs"]["token_logprobs"][1 : len(ids)]
+    out = client.completions.create(model=server.name, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    served = out.choices[0].logprobs.token_logprobs[1 : len(ids)]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
     ref = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
@@ -445,12 +469,20 @@ def test_completions_prompt_logprobs_match_hf(client, hf):
 
 
 @pytest.mark.vllm
-def test_client_reports_server_errors(client):
-    """Refused requests and dead endpoints raise ClientError with the reason."""
-    with pytest.raises(ClientError, match="HTTP 4"):
-        client.chat([{"role": "user", "content": "hi"}], max_tokens=10_000_000)
-    with pytest.raises(ClientError, match="cannot reach"):
-        OpenAIClient("http://127.0.0.1:9", model="x", timeout=2).chat([{"role": "user", "content": "hi"}])
+def test_refused_requests_are_one_line_with_the_servers_reason(server):
+    """A request the server refuses (far too many tokens) is one line carrying the server's own reason, in
+    ``minitron chat`` (which goes on) and in the eval backend (which stops)."""
+    from evals.generate import EndpointBackend, EvalError
+
+    out = io.StringIO()
+    cfg = ChatConfig(endpoint=server.url, api_key=KEY, max_tokens=10_000_000, stream=False)
+    ChatSession(cfg, inp=io.StringIO("hi\nhello\n"), out=out).loop()
+    errors = [ln for ln in out.getvalue().splitlines() if "[error]" in ln]
+    assert len(errors) == 2, out.getvalue()
+    assert re.search(r"\[error\] http://127\.0\.0\.1:\d+/v1/chat/completions -> HTTP 400: \w", errors[0]), errors
+    backend = EndpointBackend(server.url, api_key=KEY)
+    with pytest.raises(EvalError, match=r"^http://127\.0\.0\.1:\d+/v1/completions answered HTTP 400: \w"):
+        backend._call("/v1/completions", backend.client.completions.create, prompt=[[1, 2]], max_tokens=10_000_000)
 
 
 # --- `minitron eval --endpoint` == in-process, every task ------------------------------------------------
@@ -603,8 +635,9 @@ def test_chat_session_with_a_real_tool_call(client, server, tmp_path):
     assert saved["system"] == SYSTEM and saved["tools"][0]["function"]["name"] == "get_color"
     assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "user", "assistant", "tool", "assistant"]
     assert saved["messages"][1]["content"] == GREETING[1]
-    first = client.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": GREETING[0]}],
-                        max_tokens=64, temperature=0)["choices"][0]["message"]["content"]
+    first = client.chat.completions.create(
+        model=server.name, messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": GREETING[0]}],
+        max_tokens=64, temperature=0).choices[0].message.content
     assert first == GREETING[1]  # streamed in the REPL == the plain greedy reply
     (call,) = saved["messages"][3]["tool_calls"]
     assert call["function"]["name"] == "get_color" and json.loads(call["function"]["arguments"]) == {"name": "Quen"}
@@ -642,7 +675,8 @@ def test_ctrl_c_stops_every_process(server):
     assert "no server process left" in server.log.read_text()
     leftovers = [c.pid for c in server.children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert leftovers == []  # (exited children may stay zombies until init reaps them: not running)
-    assert not OpenAIClient(server.url).health()
+    with pytest.raises(openai.APIConnectionError):
+        openai_client(server.url, KEY, timeout=5).models.list()
     check_port("127.0.0.1", server.port)  # free again
 
 
@@ -670,12 +704,13 @@ def test_cli_busy_port_and_public_host_warning(serve_dir):
 
 def test_bench_helpers(tmp_path, tiny_tokenizer):
     """Parameter counting from safetensors headers, the c8 ratio, and the Markdown table."""
-    from evals.bench_serve import BenchServeConfig, count_parameters, markdown, ratio
-
-    d = make_tiny_model_dir(tmp_path / "m", tiny_tokenizer, head_dim=32)
     from transformers import AutoModelForCausalLM
 
-    assert count_parameters(d) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d).parameters())
+    from evals.bench_serve import BenchServeConfig, markdown, ratio
+    from minitron.weights import stored_parameters
+
+    d = make_tiny_model_dir(tmp_path / "m", tiny_tokenizer, head_dim=32)
+    assert stored_parameters(d) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d).parameters())
     level = {"requests_per_s": 1.0, "mean_latency_s": 0.1}
     results = {"teacher": {"levels": {"c8": {**level, "output_tokens_per_s": 100.0}}},
                "width": {"levels": {"c8": {**level, "output_tokens_per_s": 180.0}}}}
