@@ -52,24 +52,59 @@ def continuation_logprobs(model: Any, contexts: list[list[int]], continuations: 
     """Sum of log p(continuation token | everything before it) for each (context, continuation) pair: [N] float32.
 
     ``greedy=True`` also returns whether every continuation token is the argmax at its position (lm-eval's
-    ``is_greedy``): ``([N] float32, [N] bool)``, from the same forward pass.
+    ``is_greedy``): ``([N] float32, [N] bool)``, from the same forward pass. Pairs that make the same input (one
+    context with one-token choices, as MMLU's `` A``..`` D``) share one forward row; several multi-token
+    continuations of one context (cloze choices) run the context once and each continuation on its KV cache.
     """
+    results: dict[int, tuple[float, bool]] = {}
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, c in enumerate(contexts):
+        by_context.setdefault(tuple(c), []).append(i)
+    rest = []
+    for ctx, idx in by_context.items():
+        if len(idx) > 1 and len(ctx) > 1 and max(len(continuations[i]) for i in idx) > 1:
+            results.update(zip(idx, _shared_context(model, list(ctx), [continuations[i] for i in idx], pad_id)))
+        else:
+            rest += idx
+    for s in range(0, len(rest), batch_size):
+        idx = rest[s:s + batch_size]
+        results.update(zip(idx, _rows(model, [contexts[i] for i in idx], [continuations[i] for i in idx], pad_id)))
+    logps = torch.tensor([results[i][0] for i in range(len(contexts))], dtype=torch.float32)
+    return (logps, torch.tensor([results[i][1] for i in range(len(contexts))], dtype=torch.bool)) if greedy else logps
+
+
+def _scored(logp: torch.Tensor, target: list[int]) -> tuple[float, bool]:
+    """(sum of the target's log-probs, all of them argmax) from the [len(target), V] log-probs predicting it."""
+    t = torch.tensor(target, device=logp.device)
+    return float(logp.gather(1, t[:, None]).sum()), bool((logp.argmax(-1) == t).all())
+
+
+def _rows(model: Any, contexts: list[list[int]], continuations: list[list[int]], pad_id: int) -> list[tuple]:
+    """One right-padded forward over the distinct inputs (context + continuation minus its last token)."""
     device = next(model.parameters()).device
-    out, flags = [], []
-    for s in range(0, len(contexts), batch_size):
-        ctx, cont = contexts[s:s + batch_size], continuations[s:s + batch_size]
-        ids, mask = pad_rows([c + x for c, x in zip(ctx, cont)], pad_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [B, T, V]
-        # token t is predicted at position t-1: continuation token j sits at len(c) + j, scored at len(c) + j - 1
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]  # [B, T-1]
-        top = logits[:, :-1].argmax(-1) == ids[:, 1:].to(device) if greedy else None  # [B, T-1]
-        for i, (c, x) in enumerate(zip(ctx, cont)):
-            span = slice(len(c) - 1, len(c) - 1 + len(x))
-            out.append(logp[i, span].sum().cpu())
-            if greedy:
-                flags.append(bool(top[i, span].all()))
-    logps = torch.stack(out)
-    return (logps, torch.tensor(flags, dtype=torch.bool)) if greedy else logps
+    seqs = [c + x for c, x in zip(contexts, continuations)]
+    inputs = list(dict.fromkeys(tuple(q[:-1]) for q in seqs))
+    row = {x: i for i, x in enumerate(inputs)}
+    ids, mask = pad_rows([list(x) for x in inputs], pad_id)
+    logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+    out = []
+    for q, x in zip(seqs, continuations):  # continuation token j sits at len(q) - len(x) + j, predicted one before
+        out.append(_scored(logp[row[tuple(q[:-1])], len(q) - 1 - len(x):len(q) - 1], x))
+    return out
+
+
+def _shared_context(model: Any, context: list[int], continuations: list[list[int]], pad_id: int) -> list[tuple]:
+    """Continuations of one context: the context (but its last token) once, then every continuation on its cache."""
+    device = next(model.parameters()).device
+    cache = model(input_ids=torch.tensor([context[:-1]], device=device), use_cache=True).past_key_values
+    tails = [context[-1:] + x for x in continuations]  # the context's last token predicts the first one
+    ids, tail_mask = pad_rows(tails, pad_id)
+    mask = torch.cat([torch.ones((len(tails), len(context) - 1), dtype=torch.long), tail_mask], 1)
+    cache.batch_repeat_interleave(len(tails))
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                   use_cache=True).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    return [_scored(logp[i, :len(x)], x) for i, x in enumerate(continuations)]
 
 
 @torch.no_grad()
