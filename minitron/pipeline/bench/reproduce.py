@@ -10,8 +10,8 @@ distillation: the pruned student fine-tuned on B tokens of teacher-generated tex
 
 Reported: validation loss / perplexity on Gutenberg validation and on WikiText-2 test, and the smallest
 token multiple at which from-scratch training matches the distilled student. Results go to
-``bench/results/reproduce{_scale}.{json,md,png}``; models to ``runs/reproduce-<scale>/`` (re-running skips
-finished stages). ``--scale default`` is sized for <= 60 min on 2 idle CPU cores; ``--scale small`` is a
+``bench/results/reproduce{_scale}.{json,md,png}``; models to ``runs/reproduce-<scale>/`` (every stage is the
+core's, so a rerun keeps what its fingerprint says is up to date). ``--scale default`` is sized for <= 60 min on 2 idle CPU cores; ``--scale small`` is a
 smoke run; every size is a config field, so a GPU run scales by config (``configs/bench/reproduce.yaml``).
 
     minitron bench reproduce --scale small
@@ -92,33 +92,23 @@ def train_kw(cfg: ReproduceConfig, tokens: int, lr: float, data: str | None = No
 
 
 def make_teacher_init(cfg: ReproduceConfig, out: Path) -> Path:
-    """A random-init Llama teacher with a BPE tokenizer trained on the first books of the corpus."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    """The random-init teacher, made by the teacher builder (``minitron.teacher``: a BPE on the corpus's first
+    ``tokenizer_docs`` x 200k characters, a Llama of the configured shape); kept while its fingerprint matches."""
+    from minitron.fingerprint import of_config, of_path, record
+    from minitron.io import is_model_dir, save_model_dir
+    from minitron.teacher import TeacherConfig, build_model, build_tokenizer
 
-    from minitron.chat_format import stop_token_ids
-    from minitron.data import iter_texts
-    from minitron.io import atomic_dir
-    from minitron.tokenizer import train_bpe
-
-    if (out / "config.json").exists():
+    tcfg = TeacherConfig(out=str(out), data=cfg.data, vocab_size=cfg.vocab_size,
+                         tokenizer_chars=cfg.tokenizer_docs * 200_000, hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=32,
+                         seq_len=max(1024, cfg.seq_len), seed=cfg.seed)
+    fp = of_config(tcfg)
+    if is_model_dir(out) and of_path(out) == fp["fingerprint"]:
         return out
-    docs = []
-    for text in iter_texts(cfg.data, "train"):
-        docs.append(text[:200_000])
-        if len(docs) >= cfg.tokenizer_docs:
-            break
-    tok = train_bpe(docs, vocab_size=cfg.vocab_size)
-    torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=32, max_position_embeddings=max(1024, cfg.seq_len), tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok),
-                                               pad_token_id=tok.pad_token_id)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    tok = build_tokenizer(cfg.data, tcfg)
+    save_model_dir(build_model(tcfg, tok), tok, out, card={"init": "random"}, title="reproduction teacher init")
+    record(out, fp)
     return out
 
 
@@ -141,8 +131,6 @@ def prune(cfg: ReproduceConfig, teacher: Path, out: Path, kind: str) -> Path:
     """The 50%-width or 50%-depth student of ``teacher`` (minitron.prune)."""
     from minitron.prune import PruneConfig, run
 
-    if (out / "config.json").exists():
-        return out
     shape = (dict(hidden_size=cfg.hidden_size // 2, intermediate_size=cfg.intermediate_size // 2) if kind == "width"
              else dict(num_hidden_layers=cfg.num_layers // 2))
     return run(PruneConfig(model=str(teacher), out=str(out), calib=cfg.data, calib_samples=cfg.calib_samples,
