@@ -1,4 +1,5 @@
-"""``minitron align``: SFT -> reward model -> DPO -> online RL (RLOO/GRPO), the NeMo-Aligner recipe on TRL.
+"""``minitron align``: SFT -> reward model -> DPO -> online RL (RLOO/GRPO), the NeMo-Aligner recipe on TRL; KTO and
+rejection sampling (``rs``, best-of-n with the RM, then SFT) run when named in ``--stages``.
 
     minitron align --config configs/align/demo.yaml                  # make align: the latest distilled student
     minitron align --model DIR --config configs/align/real-data.yaml --out DIR
@@ -10,9 +11,9 @@ Before any of that, ``check`` reads the model, its tokenizer and every data row,
 line. A stage whose output has the same fingerprint is skipped; a different one (a changed setting or input, e.g. a
 redone SFT under DPO) is redone, and so are the stages below it (``--force`` redoes any). An interrupted stage,
 even killed, resumes from its last checkpoint in ``OUT/.work/<stage>/`` when that work has the same fingerprint.
-Stage inputs chain: SFT <- model; RM and DPO <- SFT (or the model when there is none); RL <- DPO (else SFT, else
-the model) with the reward model ``OUT/rm``.
-``OUT/final`` links to the last policy (rl, else dpo, else sft; ``--final dpo`` picks one); ``OUT/report.md`` holds
+Stage inputs chain: SFT <- model; RM, DPO and KTO <- SFT (or the model when there is none); RS <- the latest
+policy of KTO, DPO, SFT; RL <- the latest of RS, KTO, DPO, SFT (else the model); RS and RL score with ``OUT/rm``.
+``OUT/final`` links to the last policy (rl, else rs, kto, dpo, sft; ``--final dpo`` picks one); ``OUT/report.md`` holds
 the per-stage table; with ``--eval-suite demo`` the eval harness runs on every output.
 """
 
@@ -29,8 +30,10 @@ from typing import Any, Callable
 from align import data as D
 from align.common import StageContext, claim_work_dir
 from align.dpo import DPOArgs
+from align.kto import KTOArgs
 from align.lora import LoraArgs
-from align.report import STAGES, write_report
+from align.report import POLICIES, STAGES, write_report
+from align.rejection import RSArgs
 from align.reward import RMArgs
 from align.rl import RLArgs
 from align.sft import SFTArgs
@@ -41,6 +44,7 @@ from minitron.io import is_model_dir, write_text
 from minitron.model_source import resolve_model
 
 WORLD = "runs/demo/world"
+DEFAULT_STAGES = ["sft", "rm", "dpo", "rl"]  # kto and rs run when named
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -54,7 +58,8 @@ class AlignConfig:
 
     model: str = arg("latest:runs/demo/distilled", "model dir, or latest:FOLDER = newest model dir under FOLDER")
     out: str = arg("runs/demo/aligned", "output folder (OUT/sft, OUT/rm, OUT/dpo, OUT/rl, OUT/report.md)")
-    stages: list[str] = arg(list(STAGES), "stages to run, in order: sft,rm,dpo,rl (any subset)")
+    stages: list[str] = arg(list(DEFAULT_STAGES), "stages to run, in pipeline order sft,rm,dpo,kto,rs,rl (any "
+                                                  "subset; kto and rs run only when named)")
     sft_data: list[str] = arg([f"{WORLD}/sft/train.jsonl"], "SFT sources: files, folders or datasets names")
     sft_eval_data: list[str] = arg([f"{WORLD}/sft/validation.jsonl"], "held-out SFT sources ([] = hold out eval_rows)")
     pref_data: list[str] = arg([f"{WORLD}/preference/train.jsonl"], "preference sources (RM, DPO, RL prompts)")
@@ -77,6 +82,8 @@ class AlignConfig:
     sft: SFTArgs = _section(SFTArgs, "SFT stage settings")
     rm: RMArgs = _section(RMArgs, "reward-model stage settings")
     dpo: DPOArgs = _section(DPOArgs, "DPO stage settings")
+    kto: KTOArgs = _section(KTOArgs, "KTO stage settings (unpaired good/bad answers from the preference pairs)")
+    rs: RSArgs = _section(RSArgs, "rejection-sampling stage settings (best-of-n with the RM, then SFT)")
     rl: RLArgs = _section(RLArgs, "online RL stage settings")
 
     def __post_init__(self):
@@ -86,11 +93,13 @@ class AlignConfig:
             setattr(self, name, [v for v in items if v and v.lower() not in ("none", "null")])
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
-            raise ConfigError(f"unknown stage(s) {bad or self.stages}: --stages takes a subset of {','.join(STAGES)}")
+            extra = [s for s in STAGES if s not in DEFAULT_STAGES]
+            raise ConfigError(f"unknown stage(s) {bad or self.stages}: --stages takes a subset of "
+                              f"{','.join(DEFAULT_STAGES + extra)} (run in the order {','.join(STAGES)})")
         if self.eval_rows < 1 or self.max_length < 32:
             raise ConfigError("eval_rows must be >= 1 and max_length >= 32")
-        if self.final not in ("last", "sft", "dpo", "rl"):
-            raise ConfigError(f"final must be last, sft, dpo or rl (got {self.final!r})")
+        if self.final not in ("last", *POLICIES):
+            raise ConfigError(f"final must be last or one of {', '.join(POLICIES)} (got {self.final!r})")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1 (got {self.max_steps})")
 
@@ -159,9 +168,10 @@ def check(cfg: AlignConfig) -> Inputs:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise MinitronError(f"--out {out}: a file, not a folder; pass a folder for the stage outputs")
-    if "rl" in cfg.stages and "rm" not in cfg.stages and not _done(out, "rm"):
-        raise MinitronError(f"the RL stage needs a reward model in {out / 'rm'}: run the rm stage first "
-                            "(--stages rm,rl)")
+    for stage in ("rs", "rl"):
+        if stage in cfg.stages and "rm" not in cfg.stages and not _done(out, "rm"):
+            raise MinitronError(f"the {stage.upper()} stage needs a reward model in {out / 'rm'}: run the rm stage "
+                                f"first (--stages rm,{stage})")
     inputs = Inputs(resolve_model(cfg.model))
     _check_layers(cfg, inputs.base)
     tok = _tokenizer(inputs.base)
@@ -170,7 +180,7 @@ def check(cfg: AlignConfig) -> Inputs:
         inputs.sft = load_split_rows(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
         first = inputs.sft[0][0]
         _check_template(tok, inputs.base, first["prompt"] + first["completion"], first.get("tools"))
-    if set(cfg.stages) & {"rm", "dpo", "rl"}:
+    if set(cfg.stages) & {"rm", "dpo", "kto", "rs", "rl"}:
         loaded = load_split_rows(cfg, cfg.pref_data, cfg.pref_eval_data, D.to_preference)
         first = loaded[0][0]
         _check_template(tok, inputs.base, first["prompt"] + first["chosen"])
@@ -247,8 +257,10 @@ def _input(out: Path, base: Path, *prefer: str) -> Path:
 
 
 def stage_input(out: Path, base: Path, stage: str) -> Path:
-    """The model a stage starts from: SFT <- base; RM, DPO <- SFT (else base); RL <- DPO (else SFT, else base)."""
-    return _input(out, base, *{"sft": (), "rm": ("sft",), "dpo": ("sft",), "rl": ("dpo", "sft")}[stage])
+    """The model a stage starts from: SFT <- base; RM, DPO, KTO <- SFT (else base); RS <- KTO, else DPO, else SFT;
+    RL <- the latest policy (RS, KTO, DPO, SFT), else base."""
+    return _input(out, base, *{"sft": (), "rm": ("sft",), "dpo": ("sft",), "kto": ("sft",),
+                               "rs": ("kto", "dpo", "sft"), "rl": ("rs", "kto", "dpo", "sft")}[stage])
 
 
 def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path) -> dict[str, Any]:
@@ -262,7 +274,7 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
                 "sft_mix": dataclasses.asdict(cfg.sft_mix)}
     else:
         data = {"pref_data": cfg.pref_data, "pref_eval_data": cfg.pref_eval_data}
-    if stage == "rl":
+    if stage in ("rs", "rl"):
         data["reward_model"] = str(Path(cfg.out) / "rm")
     return fingerprint.of_config(args, steps=ctx.steps(args), model=str(model_dir), lora=dataclasses.asdict(cfg.lora),
                                  **shared, **data)
@@ -270,7 +282,7 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
 
 def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path, inputs: Inputs) -> None:
     """Train one stage from ``model_dir`` on the data loaded by ``check``."""
-    from align import dpo, reward, rl, sft, sft_mix
+    from align import dpo, kto, reward, rejection, rl, sft, sft_mix
 
     if stage == "sft":
         train, held, info = inputs.sft
@@ -283,6 +295,11 @@ def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path,
         reward.train(ctx, cfg.rm, model_dir, train_pairs, eval_pairs, info)
     elif stage == "dpo":
         dpo.train(ctx, cfg.dpo, model_dir, train_pairs, eval_pairs, info)
+    elif stage == "kto":
+        kto.train(ctx, cfg.kto, model_dir, train_pairs, eval_pairs, info)
+    elif stage == "rs":
+        rejection.train(ctx, cfg.rs, model_dir, ctx.out / "rm", train_pairs,
+                        [p["prompt"] for p in eval_pairs][: cfg.rs.eval_prompts], info)
     else:
         # RL needs prompts only: the preference prompts, so the RM scores answers to the questions it was trained on
         prompts = [p["prompt"] for p in train_pairs]
@@ -292,7 +309,7 @@ def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path,
 
 def link_final(out: Path, final: str) -> Path | None:
     """Point ``OUT/final`` (a relative symlink, replaced atomically) at the chosen finished policy stage."""
-    order = ("rl", "dpo", "sft") if final == "last" else (final,)
+    order = POLICIES if final == "last" else (final,)
     stage = next((s for s in order if _done(out, s)), None)
     if stage is None:
         return None
@@ -332,7 +349,7 @@ def run(cfg: AlignConfig, evaluate: Callable[[list[Path]], Any] | None = None) -
     link_final(out, cfg.final)
     evals = None
     if cfg.eval_suite:
-        evals = evaluate([base] + [out / s for s in ("sft", "dpo", "rl") if _done(out, s)])
+        evals = evaluate([base] + [out / s for s in POLICIES[::-1] if _done(out, s)])
     summary = write_report(out, str(base), evals)
     for stage, m in summary["stages"].items():
         print(f"[align] {stage}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()

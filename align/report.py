@@ -2,7 +2,8 @@
 
 Each row shows the number that says whether the stage worked, before -> after:
 SFT held-out loss (down), RM pairwise accuracy (up from ~0.5), DPO chosen-minus-rejected log-prob margin (up)
-with the implicit-reward accuracy, RL mean reward of sampled completions (up) with the KL to the start policy.
+with the implicit-reward accuracy (KTO the same), RS and RL mean reward of sampled completions (up), RL with the KL
+to the start policy.
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ from typing import Any
 
 from minitron.io import read_json, write_json, write_text
 
-STAGES = ("sft", "rm", "dpo", "rl")
+STAGES = ("sft", "rm", "dpo", "kto", "rs", "rl")
+POLICIES = ("rl", "rs", "kto", "dpo", "sft")  # the policy stages, latest first (OUT/final, RL's input)
 # stage -> (what is measured, key before, key after, extra columns)
 HEADLINE = {
     "sft": ("held-out loss", "eval_loss_before", "eval_loss", []),
     "rm": ("pairwise accuracy", "accuracy_before", "accuracy", ["margin"]),
     "dpo": ("log-prob margin chosen-rejected", "logp_margin_before", "logp_margin", ["reward_accuracy", "reward_margin"]),
+    "kto": ("log-prob margin chosen-rejected", "logp_margin_before", "logp_margin",
+            ["reward_accuracy", "reward_margin"]),
+    "rs": ("mean RM reward of samples", "reward_before", "reward",
+           ["reward_gain_in_se", "winner_reward_heldin", "sampled_reward_heldin", "baseline_sft_reward"]),
     "rl": ("mean RM reward of samples", "reward_before", "reward",
            ["reward_gain_in_se", "kl_to_reference", "kl_within_budget", "algo"]),
 }
-CURVE = {"sft": "loss", "rm": "loss", "dpo": "loss", "rl": "reward"}
+CURVE = {"sft": "loss", "rm": "loss", "dpo": "loss", "kto": "loss", "rs": "loss", "rl": "reward"}
 
 
 def collect(out: Path) -> dict[str, dict[str, Any]]:

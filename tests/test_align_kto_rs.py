@@ -1,0 +1,131 @@
+"""The KTO and rejection-sampling (``rs``) stages of ``minitron align``, for real on a tiny Llama (CPU, offline):
+each runs end to end through the pipeline (output loads in transformers, metrics and report rows written),
+resumes after a SIGKILL from its checkpoint when the same command runs again, and trains LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.kto import KTOArgs, unpair
+from align.lora import LoraArgs
+from align.pipeline import AlignConfig, run, stage_input
+from align.rejection import RSArgs
+from align.reward import RMArgs
+from align.sft import SFTArgs
+from minitron.fingerprint import FILE
+from test_align_resume import REPO, _env, _flags, _kill_at_first_checkpoint, write_tiny_data
+
+LAYER = "model.layers.0.mlp.up_proj.weight"
+SMALL_RS = dict(prompts=8, n=2, max_new_tokens=6, eval_prompts=4, batch_size=4, logging_steps=1)
+
+
+def _metrics(out, stage: str) -> dict:
+    return json.loads((out / stage / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return {k: [v] for k, v in write_tiny_data(tmp_path_factory.mktemp("kto_rs_data")).items()}
+
+
+@pytest.fixture(scope="module")
+def aligned(tiny_model_dir, data, tmp_path_factory):
+    """sft -> rm -> kto -> rs, two steps each."""
+    out = tmp_path_factory.mktemp("kto_rs") / "out"
+    cfg = AlignConfig(model=str(tiny_model_dir), out=str(out), stages=["sft", "rm", "kto", "rs"], max_steps=2,
+                      eval_rows=8, max_length=64, **data, sft=SFTArgs(batch_size=4, lr=1e-3),
+                      rm=RMArgs(batch_size=4, lr=1e-3), kto=KTOArgs(batch_size=4, lr=1e-3, logging_steps=1),
+                      rs=RSArgs(lr=1e-3, **SMALL_RS))
+    run(cfg)
+    return cfg, out
+
+
+def test_default_stages_are_unchanged():
+    assert AlignConfig().stages == ["sft", "rm", "dpo", "rl"]
+
+
+def test_unpair_gives_one_good_and_one_bad_answer_per_pair():
+    pairs = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": "good"}],
+              "rejected": [{"role": "assistant", "content": "bad"}]} for i in range(6)]
+    rows = unpair(pairs, 0)
+    assert len(rows) == 12 and sum(r["label"] for r in rows) == 6
+    assert all((r["completion"][0]["content"] == "good") == r["label"] for r in rows)
+
+
+def test_kto_and_rs_end_to_end(aligned):
+    from transformers import AutoModelForCausalLM
+
+    cfg, out = aligned
+    kto, rs = _metrics(out, "kto"), _metrics(out, "rs")
+    assert kto["steps"] == 2 and kto["train_examples"] == 2 * kto["train_pairs"] and kto["eval_n"] > 0
+    for k in ("logp_margin_before", "logp_margin", "logp_margin_se", "reward_accuracy", "reward_margin"):
+        assert isinstance(kto[k], float), k
+    assert rs["steps"] == 2 and rs["prompts"] == 8 and rs["n"] == 2 and rs["eval_n"] == 4
+    for k in ("reward_before", "reward", "reward_se", "winner_reward_heldin", "sampled_reward_heldin"):
+        assert isinstance(rs[k], float), k
+    assert rs["winner_reward_heldin"] >= rs["sampled_reward_heldin"]  # the best of n beats the mean of n
+    # inputs: KTO <- SFT; RS <- the latest policy (KTO); each changed its input's weights
+    for stage, src in (("kto", "sft"), ("rs", "kto")):
+        assert json.loads((out / stage / FILE).read_text())["config"]["model"] == str(out / src)
+        assert not torch.equal(load_file(out / stage / "model.safetensors")[LAYER],
+                               load_file(out / src / "model.safetensors")[LAYER])
+        AutoModelForCausalLM.from_pretrained(out / stage)
+    assert stage_input(out, out, "rl") == out / "rs"
+    report = (out / "report.md").read_text()
+    assert "| kto |" in report and "| rs |" in report
+    assert (out / "final").resolve() == (out / "rs").resolve()
+
+
+def test_lora_kto_and_rs(aligned, data, tmp_path):
+    _, src = aligned
+    for stage in ("sft", "rm"):
+        shutil.copytree(src / stage, tmp_path / stage)
+    cfg = AlignConfig(model=str(src / "sft"), out=str(tmp_path), stages=["kto", "rs"], max_steps=2, eval_rows=8,
+                      max_length=64, lora=LoraArgs(enabled=True, r=4, alpha=8), **data,
+                      kto=KTOArgs(batch_size=4, lr=1e-2), rs=RSArgs(lr=1e-2, **SMALL_RS))
+    run(cfg)
+    for stage, inp in (("kto", "sft"), ("rs", "kto")):
+        assert (tmp_path / stage / "adapter" / "adapter_config.json").exists()
+        merged = load_file(tmp_path / stage / "model.safetensors")
+        assert not any("lora" in k for k in merged)
+        key = "model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(merged[key], load_file(tmp_path / inp / "model.safetensors")[key])
+        assert _metrics(tmp_path, stage)["steps"] == 2
+
+
+# stage -> (--stages, flags of a run that saves a checkpoint every step for long enough to be caught)
+RUNS = {
+    "kto": ("kto", ["--kto.steps", "40", "--kto.batch-size", "2"]),
+    "rs": ("rm,rs", ["--rm.steps", "1", "--rm.batch-size", "2", "--rs.steps", "40", "--rs.batch-size", "1",
+                     "--rs.prompts", "4", "--rs.n", "2", "--rs.max-new-tokens", "4", "--rs.eval-prompts", "2"]),
+}
+
+
+@pytest.mark.parametrize("stage", list(RUNS))
+def test_a_killed_stage_resumes_from_its_checkpoint(stage, tiny_model_dir, tmp_path):
+    """SIGKILL mid-stage, then the same command: it resumes from the checkpoint's step (as test_align_resume)."""
+    from transformers import AutoModelForCausalLM
+
+    out, data = tmp_path / "out", write_tiny_data(tmp_path / "data")
+    stages, flags = RUNS[stage]
+    cmd = [sys.executable, "-m", "minitron.cli", "align", "--model", str(tiny_model_dir), "--out", str(out),
+           "--stages", stages, "--eval-rows", "4", "--max-length", "64", f"--{stage}.save-steps", "1",
+           f"--{stage}.logging-steps", "1", *_flags(data), *flags]
+    _kill_at_first_checkpoint(cmd, out / ".work" / stage, tmp_path / "killed.log")
+    assert not (out / stage).exists(), "a killed stage left an output"
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    said = re.search(rf"\[{stage}\] resuming from \S+checkpoint-(\d+) \(step (\d+)\)", res.stdout)
+    assert said and int(said.group(1)) == int(said.group(2)) >= 1, res.stdout[-3000:]
+    metrics = json.loads((out / stage / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith(f"checkpoint-{said.group(1)}") and metrics["steps"] == 40
+    AutoModelForCausalLM.from_pretrained(out / stage)
+    assert json.loads((out / stage / FILE).read_text())["config"]["steps"] == 40
