@@ -10,11 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import make_tiny_model_dir, refused
-from test_eval_harness import write_bfcl
+from test_eval_harness import write_eval_world
 from test_eval_ifeval import ROWS as IFEVAL_ROWS
-from test_eval_mmlu import write_mmlu
-from test_eval_rag import write_squad
-from test_eval_roleplay import ROWS as ROLEPLAY_ROWS
 
 from evals.serve import free_port
 
@@ -22,15 +19,7 @@ from evals.serve import free_port
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """Good data for every task, in the demo world's formats (each case breaks one file of a copy)."""
-    root = tmp_path_factory.mktemp("world")
-    write_mmlu(root / "mmlu", n_test=2)
-    (root / "ifeval").mkdir()
-    (root / "ifeval" / "input_data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in IFEVAL_ROWS))
-    (root / "rag").mkdir()
-    write_squad(root / "rag" / "rag_eval.jsonl")
-    write_bfcl(root / "bfcl")
-    (root / "roleplay.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROLEPLAY_ROWS))
-    return root
+    return write_eval_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="module")

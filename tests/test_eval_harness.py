@@ -34,18 +34,22 @@ def write_bfcl(folder: Path) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A miniature data world with every task's format."""
-    root = tmp_path_factory.mktemp("world")
+def write_eval_world(root: Path, n_ifeval: int | None = None) -> Path:
+    """Every eval task's data in the demo world's formats (two MMLU questions per subject, ``n_ifeval`` prompts)."""
     write_mmlu(root / "mmlu", n_test=2)
     (root / "ifeval").mkdir()
-    (root / "ifeval" / "input_data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in IFEVAL_ROWS[:2]))
+    (root / "ifeval" / "input_data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in IFEVAL_ROWS[:n_ifeval]))
     (root / "rag").mkdir()
     write_squad(root / "rag" / "rag_eval.jsonl")
     write_bfcl(root / "bfcl")
     (root / "roleplay.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROLEPLAY_ROWS))
     return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A miniature data world with every task's format."""
+    return write_eval_world(tmp_path_factory.mktemp("world"), n_ifeval=2)
 
 
 @pytest.fixture(scope="module")

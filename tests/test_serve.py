@@ -492,23 +492,13 @@ def eval_world(tmp_path_factory, tiny_tokenizer):
     """Every task's data in its real format (a few items each), a tiny reward model (the offline roleplay
     judge) and a small punkt_tab for IFEval's checkers."""
     from conftest import tiny_config
-    from test_eval_harness import write_bfcl
-    from test_eval_ifeval import ROWS as IFEVAL_ROWS
-    from test_eval_mmlu import write_mmlu
-    from test_eval_rag import write_squad
-    from test_eval_roleplay import ROWS as ROLEPLAY_ROWS
+    from test_eval_harness import write_eval_world
     from transformers import AutoModelForSequenceClassification
 
     from evals.ifeval import ensure_punkt
 
     root = tmp_path_factory.mktemp("eval-world")
-    write_mmlu(root / "mmlu", n_test=2)
-    (root / "ifeval").mkdir()
-    (root / "ifeval" / "input_data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in IFEVAL_ROWS))
-    (root / "rag").mkdir()
-    write_squad(root / "rag" / "rag_eval.jsonl")
-    write_bfcl(root / "bfcl")
-    (root / "roleplay.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROLEPLAY_ROWS))
+    write_eval_world(root)
     torch.manual_seed(3)
     rm = AutoModelForSequenceClassification.from_config(tiny_config(vocab_size=len(tiny_tokenizer), num_labels=1))
     rm.save_pretrained(root / "rm")
