@@ -133,6 +133,14 @@ def check_port(host: str, port: int) -> None:
                              f"--port, or stop what listens there (`ss -ltnp 'sport = :{port}'`)") from None
 
 
+def die_with_parent() -> None:
+    """In a child process: receive SIGTERM when the thread that started it dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class VLLMServer:
     """vLLM's OpenAI-compatible server for one model directory; a context manager yielding the base URL.
 
@@ -200,10 +208,11 @@ class VLLMServer:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gb), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                    VLLM_NO_USAGE_STATS="1")
         env.setdefault("VLLM_HOST_IP", "127.0.0.1")
-        # A new session: the terminal's Ctrl-C reaches only us, and we end the whole group ourselves.
+        # A new session: the terminal's Ctrl-C reaches only us, and we end the whole group ourselves; if we die
+        # without doing so (SIGKILL), the server is told to stop too, so no orphan holds the port and the memory.
         self.proc = subprocess.Popen(self.command(template), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True, text=True,
-                                     errors="replace")
+                                     errors="replace", preexec_fn=die_with_parent)
         self._pump = threading.Thread(target=self._pump_logs, daemon=True)
         self._pump.start()
         try:

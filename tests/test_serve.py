@@ -743,3 +743,26 @@ def test_serving_beyond_loopback_needs_an_api_key(monkeypatch):
     assert ServeConfig(model="m", host="0.0.0.0", api_key="k").api_key == "k"
     monkeypatch.setenv("MINITRON_API_KEY", "from-env")
     assert ServeConfig(model="m", host="0.0.0.0").api_key == "from-env"  # then passed to vLLM's --api-key
+
+
+def test_a_server_dies_with_the_process_that_started_it(tmp_path):
+    """The server's process is started with die_with_parent: SIGKILL its starter and it stops (no orphan keeps the
+    port and the memory). Shown on a stand-in child (sleep), started exactly as VLLMServer starts vLLM."""
+    from pathlib import Path
+
+    starter = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from evals.serve import die_with_parent\n"
+        "p = subprocess.Popen(['sleep', '120'], start_new_session=True, preexec_fn=die_with_parent)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    child = int(starter.stdout.readline())
+    assert Path(f"/proc/{child}").exists()
+    starter.send_signal(signal.SIGKILL)
+    starter.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and Path(f"/proc/{child}").exists() and \
+            Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
+        time.sleep(0.05)
+    gone = not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"
+    assert gone, "the child outlived its starter"
