@@ -181,7 +181,6 @@ def test_grpo_runs_with_the_trained_reward_model(aligned, world_model, tmp_path)
 
 
 @pytest.mark.vllm
-@pytest.mark.slow
 def test_aligned_output_serves_in_vllm(world_model, tmp_path):
     """An aligned directory (LoRA merged) loads in vLLM's server and answers a chat with the template's stop token."""
     import importlib.util
