@@ -61,7 +61,7 @@ CASES = {
         r"s\.jsonl:3: invalid JSON"),
     "non-object row": (
         lambda t, m, d: ["--pref-data", _rows(t / "p.jsonl", d["pref_data"], '["a", "b"]', 2)],
-        r"p\.jsonl:2: expected a JSON object, got list"),
+        r"p\.jsonl:2: a JSON list, not an object"),
     "JSON array given as JSONL": (
         lambda t, m, d: ["--sft-eval-data", _write(t / "a.jsonl", json.dumps(
             [json.loads(x) for x in Path(d["sft_data"]).read_text().splitlines()], indent=1))],
