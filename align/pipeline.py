@@ -32,12 +32,14 @@ from align.common import StageContext, claim_work_dir
 from align.dpo import DPOArgs
 from align.kto import KTOArgs
 from align.lora import LoraArgs
+from align.opd import OPDArgs
 from align.report import POLICIES, STAGES, write_report
 from align.rejection import RSArgs
 from align.reward import RMArgs
 from align.rl import RLArgs
 from align.sft import SFTArgs
 from align.sft_mix import SFTMixArgs
+from align.spin import SPINArgs
 from minitron import fingerprint
 from minitron.config import ConfigError, MinitronError, arg, save_resolved
 from minitron.io import is_model_dir, write_text
@@ -85,6 +87,8 @@ class AlignConfig:
     kto: KTOArgs = _section(KTOArgs, "KTO stage settings (unpaired good/bad answers from the preference pairs)")
     rs: RSArgs = _section(RSArgs, "rejection-sampling stage settings (best-of-n with the RM, then SFT)")
     rl: RLArgs = _section(RLArgs, "online RL stage settings")
+    opd: OPDArgs = _section(OPDArgs, "on-policy distillation from an aligned teacher (run when named; --opd.teacher)")
+    spin: SPINArgs = _section(SPINArgs, "SPIN self-play fine-tuning on the SFT data (run when named)")
 
     def __post_init__(self):
         for name in ("stages", "sft_data", "sft_eval_data", "pref_data", "pref_eval_data"):
@@ -174,8 +178,12 @@ def check(cfg: AlignConfig) -> Inputs:
                                 f"first (--stages rm,{stage})")
     inputs = Inputs(resolve_model(cfg.model))
     _check_layers(cfg, inputs.base)
+    if "opd" in cfg.stages:  # the teacher resolves and shares the student's tokenizer
+        from align.opd import check_teacher
+
+        check_teacher(cfg.opd, inputs.base)
     tok = _tokenizer(inputs.base)
-    if "sft" in cfg.stages:
+    if {"sft", "opd", "spin"} & set(cfg.stages):
         _check_mix(cfg.sft_mix)
         inputs.sft = load_split_rows(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
         first = inputs.sft[0][0]
@@ -258,7 +266,9 @@ def _input(out: Path, base: Path, *prefer: str) -> Path:
 
 def stage_input(out: Path, base: Path, stage: str) -> Path:
     """The model a stage starts from: SFT <- base; RM, DPO, KTO <- SFT (else base); RS <- KTO, else DPO, else SFT;
-    RL <- the latest policy (RS, KTO, DPO, SFT), else base."""
+    RL <- the latest policy (RS, KTO, DPO, SFT), else base. OPD <- SFT, else base; SPIN <- OPD, else SFT, else base."""
+    if stage in ("opd", "spin"):
+        return _input(out, base, *{"opd": ("sft",), "spin": ("opd", "sft")}[stage])
     return _input(out, base, *{"sft": (), "rm": ("sft",), "dpo": ("sft",), "kto": ("sft",),
                                "rs": ("kto", "dpo", "sft"), "rl": ("rs", "kto", "dpo", "sft")}[stage])
 
@@ -276,6 +286,8 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
         data = {"pref_data": cfg.pref_data, "pref_eval_data": cfg.pref_eval_data}
     if stage in ("rs", "rl"):
         data["reward_model"] = str(Path(cfg.out) / "rm")
+    if stage in ("opd", "spin"):  # prompts (and SPIN's chosen answers) from the SFT data; the teacher is in cfg.opd
+        data = {"sft_data": cfg.sft_data, "sft_eval_data": cfg.sft_eval_data}
     return fingerprint.of_config(args, steps=ctx.steps(args), model=str(model_dir), lora=dataclasses.asdict(cfg.lora),
                                  **shared, **data)
 
@@ -283,6 +295,12 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
 def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path, inputs: Inputs) -> None:
     """Train one stage from ``model_dir`` on the data loaded by ``check``."""
     from align import dpo, kto, reward, rejection, rl, sft, sft_mix
+    from align import opd, spin
+
+    if stage in ("opd", "spin"):  # on the SFT data's held-in prompts; measured on its held-out ones
+        train, held, info = inputs.sft
+        (opd if stage == "opd" else spin).train(ctx, getattr(cfg, stage), model_dir, train, held, info)
+        return
 
     if stage == "sft":
         train, held, info = inputs.sft

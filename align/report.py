@@ -28,6 +28,14 @@ HEADLINE = {
            ["reward_gain_in_se", "kl_to_reference", "kl_within_budget", "algo"]),
 }
 CURVE = {"sft": "loss", "rm": "loss", "dpo": "loss", "kto": "loss", "rs": "loss", "rl": "reward"}
+# opd (on-policy distillation, align/opd.py) and spin (self-play, align/spin.py): run when named, right after sft
+STAGES = STAGES[:1] + ("opd", "spin") + STAGES[1:]
+POLICIES = POLICIES[:-1] + ("spin", "opd", "sft")
+HEADLINE["opd"] = ("KL(student || teacher) per answer", "kl_to_teacher_before", "kl_to_teacher",
+                   ["eval_loss_before", "eval_loss", "teacher_eval_loss", "baseline_sft_kl_to_teacher"])
+HEADLINE["spin"] = ("held-out loss", "eval_loss_before", "eval_loss",
+                    ["self_margin_before", "self_margin", "baseline_sft_eval_loss"])
+CURVE.update(opd="loss", spin="loss")
 
 
 def collect(out: Path) -> dict[str, dict[str, Any]]:

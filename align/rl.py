@@ -2,8 +2,9 @@
 
 The policy samples ``num_generations`` completions per prompt; the reward model from ``OUT/rm`` scores them
 (it is passed in ``reward_funcs``, so TRL renders prompt + completion with the chat template and reads the
-score); a KL penalty (``beta``) to the frozen starting policy keeps it close. PPO is not offered: it left
-TRL's stable API after 1.12 (``trl.experimental`` only). Metrics on held-out prompts: mean reward of sampled
+score); a KL penalty (``beta``) to the frozen starting policy keeps it close. ``--rl.algo ppo`` (actor-critic) is
+refused in one line: PPOTrainer left TRL's stable API after 1.12 and ``trl.experimental.ppo`` is gone from the
+installed TRL 1.16 (``ModuleNotFoundError``; ``ppo_available`` checks). Metrics on held-out prompts: mean reward of sampled
 completions before and after, and a Monte-Carlo estimate of KL(policy || reference); TRL's own per-step
 reward and KL are kept in ``history``.
 """
@@ -23,7 +24,22 @@ from align.reward import load_reward_model
 from align.scoring import kl_to_reference, mean_reward, sample
 from minitron.config import ConfigError, arg
 
-ALGOS = ("rloo", "grpo")
+ALGOS = ("rloo", "grpo", "ppo")  # ppo: only where the installed TRL still ships it (not 1.16)
+
+
+def ppo_available() -> str | None:
+    """None when TRL's experimental PPOTrainer imports, else why not (one line)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # TRL warns on any trl.experimental import
+            warnings.simplefilter("ignore")
+            from trl.experimental.ppo import PPOTrainer  # noqa: F401
+    except ImportError as e:
+        import trl
+
+        return f"{type(e).__name__}: {e} (TRL {trl.__version__})"
+    return None
 
 
 @dataclasses.dataclass
@@ -47,6 +63,12 @@ class RLArgs(StageArgs):
         super().__post_init__()
         if self.algo not in ALGOS:
             raise ConfigError(f"rl.algo must be one of {ALGOS} (got {self.algo!r})")
+        if self.algo == "ppo" and (why := ppo_available()):
+            raise ConfigError(f"rl.algo ppo: TRL's PPOTrainer is not installed ({why}); it left the stable API after "
+                              "TRL 1.12 and trl.experimental.ppo is gone from this TRL: use --rl.algo rloo or grpo")
+        if self.algo == "ppo":
+            raise ConfigError("rl.algo ppo: this TRL ships trl.experimental.ppo, but align/rl.py does not wire it "
+                              "(its value-head model and reward call differ): use --rl.algo rloo or grpo")
         if self.num_generations < 2:
             raise ConfigError("rl.num_generations must be >= 2 (the baseline needs a group)")
 

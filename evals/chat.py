@@ -9,6 +9,8 @@ Replies stream token by token and the whole history is sent each turn. Commands:
     /reset           forget the conversation
     /tools FILE.json offer these tools (a JSON list of OpenAI tools or bare function schemas); /tools off
     /extra JSON      extra request fields, vLLM extensions included (e.g. {"top_k": 20}); /extra off
+    /attributes A=V  steer a SteerLM model (``minitron align --stages steer_rm,steer_sft``): sets the system prompt's
+                     first line to ``Attributes: helpfulness=4 verbosity=0`` (integers 0-4); /attributes off
     /save FILE       write the conversation (system, tools, messages) as JSON
     /help, /quit     (end of input quits too)
 
@@ -34,7 +36,8 @@ from evals.serve import connection_reason, openai_client, server_message, server
 from minitron.config import ConfigError, MinitronError, arg
 from minitron.io import write_json
 
-HELP = "commands: /system TEXT, /reset, /tools FILE.json | off, /extra JSON | off, /save FILE, /help, /quit"
+HELP = ("commands: /system TEXT, /reset, /tools FILE.json | off, /extra JSON | off, /attributes NAME=V ... | off, "
+        "/save FILE, /help, /quit")
 MAX_TOOL_ROUNDS = 3  # tool call -> result -> reply cycles per user message
 
 
@@ -76,6 +79,21 @@ def load_tools(path: str | Path) -> list[dict[str, Any]]:
             raise ConfigError(f"{p}: each tool needs a name (OpenAI tool or function schema): {t!r:.200}")
         out.append(t if "function" in t else {"type": "function", "function": t})
     return out
+
+
+def set_attributes(system: str | None, text: str) -> str | None:
+    """``system`` with its SteerLM attribute line (``minitron.chat_format.attribute_line``) set from ``text``
+    (``verbosity=0 helpfulness=4``) as its first line, or removed when ``text`` is empty or ``off``."""
+    from minitron.chat_format import ATTRIBUTE_PREFIX, parse_attributes, with_attributes
+
+    rest = "\n".join(ln for ln in (system or "").splitlines() if not ln.strip().startswith(ATTRIBUTE_PREFIX))
+    if text in ("", "off"):
+        return rest or None
+    try:
+        values = parse_attributes(text)
+    except ValueError as e:
+        raise ConfigError(f"/attributes: {e}") from None
+    return with_attributes([{"role": "system", "content": rest}], values)[0]["content"]
 
 
 class ChatError(MinitronError):
@@ -160,6 +178,9 @@ class ChatSession:
                 raise ConfigError("/extra needs a JSON object, e.g. {\"top_k\": 20}")
             self.extra = extra
             self.say(f"[extra request fields: {json.dumps(extra) if extra else 'none'}]")
+        elif name == "/attributes":
+            self.system = set_attributes(self.system, rest)
+            self.say(f"[system prompt: {self.system or 'none'}]")
         elif name == "/save":
             if not rest:
                 raise ConfigError("/save needs a file name")

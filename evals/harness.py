@@ -98,12 +98,22 @@ class EvalConfig:
     dtype: str = arg("auto", "weights dtype of in-process models: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 "
                              "(~2x faster generation on CPUs with AMX; scores shift slightly: say which in reports)")
     plots: bool = arg(True, "write PNG plots")
+    attributes: str | None = arg(None, "SteerLM: ask for these attributes (e.g. 'verbosity=0 helpfulness=4', 0-4) by "
+                                       "the system line 'Attributes: ...' in every chat prompt (BFCL, RAG, roleplay; "
+                                       "not the lm-eval tasks MMLU and IFEval)")
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
             self.model = [self.model]
         if bool(self.model) == bool(self.endpoint):
             raise ConfigError("pass either --model DIR (repeatable) or --endpoint URL")
+        if self.attributes:
+            from minitron.chat_format import parse_attributes
+
+            try:
+                parse_attributes(self.attributes)
+            except ValueError as e:
+                raise ConfigError(f"--attributes: {e}") from None
         if self.names and len(self.names) != len(self.model):
             raise ConfigError(f"--names has {len(self.names)} entries for {len(self.model)} models")
         bad = [t for t in self.tasks() if t not in TASKS]
@@ -149,7 +159,18 @@ def make_generator(cfg: EvalConfig, model: str | EndpointBackend, cache_dir: Pat
     # never reads a stale reply, while a rerun of the same model (or its reuse as roleplay baseline) does
     tmp = Generator(backend, None)
     cache = ItemCache(cache_dir / f"{backend.name}-{tmp._fp[:12]}.sqlite")
-    return Generator(backend, cache, cfg.batch_size)
+    gen = Generator(backend, cache, cfg.batch_size)
+    if cfg.attributes:  # SteerLM: the attribute line joins each conversation (so the cache keys differ too)
+        from minitron.chat_format import parse_attributes, with_attributes
+
+        values, chat = parse_attributes(cfg.attributes), gen.chat
+
+        def steered(convs: list, *args: Any, **kw: Any) -> list[str]:
+            convs = [c if isinstance(c, dict) else {"messages": c} for c in convs]
+            return chat([{**c, "messages": with_attributes(c["messages"], values)} for c in convs], *args, **kw)
+
+        gen.chat = steered  # type: ignore[method-assign]
+    return gen
 
 
 def _bfcl(gen: Generator, data: str, limit: int | None, max_new_tokens: int, lenient: bool = False) -> dict[str, Any]:

@@ -92,3 +92,57 @@ def tool_call_message(calls: list[dict[str, Any]], content: str = "") -> dict[st
         "content": content,
         "tool_calls": [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls],
     }
+
+
+# ----------------------------------------------------------------------------------------- SteerLM attributes
+# SteerLM (attribute-conditioned SFT, ``align/steerlm.py``) writes the wanted attributes of a reply as one line at
+# the top of the system turn: ``Attributes: helpfulness=4 verbosity=0``. Values are integers on a 0-4 scale
+# (HelpSteer's); the names are those the model was trained with (``ATTRIBUTE_NAMES`` for the project's stages),
+# always in that order. A served model is steered by sending that line as (the start of) the system prompt;
+# ``minitron chat`` builds it with ``/attributes verbosity=0``.
+ATTRIBUTE_NAMES = ("helpfulness", "verbosity")
+ATTRIBUTE_MAX = 4
+ATTRIBUTE_PREFIX = "Attributes:"
+_ATTR_RE = re.compile(r"([A-Za-z_]+)\s*=\s*(-?\d+)")
+
+
+def attribute_line(values: dict[str, int]) -> str:
+    """``Attributes: name=v ...`` for ``values`` (known names first in ``ATTRIBUTE_NAMES`` order, then any others
+    sorted); each value must be an integer in 0..ATTRIBUTE_MAX."""
+    names = [n for n in ATTRIBUTE_NAMES if n in values] + sorted(n for n in values if n not in ATTRIBUTE_NAMES)
+    parts = []
+    for n in names:
+        v = values[n]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= ATTRIBUTE_MAX:
+            raise ValueError(f"attribute {n}={v!r}: values are integers 0..{ATTRIBUTE_MAX}")
+        parts.append(f"{n}={v}")
+    return f"{ATTRIBUTE_PREFIX} " + " ".join(parts)
+
+
+def parse_attributes(text: str) -> dict[str, int]:
+    """The ``name=value`` pairs of an attribute line (``Attributes: verbosity=0 ...``, or the bare pairs as typed
+    after ``/attributes``); a system prompt is searched for its ``Attributes:`` line. Raises ValueError on a value
+    outside 0..ATTRIBUTE_MAX or text with no pair."""
+    lines = [ln for ln in text.splitlines() if ln.strip().startswith(ATTRIBUTE_PREFIX)]
+    body = lines[0].strip()[len(ATTRIBUTE_PREFIX):] if lines else text
+    values = {k: int(v) for k, v in _ATTR_RE.findall(body)}
+    if not values:
+        raise ValueError(f"no name=value attribute in {text[:80]!r} (e.g. verbosity=0 helpfulness=4)")
+    bad = {k: v for k, v in values.items() if not 0 <= v <= ATTRIBUTE_MAX}
+    if bad:
+        raise ValueError(f"attribute values are integers 0..{ATTRIBUTE_MAX} (got {bad})")
+    return values
+
+
+def with_attributes(messages: list[dict[str, Any]], values: dict[str, int] | None) -> list[dict[str, Any]]:
+    """``messages`` with ``attribute_line(values)`` as the first line of the system turn (a system turn is added
+    when there is none; an attribute line already there is replaced). ``values`` None or empty: unchanged."""
+    if not values:
+        return list(messages)
+    line = attribute_line(values)
+    if messages and messages[0].get("role") == "system":
+        rest = [ln for ln in str(messages[0].get("content") or "").splitlines()
+                if not ln.strip().startswith(ATTRIBUTE_PREFIX)]
+        content = "\n".join([line, *rest]) if any(ln.strip() for ln in rest) else line
+        return [{**messages[0], "content": content}, *messages[1:]]
+    return [{"role": "system", "content": line}, *messages]
