@@ -40,6 +40,7 @@ from align.rl import RLArgs
 from align.sft import SFTArgs
 from align.sft_mix import SFTMixArgs
 from align.spin import SPINArgs
+from align.steerlm import SteerRMArgs, SteerSFTArgs
 from minitron import fingerprint
 from minitron.config import ConfigError, MinitronError, arg, save_resolved
 from minitron.io import is_model_dir, write_text
@@ -87,6 +88,8 @@ class AlignConfig:
     kto: KTOArgs = _section(KTOArgs, "KTO stage settings (unpaired good/bad answers from the preference pairs)")
     rs: RSArgs = _section(RSArgs, "rejection-sampling stage settings (best-of-n with the RM, then SFT)")
     rl: RLArgs = _section(RLArgs, "online RL stage settings")
+    steer_rm: SteerRMArgs = _section(SteerRMArgs, "SteerLM attribute regression model (run when named)")
+    steer_sft: SteerSFTArgs = _section(SteerSFTArgs, "SteerLM attribute-conditioned SFT (run when named; needs steer_rm)")
     opd: OPDArgs = _section(OPDArgs, "on-policy distillation from an aligned teacher (run when named; --opd.teacher)")
     spin: SPINArgs = _section(SPINArgs, "SPIN self-play fine-tuning on the SFT data (run when named)")
 
@@ -176,6 +179,9 @@ def check(cfg: AlignConfig) -> Inputs:
         if stage in cfg.stages and "rm" not in cfg.stages and not _done(out, "rm"):
             raise MinitronError(f"the {stage.upper()} stage needs a reward model in {out / 'rm'}: run the rm stage "
                                 f"first (--stages rm,{stage})")
+    if "steer_sft" in cfg.stages and "steer_rm" not in cfg.stages and not _done(out, "steer_rm"):
+        raise MinitronError(f"the steer_sft stage labels replies with the attribute model in {out / 'steer_rm'}: "
+                            "run the steer_rm stage first (--stages steer_rm,steer_sft)")
     inputs = Inputs(resolve_model(cfg.model))
     _check_layers(cfg, inputs.base)
     if "opd" in cfg.stages:  # the teacher resolves and shares the student's tokenizer
@@ -183,12 +189,12 @@ def check(cfg: AlignConfig) -> Inputs:
 
         check_teacher(cfg.opd, inputs.base)
     tok = _tokenizer(inputs.base)
-    if {"sft", "opd", "spin"} & set(cfg.stages):
+    if {"sft", "steer_rm", "steer_sft", "opd", "spin"} & set(cfg.stages):  # SteerLM labels the SFT replies too
         _check_mix(cfg.sft_mix)
         inputs.sft = load_split_rows(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
         first = inputs.sft[0][0]
         _check_template(tok, inputs.base, first["prompt"] + first["completion"], first.get("tools"))
-    if set(cfg.stages) & {"rm", "dpo", "kto", "rs", "rl"}:
+    if set(cfg.stages) & {"rm", "dpo", "kto", "rs", "rl", "steer_rm", "steer_sft"}:
         loaded = load_split_rows(cfg, cfg.pref_data, cfg.pref_eval_data, D.to_preference)
         first = loaded[0][0]
         _check_template(tok, inputs.base, first["prompt"] + first["chosen"])
@@ -270,7 +276,8 @@ def stage_input(out: Path, base: Path, stage: str) -> Path:
     if stage in ("opd", "spin"):
         return _input(out, base, *{"opd": ("sft",), "spin": ("opd", "sft")}[stage])
     return _input(out, base, *{"sft": (), "rm": ("sft",), "dpo": ("sft",), "kto": ("sft",),
-                               "rs": ("kto", "dpo", "sft"), "rl": ("rs", "kto", "dpo", "sft")}[stage])
+                               "rs": ("kto", "dpo", "sft"), "rl": ("rs", "kto", "dpo", "sft"),
+                               "steer_rm": ("sft",), "steer_sft": ("sft",)}[stage])
 
 
 def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path) -> dict[str, Any]:
@@ -286,6 +293,11 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
         data = {"pref_data": cfg.pref_data, "pref_eval_data": cfg.pref_eval_data}
     if stage in ("rs", "rl"):
         data["reward_model"] = str(Path(cfg.out) / "rm")
+    if stage.startswith("steer_"):  # SteerLM reads both kinds of data; steer_sft labels with steer_rm, scores with rm
+        data = {"sft_data": cfg.sft_data, "sft_eval_data": cfg.sft_eval_data, **data}
+        if stage == "steer_sft":
+            data["attribute_model"] = str(Path(cfg.out) / "steer_rm")
+            data["reward_model"] = str(Path(cfg.out) / "rm")
     if stage in ("opd", "spin"):  # prompts (and SPIN's chosen answers) from the SFT data; the teacher is in cfg.opd
         data = {"sft_data": cfg.sft_data, "sft_eval_data": cfg.sft_eval_data}
     return fingerprint.of_config(args, steps=ctx.steps(args), model=str(model_dir), lora=dataclasses.asdict(cfg.lora),
@@ -294,7 +306,7 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
 
 def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path, inputs: Inputs) -> None:
     """Train one stage from ``model_dir`` on the data loaded by ``check``."""
-    from align import dpo, kto, reward, rejection, rl, sft, sft_mix
+    from align import dpo, kto, reward, rejection, rl, sft, sft_mix, steerlm
     from align import opd, spin
 
     if stage in ("opd", "spin"):  # on the SFT data's held-in prompts; measured on its held-out ones
@@ -302,6 +314,12 @@ def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path,
         (opd if stage == "opd" else spin).train(ctx, getattr(cfg, stage), model_dir, train, held, info)
         return
 
+    if stage == "steer_rm":
+        steerlm.train_rm(ctx, cfg.steer_rm, model_dir, inputs.sft, inputs.pref)
+        return
+    if stage == "steer_sft":
+        steerlm.train_sft(ctx, cfg.steer_sft, model_dir, ctx.out / "steer_rm", inputs.sft, inputs.pref)
+        return
     if stage == "sft":
         train, held, info = inputs.sft
         train, mix = sft_mix.build(cfg.sft_mix, train, ctx.work_dir("sft"), cfg.seed)

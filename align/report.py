@@ -13,7 +13,7 @@ from typing import Any
 
 from minitron.io import read_json, write_json, write_text
 
-STAGES = ("sft", "rm", "dpo", "kto", "rs", "rl")
+STAGES = ("sft", "rm", "dpo", "kto", "rs", "rl", "steer_rm", "steer_sft")  # steer_*: SteerLM (align/steerlm.py)
 POLICIES = ("rl", "rs", "kto", "dpo", "sft")  # the policy stages, latest first (OUT/final, RL's input)
 # stage -> (what is measured, key before, key after, extra columns)
 HEADLINE = {
@@ -36,6 +36,11 @@ HEADLINE["opd"] = ("KL(student || teacher) per answer", "kl_to_teacher_before", 
 HEADLINE["spin"] = ("held-out loss", "eval_loss_before", "eval_loss",
                     ["self_margin_before", "self_margin", "baseline_sft_eval_loss"])
 CURVE.update(opd="loss", spin="loss")
+# SteerLM: the attribute model's held-out MSE; the steered SFT's held-out loss, with the steering it shows (0 vs 4)
+HEADLINE["steer_rm"] = ("attribute MSE (mean)", "mse_before", "mse", ["helpfulness_pair_accuracy", "verbosity_mse"])
+HEADLINE["steer_sft"] = ("held-out loss", "eval_loss_before", "eval_loss",
+                         ["verbosity_ratio", "helpfulness_rm_diff_in_se", "labels_predicted"])
+CURVE.update(steer_rm="loss", steer_sft="loss")
 
 
 def collect(out: Path) -> dict[str, dict[str, Any]]:
@@ -102,6 +107,11 @@ def write_report(out: Path, base_model: str, evals: Any = None) -> dict[str, Any
     text = [f"# Alignment report: {base_model}", "", table(metrics), ""]
     if png:
         text += ["![training curves](report.png)", ""]
+    if "steer_sft" in metrics:  # SteerLM: what the attribute line does to held-out replies (align.steerlm)
+        from align.steerlm import steering_markdown
+
+        text += ["## SteerLM steering (held-out prompts; one attribute at 0 vs 4, the others fixed)", "",
+                 steering_markdown(metrics["steer_sft"]["steering"]), ""]
     if evals is not None:
         text += ["Eval suite on each stage's output: see `evals/` in this folder.", ""]
     if (out / "benchmarks.json").exists():  # written by `minitron run` after its evals (minitron.pipeline.report)
