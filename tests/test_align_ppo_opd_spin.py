@@ -121,9 +121,10 @@ def test_lora_opd_and_spin(aligned, teacher, data, tmp_path):
 RUNS = {
     "opd": ("opd", ["--opd.steps", "40", "--opd.batch-size", "1", "--opd.max-new-tokens", "4", "--opd.prompts", "4",
                     "--opd.eval-prompts", "2"], "opd", "opd"),
-    "spin": ("spin", ["--spin.steps", "30", "--spin.batch-size", "1", "--spin.iterations", "1",
+    # killed in its second round: the rerun starts round 2 from round 1's kept model, at round 2's checkpoint
+    "spin": ("spin", ["--spin.steps", "20", "--spin.batch-size", "1", "--spin.iterations", "2",
                       "--spin.max-new-tokens", "4", "--spin.prompts", "4", "--spin.eval-prompts", "2"],
-             "spin/iter-1", "spin/iter-1"),
+             "spin/iter-2", "spin/iter-2"),
 }
 
 
@@ -143,6 +144,9 @@ def test_a_killed_stage_resumes_from_its_checkpoint(stage, teacher, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     said = re.search(rf"\[{name}\] resuming from \S+checkpoint-(\d+) \(step (\d+)\)", res.stdout)
     assert said and int(said.group(1)) == int(said.group(2)) >= 1, res.stdout[-3000:]
+    if stage == "spin":
+        assert "[spin] round 1 finished earlier: starting round 2 from" in res.stdout
+        assert not (out / ".work" / "spin").exists()  # the kept round and the checkpoints went with the output
     metrics = json.loads((out / stage / "metrics.json").read_text())
     assert metrics["resumed_from"].endswith(f"checkpoint-{said.group(1)}") and metrics["steps"] > int(said.group(1))
     AutoModelForCausalLM.from_pretrained(out / stage)
