@@ -207,8 +207,8 @@ def attribute_errors(model: Any, tok: Any, rows: list[dict], max_length: int) ->
             out[f"{name}_mse"], out[f"{name}_mse_se"] = mean_se((pred[known, i] - labels[known, i]) ** 2)
     out["mse"] = sum(out[f"{n}_mse"] for n in ATTRIBUTE_NAMES if f"{n}_mse" in out) / len(ATTRIBUTE_NAMES)
     h = ATTRIBUTE_NAMES.index("helpfulness")
-    pairs = [(a, b) for a in range(len(rows) - 1) for b in (a + 1,)
-             if rows[a]["labels"]["helpfulness"] == HELPFUL and rows[b]["labels"]["helpfulness"] == UNHELPFUL]
+    pairs = [(a, a + 1) for a in range(len(rows) - 1)  # ``labelled`` puts each chosen answer before its rejected one
+             if rows[a]["labels"]["helpfulness"] == HELPFUL and rows[a + 1]["labels"]["helpfulness"] == UNHELPFUL]
     if pairs:
         wins = torch.tensor([float(pred[a, h] > pred[b, h]) for a, b in pairs])
         out["helpfulness_pair_accuracy"], out["helpfulness_pair_accuracy_se"] = mean_se(wins)
@@ -297,7 +297,7 @@ def steering(policy: Any, tok: Any, prompts: dict[str, list[list[dict]]], neutra
             values = {**neutral, name: value}
             out = sample(policy, tok, [with_attributes(p, values) for p in plist], max_new_tokens, seed,
                          temperature=0.0)
-            lengths = torch.tensor([float(len([t for t in s["completion_ids"]])) for s in out])
+            lengths = torch.tensor([float(len(s["completion_ids"])) for s in out])  # tokens, the stop token included
             row[f"length_{label}"], row[f"length_{label}_se"] = mean_se(lengths)
             row[f"stopped_{label}"] = sum(s["stopped"] for s in out) / len(out)
             if rm is not None:

@@ -180,8 +180,9 @@ def test_a_killed_steer_stage_resumes_from_its_checkpoint(stage, tiny_model_dir,
 
 # ----------------------------------------------------------------------------------------------- it steers
 # A demo world small enough for a few CPU minutes; the tiny model learns it from scratch (its own 1k-token BPE).
+# 1,200 conversations hold out 60 (30 plain answers: the verbosity prompts); 500 pairs hold out 50 (+6 roleplay).
 SMALL_WORLD = dict(n_entities=30, n_rag_entities=5, n_mc_test=20, n_ifeval=10, n_rag=6, n_rag_train=6, n_bfcl=3,
-                   n_sft=600, n_errands=10, n_preference=300, n_roleplay_eval=4, n_roleplay_pairs=60, corpus_repeats=1)
+                   n_sft=1200, n_errands=10, n_preference=500, n_roleplay_eval=4, n_roleplay_pairs=60, corpus_repeats=1)
 STEER_STEPS = 500
 
 
@@ -212,7 +213,7 @@ def _steer(model, data, out, conditioned: bool) -> dict:
                       max_length=192, **data, rm=RMArgs(steps=150, batch_size=16, lr=2e-3, logging_steps=25),
                       steer_rm=SteerRMArgs(steps=60, batch_size=16, lr=2e-3, logging_steps=20),
                       steer_sft=SteerSFTArgs(steps=STEER_STEPS, batch_size=16, lr=3e-3, variants=True,
-                                             conditioned=conditioned, eval_prompts=32, max_new_tokens=64,
+                                             conditioned=conditioned, eval_prompts=48, max_new_tokens=64,
                                              logging_steps=50, save_steps=STEER_STEPS))
     run(cfg)
     return _metrics(out, "steer_sft")
@@ -223,7 +224,7 @@ def test_it_steers_on_the_demo_world_and_the_unconditioned_control_does_not(demo
     steered = _steer(model, data, root / "steered", conditioned=True)
     print(json.dumps(steered["steering"], indent=1))
     assert _metrics(root / "steered", "rm")["accuracy"] > 0.75  # the judge of helpfulness learned the pairs
-    assert steered["steering"]["verbosity"]["n"] >= 10 and steered["steering"]["helpfulness"]["n"] >= 30
+    assert steered["steering"]["verbosity"]["n"] >= 25 and steered["steering"]["helpfulness"]["n"] >= 45
     assert passes(steered["steering"]) == (True, True), steered["steering"]
     # the control: the same replies, labels and steps without the attribute line (rm and steer_rm reused)
     for stage in ("rm", "steer_rm"):
