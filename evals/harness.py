@@ -42,6 +42,7 @@ from minitron.config import ConfigError, arg, to_dict
 from minitron.io import write_text
 from minitron.model_source import resolve_model
 from minitron.weights import stored_parameters
+from minitron.world import WorldFiles
 
 TASKS = ("mmlu", "mmlu_cloze", "ifeval", "rag", "bfcl", "roleplay")
 DEFAULT_TASKS = ("mmlu", "ifeval", "rag", "bfcl", "roleplay")  # what ``demo`` and ``full`` run
@@ -50,8 +51,7 @@ DATA_OF = {"mmlu_cloze": "mmlu"}  # tasks that read another task's data, limit a
 WORLD, SHARED = "runs/demo/world", "../shared/data"
 # suite -> (data per task, default item limit per task, default generation lengths)
 SUITES: dict[str, dict[str, Any]] = {
-    "demo": {"data": {"mmlu": f"{WORLD}/mmlu", "ifeval": f"{WORLD}/ifeval", "rag": f"{WORLD}/rag",
-                      "bfcl": f"{WORLD}/bfcl", "roleplay": f"{WORLD}/sft/roleplay_eval.jsonl"},
+    "demo": {"data": {k.removesuffix("_data"): v for k, v in WorldFiles(Path(WORLD)).eval_data().items()},
              # every item the demo world makes: 200 MC (40 per subject), 60 IFEval, 60 RAG, 150 FC, 24 roleplay
              "limit": {"mmlu": 40, "ifeval": 60, "rag": 60, "bfcl": 30, "roleplay": 24},
              "ifeval_max_new_tokens": 64, "judge_model": "runs/demo/aligned/rm"},

@@ -33,6 +33,7 @@ from minitron.adapters import Adapter, Layout, get_adapter
 from minitron.config import ConfigError, MinitronError, arg
 from minitron.io import atomic_dir, write_json
 from minitron.model_source import resolve_model
+from minitron.scoring import token_logprobs
 from minitron.weights import ShardedCheckpoint
 
 SEQ_AGGS = ("mean", "l2", "var")
@@ -196,19 +197,6 @@ class Stream:
             lp = torch.cat(self.choice_lp).view(self.answers.numel(), -1)
             return (lp.argmax(1) == self.answers).float().mean().item()
         return self.sums[0] / max(self.sums[1], 1)
-
-
-def token_logprobs(h: torch.Tensor, ids: torch.Tensor, head: torch.Tensor, rows_per_chunk: int = 2) -> torch.Tensor:
-    """log p(ids[:, t+1] | ...) from final hidden states h [B, S, H] and lm_head weight [V, H]: [B, S-1].
-
-    Logits are built a few rows at a time (at vocab 128k one 512-token row is 256 MiB in fp32).
-    """
-    out = []
-    for r in range(0, h.shape[0], rows_per_chunk):
-        logits = (h[r:r + rows_per_chunk, :-1] @ head.T).float()
-        tgt = ids[r:r + rows_per_chunk, 1:]
-        out.append(logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1))
-    return torch.cat(out)
 
 
 def mc_batch(path: str, tokenizer: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Scoring token sequences with a model: next-token loss, log-probabilities of continuations, reward-model scores.
+"""Scoring token sequences with a model: next-token loss, log-probabilities of tokens (from hidden states, for the
+importance pass) and of continuations, reward-model scores.
 
 One copy of each, used by the core (teacher, search), alignment (DPO margins, KL, RL rewards) and the evals
 (roleplay judge, world MC). Chats are rendered by the tokenizer's chat template exactly as TRL renders them.
@@ -44,6 +45,19 @@ def token_loss(model: Any, rows: torch.Tensor, batch_size: int = 16) -> float:
         total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
         count += x[:, 1:].numel()
     return total / count
+
+
+def token_logprobs(h: torch.Tensor, ids: torch.Tensor, head: torch.Tensor, rows_per_chunk: int = 2) -> torch.Tensor:
+    """log p(ids[:, t+1] | ...) from final hidden states h [B, S, H] and lm_head weight [V, H]: [B, S-1].
+
+    Logits are built a few rows at a time (at vocab 128k one 512-token row is 256 MiB in fp32).
+    """
+    out = []
+    for r in range(0, h.shape[0], rows_per_chunk):
+        logits = (h[r:r + rows_per_chunk, :-1] @ head.T).float()
+        tgt = ids[r:r + rows_per_chunk, 1:]
+        out.append(logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1))
+    return torch.cat(out)
 
 
 @torch.no_grad()
