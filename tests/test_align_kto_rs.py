@@ -5,10 +5,7 @@ resumes after a SIGKILL from its checkpoint when the same command runs again, an
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from align.rejection import RSArgs
 from align.reward import RMArgs
 from align.sft import SFTArgs
 from minitron.fingerprint import FILE
-from test_align_resume import REPO, _env, _flags, _kill_at_first_checkpoint, write_tiny_data
+from test_align_resume import align_command, kill_and_resume, write_tiny_data
 
 LAYER = "model.layers.0.mlp.up_proj.weight"
 SMALL_RS = dict(prompts=8, n=2, max_new_tokens=6, eval_prompts=4, batch_size=4, logging_steps=1)
@@ -115,17 +112,7 @@ def test_a_killed_stage_resumes_from_its_checkpoint(stage, tiny_model_dir, tmp_p
     from transformers import AutoModelForCausalLM
 
     out, data = tmp_path / "out", write_tiny_data(tmp_path / "data")
-    stages, flags = RUNS[stage]
-    cmd = [sys.executable, "-m", "minitron.cli", "align", "--model", str(tiny_model_dir), "--out", str(out),
-           "--stages", stages, "--eval-rows", "4", "--max-length", "64", f"--{stage}.save-steps", "1",
-           f"--{stage}.logging-steps", "1", *_flags(data), *flags]
-    _kill_at_first_checkpoint(cmd, out / ".work" / stage, tmp_path / "killed.log")
-    assert not (out / stage).exists(), "a killed stage left an output"
-    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    said = re.search(rf"\[{stage}\] resuming from \S+checkpoint-(\d+) \(step (\d+)\)", res.stdout)
-    assert said and int(said.group(1)) == int(said.group(2)) >= 1, res.stdout[-3000:]
-    metrics = json.loads((out / stage / "metrics.json").read_text())
-    assert metrics["resumed_from"].endswith(f"checkpoint-{said.group(1)}") and metrics["steps"] == 40
+    _, metrics, _ = kill_and_resume(align_command(tiny_model_dir, out, data, stage, *RUNS[stage]), out, stage, tmp_path)
+    assert metrics["steps"] == 40
     AutoModelForCausalLM.from_pretrained(out / stage)
     assert json.loads((out / stage / FILE).read_text())["config"]["steps"] == 40

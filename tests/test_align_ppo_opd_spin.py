@@ -6,10 +6,7 @@ checkpoint when the same command runs again, and train LoRA adapters."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +20,7 @@ from align.sft import SFTArgs
 from align.spin import SPINArgs
 from minitron.config import ConfigError
 from minitron.fingerprint import FILE
-from test_align_resume import REPO, _env, _flags, _kill_at_first_checkpoint, write_tiny_data
+from test_align_resume import align_command, kill_and_resume, write_tiny_data
 
 LAYER = "model.layers.0.mlp.up_proj.weight"
 SMALL_OPD = dict(batch_size=2, max_new_tokens=6, prompts=8, eval_prompts=4, logging_steps=1)
@@ -135,18 +132,10 @@ def test_a_killed_stage_resumes_from_its_checkpoint(stage, teacher, tmp_path):
 
     out, data = tmp_path / "out", write_tiny_data(tmp_path / "data")
     stages, flags, work, name = RUNS[stage]
-    cmd = [sys.executable, "-m", "minitron.cli", "align", "--model", str(teacher), "--out", str(out),
-           "--stages", stages, "--eval-rows", "4", "--max-length", "64", f"--{stage}.save-steps", "1",
-           f"--{stage}.logging-steps", "1", "--opd.teacher", str(teacher), *_flags(data), *flags]
-    _kill_at_first_checkpoint(cmd, out / ".work" / work, tmp_path / "killed.log")
-    assert not (out / stage).exists(), "a killed stage left an output"
-    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    said = re.search(rf"\[{name}\] resuming from \S+checkpoint-(\d+) \(step (\d+)\)", res.stdout)
-    assert said and int(said.group(1)) == int(said.group(2)) >= 1, res.stdout[-3000:]
+    cmd = align_command(teacher, out, data, stage, stages, ["--opd.teacher", str(teacher), *flags])
+    stdout, metrics, step = kill_and_resume(cmd, out, stage, tmp_path, work=work, name=name)
     if stage == "spin":
-        assert "[spin] round 1 finished earlier: starting round 2 from" in res.stdout
+        assert "[spin] round 1 finished earlier: starting round 2 from" in stdout
         assert not (out / ".work" / "spin").exists()  # the kept round and the checkpoints went with the output
-    metrics = json.loads((out / stage / "metrics.json").read_text())
-    assert metrics["resumed_from"].endswith(f"checkpoint-{said.group(1)}") and metrics["steps"] > int(said.group(1))
+    assert metrics["steps"] > step
     AutoModelForCausalLM.from_pretrained(out / stage)

@@ -49,11 +49,29 @@ RUNS = {
 }
 
 
-def _command(model: Path, out: Path, data: dict[str, str], stage: str) -> list[str]:
-    stages, flags = RUNS[stage]
+def align_command(model: Path, out: Path, data: dict[str, str], stage: str, stages: str, flags: list[str],
+                  max_length: int = 64) -> list[str]:
+    """``minitron align`` of ``stages`` whose ``stage`` saves a checkpoint and logs every step."""
+    section = stage.replace("_", "-")
     return [sys.executable, "-m", "minitron.cli", "align", "--model", str(model), "--out", str(out),
-            "--stages", stages, "--eval-rows", "4", "--max-length", "64", f"--{stage}.save-steps", "1",
-            f"--{stage}.logging-steps", "1", *_flags(data), *flags]
+            "--stages", stages, "--eval-rows", "4", "--max-length", str(max_length), f"--{section}.save-steps", "1",
+            f"--{section}.logging-steps", "1", *_flags(data), *flags]
+
+
+def kill_and_resume(cmd: list[str], out: Path, stage: str, tmp_path: Path, work: str | None = None,
+                    name: str | None = None) -> tuple[str, dict, int]:
+    """SIGKILL ``cmd`` once ``stage`` has a checkpoint (in ``.work/<work>``), run it again, and check that it left
+    no output when killed and resumed from that checkpoint's step (its log line ``[name] resuming from ...`` and
+    ``metrics.json``). Returns (the rerun's stdout, the stage's metrics, the step resumed from)."""
+    _kill_at_first_checkpoint(cmd, out / ".work" / (work or stage), tmp_path / "killed.log")
+    assert not (out / stage).exists(), "a killed stage left an output"
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    said = re.search(rf"\[{name or stage}\] resuming from \S+checkpoint-(\d+) \(step (\d+)\)", res.stdout)
+    assert said and int(said.group(1)) == int(said.group(2)) >= 1, res.stdout[-3000:]
+    metrics = json.loads((out / stage / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith(f"checkpoint-{said.group(1)}")
+    return res.stdout, metrics, int(said.group(1))
 
 
 def _env() -> dict[str, str]:
@@ -80,20 +98,13 @@ def test_a_killed_stage_resumes_from_its_checkpoint(stage, tiny_model_dir, tmp_p
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     out, data = tmp_path / "out", write_tiny_data(tmp_path / "data")
-    cmd = _command(tiny_model_dir, out, data, stage)
-    _kill_at_first_checkpoint(cmd, out / ".work" / stage, tmp_path / "killed.log")
-    assert not (out / stage).exists(), "a killed stage left an output"
-    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    said = re.search(rf"\[{stage}\] resuming from \S+checkpoint-(\d+) \(step (\d+)\)", res.stdout)
-    assert said and int(said.group(1)) == int(said.group(2)) >= 1, res.stdout[-3000:]
-    metrics = json.loads((out / stage / "metrics.json").read_text())
-    assert metrics["resumed_from"].endswith(f"checkpoint-{said.group(1)}")
+    cmd = align_command(tiny_model_dir, out, data, stage, *RUNS[stage])
+    _, metrics, step = kill_and_resume(cmd, out, stage, tmp_path)
     assert metrics["steps"] == int(RUNS[stage][1][RUNS[stage][1].index(f"--{stage}.steps") + 1])
     loader = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
     loader.from_pretrained(out / stage)
     assert json.loads((out / stage / FILE).read_text())["config"]["steps"] == metrics["steps"]
-    print(f"{stage}: resumed from step {said.group(2)} of {metrics['steps']}")
+    print(f"{stage}: resumed from step {step} of {metrics['steps']}")
 
 
 def test_a_changed_dpo_setting_redoes_dpo_and_rl_only(tiny_model_dir, tmp_path, capsys):

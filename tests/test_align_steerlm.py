@@ -8,10 +8,7 @@ pairwise reward model's mean score by more than two standard errors; the same tr
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +20,7 @@ from align.reward import RMArgs
 from align.steerlm import SteerRMArgs, SteerSFTArgs, length_cuts, masked_mse, variants, verbosity
 from minitron.chat_format import attribute_line, parse_attributes, with_attributes
 from minitron.fingerprint import FILE
-from test_align_resume import REPO, _env, _flags, _kill_at_first_checkpoint, write_tiny_data
+from test_align_resume import align_command, kill_and_resume, write_tiny_data
 
 LAYER = "model.layers.0.mlp.up_proj.weight"
 TWO_STEPS = dict(max_steps=2, eval_rows=8, max_length=128)  # the attribute line costs ~20 tokens
@@ -163,18 +160,9 @@ RUNS = {
 def test_a_killed_steer_stage_resumes_from_its_checkpoint(stage, tiny_model_dir, tmp_path):
     """SIGKILL mid-stage, then the same command: it resumes from the checkpoint's step (as test_align_resume)."""
     out, data = tmp_path / "out", write_tiny_data(tmp_path / "data")
-    stages, flags = RUNS[stage]
-    cmd = [sys.executable, "-m", "minitron.cli", "align", "--model", str(tiny_model_dir), "--out", str(out),
-           "--stages", stages, "--eval-rows", "4", "--max-length", "128", f"--{stage.replace('_', '-')}.save-steps",
-           "1", f"--{stage.replace('_', '-')}.logging-steps", "1", *_flags(data), *flags]
-    _kill_at_first_checkpoint(cmd, out / ".work" / stage, tmp_path / "killed.log")
-    assert not (out / stage).exists(), "a killed stage left an output"
-    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    said = re.search(rf"\[{stage}\] resuming from \S+checkpoint-(\d+) \(step (\d+)\)", res.stdout)
-    assert said and int(said.group(1)) == int(said.group(2)) >= 1, res.stdout[-3000:]
-    metrics = json.loads((out / stage / "metrics.json").read_text())
-    assert metrics["resumed_from"].endswith(f"checkpoint-{said.group(1)}") and metrics["steps"] == 40
+    cmd = align_command(tiny_model_dir, out, data, stage, *RUNS[stage], max_length=128)
+    _, metrics, _ = kill_and_resume(cmd, out, stage, tmp_path)
+    assert metrics["steps"] == 40
     assert json.loads((out / stage / FILE).read_text())["config"]["steps"] == 40
 
 
