@@ -49,6 +49,20 @@ def margins(model: Any, tok: Any, pairs: list[dict]) -> Any:
     return completion_logps(model, tok, pairs, "chosen") - completion_logps(model, tok, pairs, "rejected")
 
 
+def margin_metrics(ref: list[float], after: Any, beta: float) -> dict[str, float]:
+    """Held-out preference metrics of a policy trained from ``ref`` (the reference's margins, which were also the
+    policy's before training): the log-prob margin before and after with standard errors, the paired gain's s.e.,
+    the share of pairs preferred, and the implicit reward ``beta * (after - ref)`` (margin and accuracy)."""
+    ref_t = after.new_tensor(ref)
+    implicit = beta * (after - ref_t)
+    return {"logp_margin_before": mean_se(ref_t)[0], "logp_margin": after.mean().item(),
+            "logp_margin_se_before": mean_se(ref_t)[1], "logp_margin_se": mean_se(after)[1],
+            "margin_gain_se": mean_se(after - ref_t)[1], "preferred_before": (ref_t > 0).float().mean().item(),
+            "preferred": (after > 0).float().mean().item(), "preferred_se": mean_se((after > 0).float())[1],
+            "reward_margin": implicit.mean().item(), "reward_accuracy": (implicit > 0).float().mean().item(),
+            "reward_accuracy_se": mean_se((implicit > 0).float())[1], "eval_pairs": len(ref), "eval_n": len(ref)}
+
+
 def train(ctx: StageContext, args: DPOArgs, model_dir: str | Path, train_pairs: list[dict],
           eval_pairs: list[dict], data_stats: dict[str, Any]) -> Path:
     """DPO from ``model_dir`` (policy and reference) on ``train_pairs``; write ``OUT/dpo``."""
@@ -64,16 +78,8 @@ def train(ctx: StageContext, args: DPOArgs, model_dir: str | Path, train_pairs: 
                          peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
     resume = last_checkpoint(ctx, "dpo")
     trainer.train(resume_from_checkpoint=resume)
-    after = margins(trainer.model, tok, eval_pairs)
-    implicit = args.beta * (after - after.new_tensor(ref))  # the DPO implicit reward margin per pair
-    ref_t = after.new_tensor(ref)
-    metrics = {"stage": "dpo", "logp_margin_before": sum(ref) / len(ref), "logp_margin": after.mean().item(),
-               "logp_margin_se_before": mean_se(ref_t)[1], "logp_margin_se": mean_se(after)[1],
-               "margin_gain_se": mean_se(after - ref_t)[1], "preferred_se": mean_se((after > 0).float())[1],
-               "reward_margin": implicit.mean().item(), "reward_accuracy": (implicit > 0).float().mean().item(),
-               "preferred_before": sum(r > 0 for r in ref) / len(ref),
-               "preferred": (after > 0).float().mean().item(), "train_pairs": len(train_pairs),
-               "eval_pairs": len(eval_pairs), "eval_n": len(eval_pairs), "steps": trainer.state.global_step, "resumed_from": resume,
+    metrics = {"stage": "dpo", **margin_metrics(ref, margins(trainer.model, tok, eval_pairs), args.beta),
+               "train_pairs": len(train_pairs), "steps": trainer.state.global_step, "resumed_from": resume,
                "data": data_stats, "history": train_history(trainer)}
     return save_stage(trainer.model, tok, ctx, "dpo", metrics, args, str(model_dir), "DPO model",
                       f"Direct preference optimisation (loss {args.loss_type}, beta {args.beta}) with TRL's DPOTrainer.")

@@ -18,9 +18,8 @@ from typing import Any
 from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
                           measured_once, save_stage, train_history, trl_args)
 from align.data import to_dataset
-from align.dpo import margins
+from align.dpo import margin_metrics, margins
 from align.lora import peft_config
-from align.scoring import mean_se
 from minitron.config import ConfigError, arg
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")  # TRL 1.16's KTOConfig choices
@@ -74,17 +73,9 @@ def train(ctx: StageContext, args: KTOArgs, model_dir: str | Path, train_pairs: 
                          peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
     resume = last_checkpoint(ctx, "kto")
     trainer.train(resume_from_checkpoint=resume)
-    after = margins(trainer.model, tok, eval_pairs)
-    ref_t = after.new_tensor(ref)
-    implicit = args.beta * (after - ref_t)  # the implicit reward margin per pair, as DPO's
-    metrics = {"stage": "kto", "loss_type": args.loss_type, "logp_margin_before": mean_se(ref_t)[0],
-               "logp_margin": after.mean().item(), "logp_margin_se_before": mean_se(ref_t)[1],
-               "logp_margin_se": mean_se(after)[1], "margin_gain_se": mean_se(after - ref_t)[1],
-               "reward_margin": implicit.mean().item(), "reward_accuracy": (implicit > 0).float().mean().item(),
-               "reward_accuracy_se": mean_se((implicit > 0).float())[1],
-               "preferred_before": (ref_t > 0).float().mean().item(), "preferred": (after > 0).float().mean().item(),
-               "train_pairs": len(train_pairs), "train_examples": len(rows),
-               "desirable": sum(r["label"] for r in rows), "eval_pairs": len(eval_pairs), "eval_n": len(eval_pairs),
+    metrics = {"stage": "kto", "loss_type": args.loss_type,
+               **margin_metrics(ref, margins(trainer.model, tok, eval_pairs), args.beta),
+               "train_pairs": len(train_pairs), "train_examples": len(rows), "desirable": sum(r["label"] for r in rows),
                "steps": trainer.state.global_step, "resumed_from": resume, "data": data_stats,
                "history": train_history(trainer)}
     return save_stage(trainer.model, tok, ctx, "kto", metrics, args, str(model_dir), "KTO model",
