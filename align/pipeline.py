@@ -33,7 +33,7 @@ from align.dpo import DPOArgs
 from align.kto import KTOArgs
 from align.lora import LoraArgs
 from align.opd import OPDArgs
-from align.report import POLICIES, STAGES, write_report
+from align.stage_report import POLICIES, STAGES, write_report
 from align.rejection import RSArgs
 from align.reward import RMArgs
 from align.rl import RLArgs

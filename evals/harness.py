@@ -37,7 +37,7 @@ from rich.table import Table
 
 from evals.cache import ItemCache
 from evals.generate import EndpointBackend, EvalError, Generator, HFBackend
-from evals.report import HEADLINE, mean_metric, metric_columns, write_report
+from evals.results import HEADLINE, mean_metric, metric_columns, write_report
 from minitron.config import ConfigError, arg, to_dict
 from minitron.io import write_text
 from minitron.model_source import resolve_model

@@ -20,7 +20,7 @@ import yaml
 
 from evals.generate import EvalError, Generator, run_lm_eval
 from evals.jsonl import read_rows
-from evals.report import mean_metric
+from evals.results import mean_metric
 from minitron.punkt import ensure_punkt
 
 TEMPLATE = Path(__file__).with_name("tasks") / "_ifeval_local_template.yaml"

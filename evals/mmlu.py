@@ -26,7 +26,7 @@ import yaml
 
 from evals.generate import EvalError, Generator, run_lm_eval
 from evals.jsonl import read_json, read_rows
-from evals.report import mean_metric
+from evals.results import mean_metric
 from minitron.data import DataError
 
 TASKS_DIR = Path(__file__).with_name("tasks")

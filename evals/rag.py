@@ -26,7 +26,7 @@ from typing import Any
 
 from evals.generate import EvalError, Generator
 from evals.jsonl import read_rows
-from evals.report import mean_metric
+from evals.results import mean_metric
 from minitron.retrieval import bm25_retrieve, rag_messages, rows_to_items
 
 PUNCT = set(string.punctuation)

@@ -25,7 +25,7 @@ from typing import Any
 
 from evals.generate import EvalError, Generator
 from evals.jsonl import read_rows
-from evals.report import mean_metric
+from evals.results import mean_metric
 
 PROMPT_VERSION = "judge_roleplay_v1"
 PROMPT_FILE = Path(__file__).with_name("prompts") / f"{PROMPT_VERSION}.txt"

@@ -45,7 +45,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "distill": ("minitron.pipeline.bench.distill:BenchDistillConfig:run", "KD loss memory/time vs naive and TRL; distillation throughput."),
     "reproduce": ("minitron.pipeline.bench.reproduce:ReproduceConfig:run", "The paper's claim, small, on Gutenberg."),
     "serve": ("evals.bench_serve:BenchServeConfig:run", "vLLM serving throughput, teacher vs pruned students."),
-    "all": ("minitron.pipeline.bench.report:BenchAllConfig:run", "Every benchmark into one JSON and one Markdown report."),
+    "all": ("minitron.pipeline.bench.collect:BenchAllConfig:run", "Every benchmark into one JSON and one Markdown report."),
 }
 
 app = typer.Typer(help="Prune, distill, align, evaluate and serve small LLMs (the Minitron recipe on Hugging Face).",

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from minitron.pipeline.bench.report import BenchAllConfig, TARGETS, last_json_object, markdown, run, verdict
+from minitron.pipeline.bench.collect import BenchAllConfig, TARGETS, last_json_object, markdown, run, verdict
 
 
 def test_last_json_object_skips_logs():

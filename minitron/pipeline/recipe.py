@@ -323,7 +323,7 @@ class Pipeline:
     def check_alignment(self) -> str | None:
         """The aligned model's eval metrics against its student's into ``aligned/report.md``; the guard's verdict
         (a message when it failed)."""
-        from align.report import write_report as write_align_report
+        from align.stage_report import write_report as write_align_report
         from minitron.pipeline.report import alignment_benchmarks, eval_metrics
 
         g = self.cfg.align_guard

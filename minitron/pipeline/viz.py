@@ -138,8 +138,8 @@ def params_vs_accuracy(rows: dict[str, dict[str, Any]], chance: float = 0.25) ->
 
 
 def stage_metrics_figure(metrics: dict[str, dict[str, Any]]) -> Figure:
-    """Before -> after of each alignment stage's headline metric (align.report.HEADLINE), one panel per stage."""
-    from align.report import HEADLINE
+    """Before -> after of each alignment stage's headline metric (align.stage_report.HEADLINE), one panel per stage."""
+    from align.stage_report import HEADLINE
 
     stages = [s for s in metrics if s in HEADLINE]
     fig = Figure(figsize=(3.2 * max(len(stages), 1), 3), layout="constrained")
