@@ -18,19 +18,15 @@ from align.rejection import RSArgs
 from align.reward import RMArgs
 from align.sft import SFTArgs
 from minitron.fingerprint import FILE
-from test_align_resume import align_command, kill_and_resume, write_tiny_data
+from test_align_resume import LAYER, align_command, kill_and_resume, stage_metrics, tiny_align_data, write_tiny_data
 
-LAYER = "model.layers.0.mlp.up_proj.weight"
 SMALL_RS = dict(prompts=8, n=2, max_new_tokens=6, eval_prompts=4, batch_size=4, logging_steps=1)
 
-
-def _metrics(out, stage: str) -> dict:
-    return json.loads((out / stage / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return {k: [v] for k, v in write_tiny_data(tmp_path_factory.mktemp("kto_rs_data")).items()}
+    return tiny_align_data(tmp_path_factory.mktemp("kto_rs_data"))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +57,7 @@ def test_kto_and_rs_end_to_end(aligned):
     from transformers import AutoModelForCausalLM
 
     cfg, out = aligned
-    kto, rs = _metrics(out, "kto"), _metrics(out, "rs")
+    kto, rs = stage_metrics(out, "kto"), stage_metrics(out, "rs")
     assert kto["steps"] == 2 and kto["train_examples"] == 2 * kto["train_pairs"] and kto["eval_n"] > 0
     for k in ("logp_margin_before", "logp_margin", "logp_margin_se", "reward_accuracy", "reward_margin"):
         assert isinstance(kto[k], float), k
@@ -95,7 +91,7 @@ def test_lora_kto_and_rs(aligned, data, tmp_path):
         assert not any("lora" in k for k in merged)
         key = "model.layers.0.self_attn.q_proj.weight"
         assert not torch.equal(merged[key], load_file(tmp_path / inp / "model.safetensors")[key])
-        assert _metrics(tmp_path, stage)["steps"] == 2
+        assert stage_metrics(tmp_path, stage)["steps"] == 2
 
 
 # stage -> (--stages, flags of a run that saves a checkpoint every step for long enough to be caught)

@@ -20,20 +20,16 @@ from align.sft import SFTArgs
 from align.spin import SPINArgs
 from minitron.config import ConfigError
 from minitron.fingerprint import FILE
-from test_align_resume import align_command, kill_and_resume, write_tiny_data
+from test_align_resume import LAYER, align_command, kill_and_resume, stage_metrics, tiny_align_data, write_tiny_data
 
-LAYER = "model.layers.0.mlp.up_proj.weight"
 SMALL_OPD = dict(batch_size=2, max_new_tokens=6, prompts=8, eval_prompts=4, logging_steps=1)
 SMALL_SPIN = dict(batch_size=2, max_new_tokens=6, prompts=4, eval_prompts=4, iterations=2, logging_steps=1)
 
 
-def _metrics(out, stage: str) -> dict:
-    return json.loads((out / stage / "metrics.json").read_text())
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return {k: [v] for k, v in write_tiny_data(tmp_path_factory.mktemp("opd_spin_data")).items()}
+    return tiny_align_data(tmp_path_factory.mktemp("opd_spin_data"))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +64,7 @@ def test_new_stages_are_not_default_and_need_a_teacher(tiny_model_dir, tmp_path)
     assert AlignConfig().stages == ["sft", "rm", "dpo", "rl"]
     with pytest.raises(MinitronError, match="--opd.teacher"):
         run(AlignConfig(model=str(tiny_model_dir), out=str(tmp_path / "o"), stages=["opd"],
-                        **{k: [v] for k, v in write_tiny_data(tmp_path / "d").items()}))
+                        **tiny_align_data(tmp_path / "d")))
     assert not (tmp_path / "o").exists()
 
 
@@ -76,7 +72,7 @@ def test_opd_and_spin_end_to_end(aligned, teacher):
     from transformers import AutoModelForCausalLM
 
     cfg, out = aligned
-    opd, spin = _metrics(out, "opd"), _metrics(out, "spin")
+    opd, spin = stage_metrics(out, "opd"), stage_metrics(out, "spin")
     assert opd["steps"] == 2 and opd["eval_n"] == 4 and opd["teacher"] == str(teacher)
     for k in ("kl_to_teacher_before", "kl_to_teacher", "kl_to_teacher_se", "eval_loss_before", "eval_loss",
               "eval_loss_se", "teacher_eval_loss", "baseline_sft_kl_to_teacher", "baseline_sft_eval_loss"):
@@ -110,7 +106,7 @@ def test_lora_opd_and_spin(aligned, teacher, data, tmp_path):
         assert not any("lora" in k for k in merged)
         key = "model.layers.0.self_attn.q_proj.weight"
         assert not torch.equal(merged[key], load_file(tmp_path / inp / "model.safetensors")[key])
-        assert _metrics(tmp_path, stage)["steps"] == 2
+        assert stage_metrics(tmp_path, stage)["steps"] == 2
 
 
 # stage -> (--stages, flags of a run that saves a checkpoint every step for long enough to be caught, where its

@@ -35,6 +35,19 @@ def write_tiny_data(folder: Path) -> dict[str, str]:
     return {"sft_data": str(sft), "sft_eval_data": str(sft), "pref_data": str(pref), "pref_eval_data": str(pref)}
 
 
+LAYER = "model.layers.0.mlp.up_proj.weight"  # a weight every alignment stage trains
+
+
+def tiny_align_data(folder: Path) -> dict[str, list[str]]:
+    """``write_tiny_data`` as ``AlignConfig`` data fields (one source each)."""
+    return {k: [v] for k, v in write_tiny_data(folder).items()}
+
+
+def stage_metrics(out: Path, stage: str) -> dict:
+    """A finished stage's ``metrics.json``."""
+    return json.loads((out / stage / "metrics.json").read_text())
+
+
 def _flags(data: dict[str, str]) -> list[str]:
     return [a for k, v in data.items() for a in (f"--{k.replace('_', '-')}", v)]
 

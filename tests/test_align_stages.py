@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +23,9 @@ from align.reward import RMArgs
 from align.rl import RLArgs
 from align.sft import SFTArgs
 from conftest import assert_generates_greedily
+from test_align_resume import LAYER, stage_metrics
 from minitron.world import WorldFiles
 
-LAYER = "model.layers.0.mlp.up_proj.weight"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,8 @@ def world_model(tmp_path_factory):
 def aligned(world_model):
     """The whole pipeline, SFT -> RM -> DPO -> RLOO, 10-25 steps each."""
     root, world, base = world_model
-    cfg = AlignConfig(model=str(base), out=str(root / "out"), eval_rows=30, max_length=192, **WorldFiles(world).align_data(),
+    cfg = AlignConfig(model=str(base), out=str(root / "out"), eval_rows=30, max_length=192,
+                      **WorldFiles(world).align_data(),
                       sft=SFTArgs(steps=15, lr=1e-3, batch_size=8),
                       rm=RMArgs(steps=20, lr=1e-3, batch_size=8),
                       dpo=DPOArgs(steps=10, lr=5e-4, batch_size=4),
@@ -56,9 +56,6 @@ def aligned(world_model):
     out = run(cfg)
     return cfg, base, out
 
-
-def _metrics(out: Path, stage: str) -> dict:
-    return json.loads((out / stage / "metrics.json").read_text())
 
 
 def test_every_stage_changes_weights(aligned):
@@ -91,7 +88,7 @@ def test_outputs_load_in_transformers_with_chat_template(aligned):
 
 def test_stage_metrics_move_the_right_way(aligned):
     _, _, out = aligned
-    sft, rm, dpo, rl = (_metrics(out, s) for s in ("sft", "rm", "dpo", "rl"))
+    sft, rm, dpo, rl = (stage_metrics(out, s) for s in ("sft", "rm", "dpo", "rl"))
     assert sft["eval_loss"] < sft["eval_loss_before"]
     assert rm["accuracy"] > 0.6, rm  # 30 held-out demo pairs: chance is 0.5
     assert dpo["logp_margin"] > dpo["logp_margin_before"] and dpo["reward_accuracy"] > 0.5
@@ -143,7 +140,7 @@ def test_interrupted_stage_resumes_from_its_checkpoint(world_model, tmp_path):
         sft.train(ctx, args, base, rows[:48], rows[48:], {})
     assert (tmp_path / ".work" / "sft" / "checkpoint-2").is_dir() and not (tmp_path / "sft").exists()
     out = sft.train(StageContext(out=tmp_path, max_length=192), args, base, rows[:48], rows[48:], {})
-    m = _metrics(tmp_path, "sft")
+    m = stage_metrics(tmp_path, "sft")
     assert m["resumed_from"].endswith("checkpoint-2") and m["steps"] == 4 and out == tmp_path / "sft"
     assert m["eval_loss_before"] is not None  # measured in the first, interrupted run and kept
 
@@ -154,7 +151,8 @@ def test_lora_exports_merged_model_and_adapter(world_model, tmp_path):
     root, world, base = world_model
     cfg = AlignConfig(model=str(base), out=str(tmp_path), stages=["sft", "dpo"], max_steps=2, eval_rows=8,
                       max_train_rows=32, max_length=192, lora=LoraArgs(enabled=True, r=4, alpha=8),
-                      **WorldFiles(world).align_data(), sft=SFTArgs(batch_size=4, lr=1e-2), dpo=DPOArgs(batch_size=4, lr=1e-2))
+                      **WorldFiles(world).align_data(), sft=SFTArgs(batch_size=4, lr=1e-2),
+                      dpo=DPOArgs(batch_size=4, lr=1e-2))
     run(cfg)
     for stage, src in (("sft", base), ("dpo", tmp_path / "sft")):
         assert (tmp_path / stage / "adapter" / "adapter_config.json").exists()
@@ -174,7 +172,7 @@ def test_grpo_runs_with_the_trained_reward_model(aligned, world_model, tmp_path)
                       rl=RLArgs(algo="grpo", batch_size=2, num_generations=2, max_completion_length=8,
                                 eval_prompts=4, logging_steps=1, lr=1e-4))
     run(cfg)
-    m = _metrics(tmp_path, "rl")
+    m = stage_metrics(tmp_path, "rl")
     assert m["algo"] == "grpo" and m["steps"] == 2 and len([h for h in m["history"] if "reward" in h]) == 2
     assert not torch.equal(load_file(tmp_path / "rl" / "model.safetensors")[LAYER],
                            load_file(out / "sft" / "model.safetensors")[LAYER])

@@ -20,14 +20,10 @@ from align.reward import RMArgs
 from align.steerlm import SteerRMArgs, SteerSFTArgs, length_cuts, masked_mse, variants, verbosity
 from minitron.chat_format import attribute_line, parse_attributes, with_attributes
 from minitron.fingerprint import FILE
-from test_align_resume import align_command, kill_and_resume, write_tiny_data
+from test_align_resume import LAYER, align_command, kill_and_resume, stage_metrics, tiny_align_data, write_tiny_data
 
-LAYER = "model.layers.0.mlp.up_proj.weight"
 TWO_STEPS = dict(max_steps=2, eval_rows=8, max_length=128)  # the attribute line costs ~20 tokens
 
-
-def _metrics(out, stage: str) -> dict:
-    return json.loads((out / stage / "metrics.json").read_text())
 
 
 # ----------------------------------------------------------------------------------------------- the format
@@ -65,7 +61,7 @@ def test_labels_from_lengths_variants_and_the_masked_loss():
 # ----------------------------------------------------------------------------------------------- the stages
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return {k: [v] for k, v in write_tiny_data(tmp_path_factory.mktemp("steer_data")).items()}
+    return tiny_align_data(tmp_path_factory.mktemp("steer_data"))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +83,7 @@ def test_steer_stages_end_to_end(steered, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg, out = steered
-    rm, sft = _metrics(out, "steer_rm"), _metrics(out, "steer_sft")
+    rm, sft = stage_metrics(out, "steer_rm"), stage_metrics(out, "steer_sft")
     assert rm["steps"] == 2 and rm["attributes"] == ["helpfulness", "verbosity"] and rm["eval_n"] > 0
     for k in ("mse_before", "mse", "helpfulness_mse", "verbosity_mse", "helpfulness_pair_accuracy"):
         assert isinstance(rm[k], float), k
@@ -143,8 +139,8 @@ def test_lora_steer_stages(tiny_model_dir, data, tmp_path):
         merged = load_file(tmp_path / stage / "model.safetensors")
         assert not any("lora" in k for k in merged)
         assert not torch.equal(merged[key], load_file(tiny_model_dir / "model.safetensors")[key])
-    assert _metrics(tmp_path, "steer_sft")["scored_by"] is None  # no OUT/rm: lengths only
-    assert "rm_low" not in _metrics(tmp_path, "steer_sft")["steering"]["verbosity"]
+    assert stage_metrics(tmp_path, "steer_sft")["scored_by"] is None  # no OUT/rm: lengths only
+    assert "rm_low" not in stage_metrics(tmp_path, "steer_sft")["steering"]["verbosity"]
 
 
 # stage -> (--stages, flags of a run that saves a checkpoint every step for long enough to be caught)
@@ -204,14 +200,14 @@ def _steer(model, data, out, conditioned: bool) -> dict:
                                              conditioned=conditioned, eval_prompts=48, max_new_tokens=64,
                                              logging_steps=50, save_steps=STEER_STEPS))
     run(cfg)
-    return _metrics(out, "steer_sft")
+    return stage_metrics(out, "steer_sft")
 
 
 def test_it_steers_on_the_demo_world_and_the_unconditioned_control_does_not(demo):
     model, data, root = demo
     steered = _steer(model, data, root / "steered", conditioned=True)
     print(json.dumps(steered["steering"], indent=1))
-    assert _metrics(root / "steered", "rm")["accuracy"] > 0.75  # the judge of helpfulness learned the pairs
+    assert stage_metrics(root / "steered", "rm")["accuracy"] > 0.75  # the judge of helpfulness learned the pairs
     assert steered["steering"]["verbosity"]["n"] >= 25 and steered["steering"]["helpfulness"]["n"] >= 45
     assert passes(steered["steering"]) == (True, True), steered["steering"]
     # the control: the same replies, labels and steps without the attribute line (rm and steer_rm reused)
