@@ -10,7 +10,10 @@ Determinism: the rows of step ``s``, the learning rate of step ``s`` and the RNG
 computed from ``(seed, s)``, so resuming from a checkpoint (weights + optimizer state + step) reproduces the
 uninterrupted run exactly, and ``world_size`` processes with the same global ``batch_size`` see the same rows.
 
-Multi-device: launch with ``accelerate launch`` or ``torchrun`` (DDP; gloo on CPU, NCCL on GPU).
+Multi-device: launch with ``accelerate launch`` or ``torchrun`` (DDP; gloo on CPU, NCCL on GPU), or with an
+FSDP2 launch config. DDP and single-process checkpoints are ``model.pt`` + ``optimizer.pt`` (the state is
+replicated, the main process writes it); FSDP checkpoints are sharded (``torch.distributed.checkpoint``: every
+rank writes its own shards of the weights and AdamW state, and a resume reshards them onto the ranks it runs on).
 
 The stage supplies a ``Task``: a trainable ``module`` whose ``forward(**inputs)`` returns
 ``(loss, {"kl": sum, "ce": sum, ...})`` (loss already multiplied by the ``scale`` input), a function that builds
@@ -145,6 +148,54 @@ def load_checkpoint(ckpt: Path, module, optimizer) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
+def is_sharded(ckpt: Path) -> bool:
+    """A checkpoint written by ``save_sharded`` (an FSDP run) rather than ``save_checkpoint``."""
+    return not (ckpt / "model.pt").exists()
+
+
+def save_sharded(run_dir: Path, module, optimizer, state: dict, keep: int, accel) -> Path:
+    """FSDP: every rank writes its shards of the weights and the AdamW state (``torch.distributed.checkpoint``)
+    into ``checkpoints/.step-NNNNNNN.tmp``; the main process then adds ``state.json`` and renames it into place,
+    so a run killed while saving leaves no ``step-*`` directory without ``state.json`` (``_checkpoints`` skips it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    target = run_dir / "checkpoints" / f"step-{state['step']:07d}"
+    tmp = target.with_name(f".{target.name}.tmp")  # one name for every rank (atomic_dir's is per process)
+    if accel.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed
+        tmp.mkdir(parents=True)
+    accel.wait_for_everyone()
+    model_sd, optim_sd = get_state_dict(module, optimizer.optimizer)  # DTensor shards, keyed by parameter name
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+    accel.wait_for_everyone()
+    if accel.is_main_process:
+        write_json(tmp / "state.json", {**state, "world_size": accel.num_processes})
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        for old in _checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accel.wait_for_everyone()
+    return target
+
+
+def load_sharded(ckpt: Path, module, optimizer) -> dict:
+    """Restore a ``save_sharded`` checkpoint into the prepared ``module`` (FSDP, or DDP / one process) and its
+    optimizer, on every rank; returns its state dict (step, tokens, ...). ``torch.distributed.checkpoint`` reads
+    the parts of the saved shards that this rank's parameters cover, so the ranks need not be those that saved it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(module, optimizer.optimizer)  # the layout to fill (AdamW state created)
+    sd = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_state_dict(module, optimizer.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    state = json.loads((ckpt / "state.json").read_text())
+    state.pop("world_size", None)  # of the run that saved it (a record only)
+    return state
+
+
 def _batch(data: dict[str, torch.Tensor], idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
     return {k: v[idx].to(device) for k, v in data.items()}
 
@@ -271,16 +322,19 @@ def train(cfg: TrainArgs, task: Task, data: dict[str, torch.Tensor], val: dict[s
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "fingerprint": fp["fingerprint"] if fp else None}
     ckpt = resumable(cfg, run_dir, fp)
-    if ckpt is not None:
+    if ckpt is not None and _fsdp(accel) and not is_sharded(ckpt):
+        raise ConfigError(f"{ckpt} was written by a DDP or one-process run (whole weights): resume it with that "
+                          "launch, or pass --force to start over under FSDP")
+    if ckpt is not None and not is_sharded(ckpt):  # replicated state: loaded before DDP copies the module
         state = {**load_checkpoint(ckpt, task.module, optimizer), "fingerprint": state["fingerprint"]}
         accel.print(f"resumed from {ckpt} (step {state['step']})")
-    elif accel.is_main_process and run_dir.exists():
+    elif ckpt is None and accel.is_main_process and run_dir.exists():
         _set_aside(run_dir, cfg.force)
     accel.wait_for_everyone()
-    if _fsdp(accel) and (cfg.save_every or cfg.max_steps is not None or state["step"]):
-        raise ConfigError("FSDP runs cannot checkpoint or resume yet (a checkpoint would hold one rank's shards): "
-                          "pass --save-every 0 and no --max-steps, or launch with DDP")
     module, optimizer = accel.prepare(task.module, optimizer)
+    if ckpt is not None and is_sharded(ckpt):  # FSDP shards, resharded onto this run's module (FSDP or not)
+        state = {**load_sharded(ckpt, module, optimizer), "fingerprint": state["fingerprint"]}
+        accel.print(f"resumed from {ckpt} (step {state['step']})")
     params = [p for p in module.parameters() if p.requires_grad]  # FSDP swaps them for DTensor shards
     metrics_path = run_dir / "metrics.jsonl"
     if accel.is_main_process:
@@ -341,7 +395,9 @@ def _diverged(run_dir: Path, step: int, lr: float, loss: float, accel) -> None:
 
 
 def _save(run_dir, accel, module, optimizer, state, keep) -> Path:
-    """Checkpoint from the main process (DDP state is replicated)."""
+    """Checkpoint from the main process (DDP state is replicated), or from every rank (FSDP: sharded)."""
+    if _fsdp(accel):
+        return save_sharded(run_dir, module, optimizer, state, keep, accel)
     path = run_dir / "checkpoints" / f"step-{state['step']:07d}"
     if accel.is_main_process:
         save_checkpoint(run_dir, accel.unwrap_model(module), optimizer, state, keep)

@@ -11,6 +11,8 @@ on the same global batch.
   5 / 4 over the ranks, so an evaluation whose ranks run different numbers of forwards shows (FSDP hangs).
 - FSDP: accelerate enables FSDP on accelerator devices only; on CPU ``make_accelerator`` switches the state to
   the FSDP2 plugin of the launch config (torch's ``fully_shard`` runs over gloo). FSDP1 cannot run on CPU.
+  FSDP checkpoints are sharded (``torch.distributed.checkpoint``, one file per rank); an FSDP run killed after
+  one and rerun resumes from it and ends bit-equal to the uninterrupted FSDP run.
 - ``minitron align --stages sft`` (TRL's SFTTrainer): TRL's batch is per device, so the reference uses
   per-device 2 x gradient accumulation 2 and the 2-process run per-device 2 x 1 (global batch 4 either way).
   32 training examples keep both data orders equal: the length-grouped sampler sorts mega-batches of
@@ -27,12 +29,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -52,19 +58,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(args: list[str], launch_config: str | None = None,
-            script: Path | None = None) -> subprocess.CompletedProcess:
-    """``minitron ARGS`` in one process, or under ``accelerate launch --config_file configs/accelerate/CONFIG``
-    (``script`` instead of the CLI: a probe). One thread per process: the machine has 2 cores."""
+def cli_command(args: list[str], launch_config: str | None = None,
+                script: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of ``minitron ARGS`` in one process, or under ``accelerate launch --config_file
+    configs/accelerate/CONFIG`` (``script`` instead of the CLI: a probe). One thread per process: 2 cores."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT),
                TOKENIZERS_PARALLELISM="false")
     target = [str(script)] if script else ["-m", "minitron.cli"]
     if launch_config is None:
-        cmd = [sys.executable, *target, *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / launch_config),
-               "--main_process_port", str(_free_port()), *target, *args]
+        return [sys.executable, *target, *args], env
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / launch_config),
+            "--main_process_port", str(_free_port()), *target, *args], env
+
+
+def run_cli(args: list[str], launch_config: str | None = None,
+            script: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``cli_command`` to the end."""
+    cmd, env = cli_command(args, launch_config, script)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -123,6 +134,7 @@ def check_kd_run(root: Path, out: Path, name: str) -> None:
     a, b = load_file(root / "single" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"saved weights: max |diff| {worst:.1e} (tolerance {WEIGHT_TOL:.0e})")
     assert worst <= WEIGHT_TOL, f"saved weights differ by {worst:.2e}"
 
 
@@ -132,10 +144,81 @@ def test_distill_ddp_follows_single_process(kd):
     check_kd_run(root, root / "ddp", "distill, 1 process vs 2-process DDP")
 
 
-def test_distill_fsdp_follows_single_process(kd):
+@pytest.fixture(scope="module")
+def kd_fsdp(kd) -> Path:
+    """The uninterrupted 2-process FSDP run of the ``kd`` flags."""
     root, args = kd
     ok(run_cli([*args, "--out", str(root / "fsdp")], "fsdp_cpu.yaml"))
-    check_kd_run(root, root / "fsdp", "distill, 1 process vs 2-process FSDP")
+    return root / "fsdp"
+
+
+def test_distill_fsdp_follows_single_process(kd, kd_fsdp):
+    check_kd_run(kd[0], kd_fsdp, "distill, 1 process vs 2-process FSDP")
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints (those with state.json) in ``run_dir``."""
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
+                  if (p / "state.json").exists())
+
+
+def test_distill_fsdp_killed_then_rerun_resumes_and_follows_single_process(kd, kd_fsdp, tmp_path):
+    """An FSDP run SIGKILLed (launcher and both ranks) once a sharded checkpoint exists, then rerun with the same
+    command: it resumes from that checkpoint (each rank reads its shards of the weights and AdamW state) and its
+    curve, validation loss and saved weights match the single-process run within LOSS_TOL / WEIGHT_TOL, as the
+    uninterrupted FSDP run does; they equal that run's bit for bit (the checkpoint round trip is exact). The saved
+    model is a plain HF directory (whole state dict) that transformers loads."""
+    root, args = kd
+    args = list(args)
+    args[args.index("--save-every") + 1] = "2"  # checkpoints at steps 2, 4, 6 (and the kill after the first)
+    out = tmp_path / "fsdp_cut"
+    cmd, env = cli_command([*args, "--out", str(out)], "fsdp_cpu.yaml")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while not checkpoint_steps(tmp_path / "fsdp_cut.run"):
+        assert proc.poll() is None, f"finished before the kill: {proc.stdout.read()[-3000:]}"
+        assert time.time() - t0 < 240, "timed out waiting for the first checkpoint"
+        time.sleep(0.02)
+    # The launcher and its ranks (torch's elastic agent starts each rank in a session of its own, so a process
+    # group kill would miss them): every process of this launch, by id.
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
+    proc.wait()
+    killed_at = checkpoint_steps(tmp_path / "fsdp_cut.run")
+    assert not out.exists() and killed_at and max(killed_at) < STEPS, killed_at
+    last = tmp_path / "fsdp_cut.run" / "checkpoints" / f"step-{max(killed_at):07d}"
+    assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one file per rank
+    assert not (last / "model.pt").exists()
+    shutil.copytree(tmp_path / "fsdp_cut.run", tmp_path / "one_cut.run")  # for the one-process resume below
+    log = ok(run_cli([*args, "--out", str(out)], "fsdp_cpu.yaml")).stdout
+    assert f"(step {max(killed_at)})" in log.partition("resumed from")[2].split("\n")[0], log[-3000:]
+    check_kd_run(root, out, f"distill, 1 process vs 2-process FSDP killed after step {max(killed_at)} and resumed")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # a vanilla HF directory, whole weights
+    a, b = load_file(kd_fsdp / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert kd_curve(kd_fsdp) == kd_curve(out)
+    # The same sharded checkpoint resumed by one process (torch.distributed.checkpoint reshards it).
+    one = tmp_path / "one_cut"
+    log = ok(run_cli([*args, "--out", str(one)])).stdout
+    assert f"(step {max(killed_at)})" in log.partition("resumed from")[2].split("\n")[0], log[-3000:]
+    ref, got = kd_curve(root / "single")[0], kd_curve(one)[0]
+    compare(f"distill, 1 process vs 1 process resumed from the FSDP checkpoint of step {max(killed_at)}", ref, got)
+
+
+def test_fsdp_refuses_a_whole_weights_checkpoint(kd, tmp_path):
+    """A DDP / one-process checkpoint (model.pt) under an FSDP launch: each rank exits with one line saying what to
+    do (the launcher then reports the failed ranks with its own traceback)."""
+    root, args = kd
+    ck = tmp_path / "out.run" / "checkpoints" / "step-0000002"
+    ck.mkdir(parents=True)
+    (ck / "model.pt").write_bytes(b"")  # refused before anything is read
+    (ck / "state.json").write_text(json.dumps({"step": 2, "tokens": 512, "elapsed_s": 1.0, "fingerprint": None}))
+    proc = run_cli([*args, "--out", str(tmp_path / "out"), "--resume"], "fsdp_cpu.yaml")
+    assert proc.returncode != 0 and "was written by a DDP or one-process run" in proc.stderr, proc.stderr[-3000:]
 
 
 PROBE = textwrap.dedent('''
