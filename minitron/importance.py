@@ -336,10 +336,13 @@ def run_layers(loader: LayerLoader, streams: list[Stream], col: Collector, bs: i
     """Layer-by-layer driver: one decoder layer in memory, every stream's activations carried between layers."""
     ad, n_layers = loader.ad, loader.config.num_hidden_layers
     # Memory: one layer's weights + one [N, S, H] activation per stream (the calibration stream, plus one per
-    # dropped-layer / dropped-block variant when lm_loss / mc_block are asked for) + one micro-batch's temporaries.
-    emb = loader.tensor(ad.embed)
-    hs = {st.name: F.embedding(st.ids, emb) for st in streams}  # [N, S, H] per stream
-    del emb
+    # dropped-layer / dropped-block variant when lm_loss / mc_block are asked for) + one micro-batch's temporaries
+    # (+ the LM head for the scored streams). The embedding table is never whole in memory (``embed_rows``).
+    first: dict[int, torch.Tensor] = {}  # streams share ids tensors (the calibration batch): look up once each
+    hs = {}
+    for st in streams:
+        hs[st.name] = first[id(st.ids)].clone() if id(st.ids) in first else embed_rows(loader, st.ids)  # [N, S, H]
+        first.setdefault(id(st.ids), hs[st.name])
     with torch.inference_mode():
         for i in tqdm(range(n_layers), desc="importance (layer by layer)"):
             layer = loader.layer(i)
@@ -360,6 +363,22 @@ def run_layers(loader: LayerLoader, streams: list[Stream], col: Collector, bs: i
             for r in range(0, st.ids.shape[0], bs):
                 st.finish(norm(hs[st.name][r:r + bs]), slice(r, r + bs), head)
         handle.remove()
+
+
+def embed_rows(loader: LayerLoader, ids: torch.Tensor) -> torch.Tensor:
+    """``F.embedding(ids, E)`` with the embedding table E read a block of rows at a time, and only the blocks
+    that hold one of ``ids``: [N, S] -> [N, S, H] in the compute dtype (the same values: a lookup copies rows)."""
+    key = f"{loader.ad.embed}.weight"
+    (n_rows, width), step = loader.ckpt.entries[key][2], loader.ckpt.rows_per_block(key)
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < n_rows:
+        raise MinitronError(f"token ids {int(ids.min())}..{int(ids.max())} outside the {n_rows}-row embedding")
+    out = torch.empty(*ids.shape, width, dtype=loader.dtype)
+    for start in range(0, n_rows, step):
+        sel = (ids >= start) & (ids < start + step)
+        if sel.any():
+            block = loader.ckpt.read_rows(key, start, min(n_rows, start + step))
+            out[sel] = F.embedding(ids[sel] - start, block).to(loader.dtype)
+    return out
 
 
 def _layer_forward(loader: LayerLoader, layer: torch.nn.Module, i: int, h: torch.Tensor, bs: int) -> None:

@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -318,7 +318,9 @@ def apply_plan(ckpt: ShardedCheckpoint, ad: Adapter, src: Layout, plan: Plan, ou
     """Stream every source tensor through ``slice_tensor`` into new shards + index (source dtype kept).
 
     Pass 1 slices empty "meta" tensors to learn every output shape (no data read), which fixes the shard
-    headers; pass 2 reads, slices and writes one tensor at a time. Peak memory: one source tensor and its slice.
+    headers; pass 2 reads, slices and writes one tensor at a time. Peak memory: one source tensor and its slice;
+    the embedding and lm_head (vocabulary x hidden: 1 GiB each for Llama-3.1-8B in bf16), whose rows are never
+    pruned, go through a block of rows at a time (``ROW_BLOCK_BYTES``), so no whole copy of them is ever held.
     """
     specs = []
     for key in ckpt.keys():  # file by file
@@ -330,10 +332,15 @@ def apply_plan(ckpt: ShardedCheckpoint, ad: Adapter, src: Layout, plan: Plan, ou
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     bar = tqdm(total=len(specs), desc="pruning tensors", mininterval=2)
 
+    by_rows = {f"{ad.embed}.weight", f"{ad.lm_head}.weight"}  # sliced along columns only: row blocks slice alike
+
     for name, shard in zip(names, shards):
-        def produce(i: int, shard=shard) -> torch.Tensor:
+        def produce(i: int, shard=shard) -> torch.Tensor | Iterator[torch.Tensor]:
             bar.update(1)
-            return slice_tensor(ad, src, plan, shard[i][0], ckpt.read(shard[i][0]))[1]
+            key = shard[i][0]
+            if key in by_rows:
+                return (slice_tensor(ad, src, plan, key, block)[1] for _, block in ckpt.row_blocks(key))
+            return slice_tensor(ad, src, plan, key, ckpt.read(key))[1]
 
         write_shard(out / name, [(spec[1], spec[2], spec[3]) for spec in shard], produce)
     bar.close()

@@ -232,6 +232,34 @@ def test_cached_scores_give_the_same_model(tiny_model_dir, tmp_path, calib):
         torch.testing.assert_close(load(b).state_dict()[name], t, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("target", [dict(hidden_size=40, intermediate_size=72, num_attention_heads=2),
+                                    dict(num_hidden_layers=2, depth_metric="block_importance")])
+def test_row_blocks_give_the_same_scores_and_weights(tiny_model_dir, tmp_path, calib, monkeypatch, target):
+    """The 8B path on a tiny model: the layer-by-layer importance pass looks the embedding up a block of rows at a
+    time, and every tensor is read (and the embedding / lm_head written) in blocks. Blocks of 3 rows give the
+    same scores and bit-identical pruned weights as whole tensors (one block each at the default size)."""
+    from safetensors.torch import load_file
+
+    import minitron.weights as weights
+
+    kw = dict(mode="layers", **target)
+    whole = prune(tiny_model_dir, tmp_path / "whole", calib, **kw)
+    reads = []
+    read_rows = weights.ShardedCheckpoint.read_rows
+    monkeypatch.setattr(weights.ShardedCheckpoint, "read_rows", lambda self, key, a, b: reads.append(
+        (key, a, b)) or read_rows(self, key, a, b))
+    monkeypatch.setattr(weights, "ROW_BLOCK_BYTES", 3 * 64 * 4)  # 3 rows of the 64-wide fp32 embedding
+    blocks = prune(tiny_model_dir, tmp_path / "blocks", calib, **kw)
+    n_vocab = weights.ShardedCheckpoint(tiny_model_dir).entries["model.embed_tokens.weight"][2][0]
+    embed = [r for r in reads if r[0] == "model.embed_tokens.weight"]
+    assert len(embed) > n_vocab // 3 and all(b - a <= 3 for _, a, b in embed)  # the lookup and the writer in blocks
+    assert {r[0] for r in reads} >= {"lm_head.weight", "model.layers.0.mlp.up_proj.weight"}
+    a, b = ({k: v for f in weights.weight_files(d) for k, v in load_file(f).items()} for d in (whole, blocks))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_scores(whole / "importance")[0], load_scores(blocks / "importance")[0]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 @pytest.mark.parametrize("name", ["llama31-8b-4b-width", "llama31-8b-4b-depth", "demo-width", "demo-depth"])
 def test_shipped_targets_parse(name):
     path = ROOT / "configs" / "prune" / f"{name}.yaml"

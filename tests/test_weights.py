@@ -25,3 +25,27 @@ def test_streamed_shard_reads_back_with_the_library(tmp_path):
 def test_a_tensor_unlike_its_header_is_refused(tmp_path):
     with pytest.raises(MinitronError, match=r"tensor x is \(2,\) torch.float32, its header says \(3,\)"):
         write_shard(tmp_path / "m.safetensors", [("x", torch.Size([3]), torch.float32)], lambda i: torch.zeros(2))
+
+
+def test_row_blocks_write_and_read_like_whole_tensors(tmp_path, monkeypatch):
+    """A tensor written as blocks of rows is the tensor; read back by blocks (``ROW_BLOCK_BYTES`` small) it is too."""
+    import minitron.weights as weights
+
+    big, small = torch.randn(10, 3), torch.randn(2)
+    specs = [("big", big.shape, big.dtype), ("small", small.shape, small.dtype)]
+    write_shard(tmp_path / "model.safetensors", specs, lambda i: big.split(4) if i == 0 else small)
+    back = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(back["big"], big) and torch.equal(back["small"], small)
+    monkeypatch.setattr(weights, "ROW_BLOCK_BYTES", 2 * 3 * 4)  # 2 rows of big
+    ck = ShardedCheckpoint(tmp_path)
+    assert ck.rows_per_block("big") == 2 and [a for a, _ in ck.row_blocks("big")] == [0, 2, 4, 6, 8]
+    assert torch.equal(ck.read("big"), big) and torch.equal(ck.read_rows("big", 3, 7), big[3:7])
+
+
+@pytest.mark.parametrize("blocks, message", [
+    (lambda: torch.zeros(4, 2).split(2), r"a block of tensor x is \(2, 2\) torch.float32, its header says \(4, 3\)"),
+    (lambda: torch.zeros(3, 3).split(2), r"the blocks of tensor x have 3 rows, its header says \(4, 3\)"),
+])
+def test_blocks_unlike_their_header_are_refused(tmp_path, blocks, message):
+    with pytest.raises(MinitronError, match=message):
+        write_shard(tmp_path / "m.safetensors", [("x", torch.Size([4, 3]), torch.float32)], lambda i: blocks())
