@@ -282,3 +282,39 @@ def test_paper_shapes_parameter_counts():
     assert src.num_params() == 8_030_261_248  # Llama-3.1-8B
     assert round(src.replace(hidden_size=3072, intermediate_size=9216).num_params() / 1e9, 1) == 4.5
     assert round(src.replace(num_hidden_layers=16).num_params() / 1e9, 1) == 4.5
+
+
+def test_bench_peak_rss_is_the_childs_own():
+    """The 8B bench's peak RSS is the prune process's own (VmHWM): ``ru_maxrss`` of a child started by a parent
+    that once held 1 GiB reads at least 1 GiB (Linux carries it across exec), which hid the prune's 2.5 GiB
+    behind the 4.4 GiB of the bench's own checkpoint writer."""
+    import subprocess
+    import sys
+
+    x = torch.ones(2**28)  # 1 GiB in this (parent) process, then freed
+    del x
+    code = ("import resource; from minitron.pipeline.bench.prune import peak_rss; "
+            "print(peak_rss() / 2**30, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                               check=True).stdout.split())
+    assert inherited >= 1.0 > 0.8 > own, (own, inherited)
+
+
+def test_bench_random_checkpoint_streams_blocks(tmp_path, monkeypatch):
+    """The 8B bench's random checkpoint (written a block of rows at a time) on a tiny Llama: transformers loads
+    it, norms are 1 and the other weights N(0, 0.02)."""
+    from transformers import LlamaConfig
+
+    from minitron.pipeline.bench import prune as bench
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    blocks = []
+    real = bench._random_weight
+    monkeypatch.setattr(bench, "_random_weight", lambda *a: (blocks.append(a[0]) or b for b in real(*a)))
+    monkeypatch.setattr(bench, "RANDOM_BLOCK", 8 * 64)  # 8 rows of the embedding
+    model = AutoModelForCausalLM.from_pretrained(bench.write_random_checkpoint(tmp_path / "ck", cfg, n_shards=2))
+    assert blocks.count("model.embed_tokens.weight") == math.ceil(300 / 8)
+    assert set(blocks) == set(model.state_dict())  # every tensor drawn in blocks
+    assert (model.model.norm.weight == 1).all()
+    assert abs(model.model.embed_tokens.weight.float().std().item() - 0.02) < 2e-3
