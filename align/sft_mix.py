@@ -3,7 +3,8 @@
 - **teacher answers** (Minitron's "student trained on the teacher's inputs and responses", SGD-style distillation):
   a ``teacher_share`` of the single-turn training examples get the teacher's greedy answer instead of the data's.
   Answers cut at ``teacher_max_new_tokens`` are not used (the example keeps its reference answer). Generation is
-  cached per prompt in ``OUT/.work/sft/teacher_answers.jsonl``, so an interrupted run does not redo it.
+  cached per prompt in ``OUT/.work/teacher_answers/<teacher and decoding>.jsonl``, beside the SFT stage's work: an
+  interrupted run does not redo it, and neither does an SFT redone for another setting (another lr, more steps).
 - **retrieval-augmented QA**: ``rag_examples`` questions of ``rag_data`` (NQ-open or SQuAD 2.0 rows) with their
   top-k BM25 passages in the prompt of the RAG eval; the answer is the gold answer when the gold passage was
   retrieved, else ``unanswerable`` (as SQuAD 2.0 scores abstentions).
@@ -60,6 +61,16 @@ def _single_turn(ex: dict[str, Any]) -> bool:
 
 def _key(prompt: list[dict]) -> str:
     return hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def answer_cache(work: Path, args: SFTMixArgs) -> Path:
+    """Where the teacher's answers are cached: one file per teacher (its fingerprint when it is a local path) and
+    decoding settings, in the folder above the SFT stage's work dir, which a redone SFT moves aside."""
+    from minitron.fingerprint import of_path
+
+    teacher = of_path(args.teacher) if args.teacher and Path(args.teacher).exists() else args.teacher
+    tag = json.dumps([teacher, args.teacher_max_new_tokens, args.teacher_dtype, args.teacher_batch_size])
+    return work.parent / "teacher_answers" / f"{hashlib.sha256(tag.encode()).hexdigest()[:16]}.jsonl"
 
 
 def teacher_answers(teacher: str, prompts: list[list[dict]], args: SFTMixArgs, cache: Path) -> dict[str, dict]:
@@ -119,7 +130,7 @@ def build(args: SFTMixArgs, rows: list[dict], work: Path, seed: int) -> tuple[li
     stats: dict[str, Any] = {"data_examples": len(rows), "single_turn": len(single)}
     if args.teacher and args.teacher_share > 0:
         chosen = rng.sample(single, min(len(single), round(args.teacher_share * len(rows))))
-        answers = teacher_answers(args.teacher, [rows[i]["prompt"] for i in chosen], args, work / "teacher_answers.jsonl")
+        answers = teacher_answers(args.teacher, [rows[i]["prompt"] for i in chosen], args, answer_cache(work, args))
         used = 0
         for i in chosen:
             a = answers[_key(rows[i]["prompt"])]

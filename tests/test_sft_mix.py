@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -83,7 +84,9 @@ def test_mix_replaces_a_share_with_cached_teacher_answers_and_adds_rag_and_const
     rows = _sft_rows(12)
     mixed, stats = sft_mix.build(args, rows, tmp_path / "work", seed=0)
     assert stats["teacher_asked"] == 6 and stats["teacher_answers"] + stats["teacher_cut"] == 6
-    cache = (tmp_path / "work" / "teacher_answers.jsonl").read_text().splitlines()
+    cache_file = sft_mix.answer_cache(tmp_path / "work", args)
+    assert cache_file.parent == tmp_path / "teacher_answers"  # beside the SFT work dir, which a redone SFT moves aside
+    cache = cache_file.read_text().splitlines()
     assert len(cache) == 6
     assert stats["rag_examples"] == 6 and len(mixed) == 18
     rag = [ex for ex in mixed if ex["prompt"][0]["role"] == "system"]
@@ -93,8 +96,10 @@ def test_mix_replaces_a_share_with_cached_teacher_answers_and_adds_rag_and_const
     assert stats["constrained"] >= 1
     # a second build reads the teacher's answers from the cache: nothing new is generated
     again, stats2 = sft_mix.build(args, rows, tmp_path / "work", seed=0)
-    assert (tmp_path / "work" / "teacher_answers.jsonl").read_text().splitlines() == cache
+    assert cache_file.read_text().splitlines() == cache
     assert stats2 == stats and again == mixed
+    # another teacher decoding setting is another file: answers cut at 8 tokens are not reused at 16
+    assert sft_mix.answer_cache(tmp_path / "work", dataclasses.replace(args, teacher_max_new_tokens=16)) != cache_file
 
 
 def test_mix_config_errors():
