@@ -293,7 +293,7 @@ def test_bench_peak_rss_is_the_childs_own():
 
     x = torch.ones(2**28)  # 1 GiB in this (parent) process, then freed
     del x
-    code = ("import resource; from minitron.pipeline.bench.prune import peak_rss; "
+    code = ("import resource; from minitron.pipeline.bench.memory import peak_rss; "
             "print(peak_rss() / 2**30, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)")
     own, inherited = map(float, subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                                                check=True).stdout.split())

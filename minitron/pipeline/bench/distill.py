@@ -2,7 +2,7 @@
 
 Prints one JSON object:
 - KD loss, forward + backward, at vocab 128256, 2048 tokens, student hidden 512, teacher hidden 768, fp32
-  (random tensors). Each case runs in its own process; memory is the peak RSS (``ru_maxrss``) above the RSS
+  (random tensors). Each case runs in its own process; memory is the peak RSS (``VmHWM``, the process's own) above the RSS
   after setup, with ``MALLOC_MMAP_THRESHOLD_=1048576`` so freed tiles go back to the OS. Cases: ``naive``
   (full logits + autograd), ``trl`` (TRL 1.16's chunked divergence, ``_chunked_divergence_loss`` at beta=0:
   forward KL) and ``ours`` (``minitron.kd_loss.fused_kd_loss``). Ratios: ``kd_loss_memory_ratio`` /
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch
 
 from minitron.config import ConfigError, arg
 from minitron.io import write_json
+from minitron.pipeline.bench.memory import peak_rss
 
 CASES = ("naive", "trl", "ours")
 
@@ -69,7 +69,7 @@ def _kd_case(case: str, vocab: int, n: int, hs_dim: int, ht_dim: int, repeats: i
     wt = torch.empty(vocab, ht_dim).normal_(0, 0.05)
     fn = _case_fn(case, hs, ws, ht, wt)
     base = _rss_bytes()
-    base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_peak = peak_rss()
     times, cpu, loss = [], [], None
     for _ in range(repeats):
         hs.grad = ws.grad = None
@@ -78,7 +78,7 @@ def _kd_case(case: str, vocab: int, n: int, hs_dim: int, ht_dim: int, repeats: i
         loss.backward()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return {"case": case, "time_s": min(times), "times_s": times, "cpu_s": min(cpu), "peak_extra_bytes": max(0, peak - base),
             "setup_peak_above_rss_bytes": max(0, base_peak - base), "loss": float(loss) / n}
 

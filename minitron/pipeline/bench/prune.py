@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ from typing import Any, Iterator
 import torch
 
 from minitron.config import ConfigError, arg
+from minitron.pipeline.bench.memory import peak_rss
 from minitron.weights import write_shard
 
 LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -223,23 +223,6 @@ def _synthetic_corpus(path: Path, n_docs: int = 3000, seed: int = 0) -> Path:
             text = " ".join(rng.choice(words) for _ in range(rng.randint(80, 400)))
             fh.write(json.dumps({"text": text.capitalize() + "."}) + "\n")
     return path
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes: ``VmHWM``, the high-water mark of its own address space.
-
-    Not ``getrusage``'s ``ru_maxrss``: Linux carries it across ``exec``, and Python starts a subprocess with
-    ``vfork`` + ``exec``, so a child's ``ru_maxrss`` starts at its parent's peak (4.4 GiB here once, when the
-    parent had drawn the 8B embedding whole: the prune itself peaked at 2.5 GiB). ``ru_maxrss`` where there is
-    no ``/proc``.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _child(spec: str) -> None:
