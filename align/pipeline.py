@@ -36,7 +36,7 @@ from align.opd import OPDArgs
 from align.stage_report import POLICIES, STAGES, write_report
 from align.rejection import RSArgs
 from align.reward import RMArgs
-from align.rl import RLArgs
+from align.rl import RLArgs, fingerprint_args
 from align.sft import SFTArgs
 from align.sft_mix import SFTMixArgs
 from align.spin import SPINArgs
@@ -300,6 +300,8 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
             data["reward_model"] = str(Path(cfg.out) / "rm")
     if stage in ("opd", "spin"):  # prompts (and SPIN's chosen answers) from the SFT data; the teacher is in cfg.opd
         data = {"sft_data": cfg.sft_data, "sft_eval_data": cfg.sft_eval_data}
+    if stage == "rl":  # PPO's options count for --rl.algo ppo only
+        args = fingerprint_args(args)
     return fingerprint.of_config(args, steps=ctx.steps(args), model=str(model_dir), lora=dataclasses.asdict(cfg.lora),
                                  **shared, **data)
 

@@ -1,12 +1,12 @@
-"""Stage 4, online RL with the trained reward model: TRL's RLOO (REINFORCE leave-one-out) or GRPO.
+"""Stage 4, online RL with the trained reward model: TRL's RLOO (REINFORCE leave-one-out) or GRPO, or PPO.
 
-The policy samples ``num_generations`` completions per prompt; the reward model from ``OUT/rm`` scores them
-(it is passed in ``reward_funcs``, so TRL renders prompt + completion with the chat template and reads the
-score); a KL penalty (``beta``) to the frozen starting policy keeps it close. ``--rl.algo ppo`` (actor-critic) is
-refused in one line: PPOTrainer left TRL's stable API after 1.12 and ``trl.experimental.ppo`` is gone from the
-installed TRL 1.16 (``ModuleNotFoundError``; ``ppo_available`` checks). Metrics on held-out prompts: mean reward of sampled
-completions before and after, and a Monte-Carlo estimate of KL(policy || reference); TRL's own per-step
-reward and KL are kept in ``history``.
+RLOO/GRPO: the policy samples ``num_generations`` completions per prompt; the reward model from ``OUT/rm`` scores
+them (it is passed in ``reward_funcs``, so TRL renders prompt + completion with the chat template and reads the
+score); a KL penalty (``beta``) to the frozen starting policy keeps it close. ``--rl.algo ppo`` (actor-critic, a
+critic initialised from the RM, GAE, clipped policy and value losses) is ``align/ppo.py``, a port of TRL 1.12's
+PPOTrainer, since the installed TRL 1.16 no longer has one; its options keep TRL's PPOConfig names. Metrics (the
+same for all three) on held-out prompts: mean reward of sampled completions before and after, and a Monte-Carlo
+estimate of KL(policy || reference); the trainer's own per-step reward and KL are kept in ``history``.
 """
 
 from __future__ import annotations
@@ -24,53 +24,89 @@ from align.reward import load_reward_model
 from align.scoring import kl_to_reference, mean_reward, sample
 from minitron.config import ConfigError, arg
 
-ALGOS = ("rloo", "grpo", "ppo")  # ppo: only where the installed TRL still ships it (not 1.16)
-
-
-def ppo_available() -> str | None:
-    """None when TRL's experimental PPOTrainer imports, else why not (one line)."""
-    import warnings
-
-    try:
-        with warnings.catch_warnings():  # TRL warns on any trl.experimental import
-            warnings.simplefilter("ignore")
-            from trl.experimental.ppo import PPOTrainer  # noqa: F401
-    except ImportError as e:
-        import trl
-
-        return f"{type(e).__name__}: {e} (TRL {trl.__version__})"
-    return None
+ALGOS = ("rloo", "grpo", "ppo")  # ppo: align/ppo.py (TRL 1.16 has no PPOTrainer)
+# the options only PPO reads (TRL PPOConfig names); an RLOO/GRPO fingerprint leaves them out (fingerprint_args)
+PPO_FIELDS = ("num_ppo_epochs", "num_mini_batches", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
+              "kl_coef", "kl_estimator", "whiten_rewards", "missing_eos_penalty")
 
 
 @dataclasses.dataclass
 class RLArgs(StageArgs):
     """Online RL settings (``--rl.algo grpo --rl.num-generations 8``)."""
 
-    algo: str = arg("rloo", "rloo (REINFORCE leave-one-out) or grpo")
-    steps: int = arg(40, "optimizer steps (capped by --max-steps)")
+    algo: str = arg("rloo", "rloo (REINFORCE leave-one-out), grpo, or ppo (actor-critic, align/ppo.py)")
+    steps: int = arg(40, "optimizer steps (ppo: rollouts, each num_ppo_epochs x num_mini_batches optimizer steps; "
+                         "capped by --max-steps)")
     lr: float = arg(1e-5, "peak learning rate")
-    batch_size: int = arg(4, "prompts per micro-batch (each sampled num_generations times)")
-    num_generations: int = arg(4, "completions sampled per prompt (the group for the baseline)")
-    max_completion_length: int = arg(48, "tokens per sampled completion")
+    batch_size: int = arg(4, "prompts per micro-batch (each sampled num_generations times; ppo: a rollout holds "
+                             "batch_size x grad_accum prompts)")
+    num_generations: int = arg(4, "completions sampled per prompt (rloo/grpo: the group for the baseline; ppo: >= 1)")
+    max_completion_length: int = arg(48, "tokens per sampled completion (TRL PPO's response_length)")
     temperature: float = arg(1.0, "sampling temperature")
-    beta: float = arg(0.05, "KL penalty to the reference policy (0 turns it off)")
+    beta: float = arg(0.05, "KL penalty to the reference policy (0 turns it off; ppo: unless kl_coef is set)")
     eval_prompts: int = arg(32, "held-out prompts for the before/after reward and the KL estimate")
     normalize_advantages: bool = arg(True, "rloo: scale advantages to unit variance per batch (the reward model's "
                                            "scale then does not set the step size; GRPO always does this per group)")
     kl_budget: float = arg(10.0, "nats per completion: the report says whether the final KL estimate stays within it")
+    # PPO only (align/ppo.py), TRL 1.12 PPOConfig's names and defaults
+    num_ppo_epochs: int = arg(4, "ppo: passes over each rollout")
+    num_mini_batches: int = arg(1, "ppo: minibatches per pass, one optimizer step each (must divide the rollout)")
+    cliprange: float = arg(0.2, "ppo: policy-ratio clip range")
+    cliprange_value: float = arg(0.2, "ppo: value clip range (around the rollout's values)")
+    vf_coef: float = arg(0.1, "ppo: weight of the value loss")
+    gamma: float = arg(1.0, "ppo: discount factor")
+    lam: float = arg(0.95, "ppo: GAE lambda")
+    kl_coef: float | None = arg(None, "ppo: per-token KL penalty to the reference (TRL's kl_coef); unset = beta")
+    kl_estimator: str = arg("k1", "ppo: per-token KL estimator, k1 (log ratio) or k3 (lower variance)")
+    whiten_rewards: bool = arg(False, "ppo: whiten the per-token rewards of each rollout")
+    missing_eos_penalty: float | None = arg(None, "ppo: taken off the score of a completion that did not stop")
 
     def __post_init__(self):
         super().__post_init__()
         if self.algo not in ALGOS:
             raise ConfigError(f"rl.algo must be one of {ALGOS} (got {self.algo!r})")
-        if self.algo == "ppo" and (why := ppo_available()):
-            raise ConfigError(f"rl.algo ppo: TRL's PPOTrainer is not installed ({why}); it left the stable API after "
-                              "TRL 1.12 and trl.experimental.ppo is gone from this TRL: use --rl.algo rloo or grpo")
         if self.algo == "ppo":
-            raise ConfigError("rl.algo ppo: this TRL ships trl.experimental.ppo, but align/rl.py does not wire it "
-                              "(its value-head model and reward call differ): use --rl.algo rloo or grpo")
-        if self.num_generations < 2:
+            self._check_ppo()
+        elif self.num_generations < 2:
             raise ConfigError("rl.num_generations must be >= 2 (the baseline needs a group)")
+
+    def _check_ppo(self) -> None:
+        """PPO's options, a bad one refused in one line that names it, its value and the valid range."""
+        rollout = self.batch_size * self.grad_accum * self.num_generations
+        minibatches = max(1, self.num_mini_batches)
+        bad = [(self.num_generations < 1, f"num_generations must be >= 1 (got {self.num_generations})"),
+               (self.num_ppo_epochs < 1, f"num_ppo_epochs must be >= 1 (got {self.num_ppo_epochs})"),
+               (self.num_mini_batches < 1 or rollout % minibatches,
+                f"num_mini_batches={self.num_mini_batches} must divide the rollout of {rollout} completions "
+                "(batch_size x grad_accum x num_generations)"),
+               (self.cliprange <= 0, f"cliprange must be > 0 (got {self.cliprange})"),
+               (self.cliprange_value <= 0, f"cliprange_value must be > 0 (got {self.cliprange_value})"),
+               (self.vf_coef < 0, f"vf_coef must be >= 0 (got {self.vf_coef})"),
+               (not 0 <= self.gamma <= 1, f"gamma must be in [0, 1] (got {self.gamma})"),
+               (not 0 <= self.lam <= 1, f"lam must be in [0, 1] (got {self.lam})"),
+               (self.beta < 0, f"beta must be >= 0 (got {self.beta})"),
+               ((self.kl_coef or 0) < 0, f"kl_coef must be >= 0 (got {self.kl_coef})"),
+               (self.kl_estimator not in ("k1", "k3"), f"kl_estimator must be k1 or k3 (got {self.kl_estimator!r})"),
+               ((self.missing_eos_penalty or 0) < 0,
+                f"missing_eos_penalty must be >= 0, it is subtracted (got {self.missing_eos_penalty})"),
+               (self.temperature <= 0, f"temperature must be > 0: PPO samples and divides the logits by it "
+                                       f"(got {self.temperature})"),
+               (self.whiten_rewards and rollout // minibatches < 8,
+                "whiten_rewards needs minibatches of at least 8 completions, TRL's bound "
+                f"(got {rollout // minibatches})")]
+        for failed, why in bad:
+            if failed:
+                raise ConfigError(f"rl.algo ppo: {why}")
+
+
+def fingerprint_args(args: RLArgs) -> Any:
+    """The section as fingerprinted: PPO's options count only for ``--rl.algo ppo`` (an RLOO/GRPO output made
+    before they existed, or with other values of them, stays up to date)."""
+    if args.algo == "ppo":
+        return args
+    keep = [f for f in dataclasses.fields(args) if f.name not in PPO_FIELDS]
+    cls = dataclasses.make_dataclass("RLArgs", [(f.name, f.type) for f in keep])
+    return cls(**{f.name: getattr(args, f.name) for f in keep})
 
 
 def _config(args: RLArgs, ctx: StageContext) -> Any:
@@ -94,26 +130,37 @@ def _measure(policy: Any, tok: Any, rm: Any, rm_tok: Any, prompts: list, args: R
             "example": samples[0]["text"][:200], "_samples": samples}
 
 
-def train(ctx: StageContext, args: RLArgs, model_dir: str | Path, rm_dir: str | Path, prompts: list[list[dict]],
-          eval_prompts: list[list[dict]], data_stats: dict[str, Any]) -> Path:
-    """RLOO/GRPO from ``model_dir`` with the reward model ``rm_dir`` on ``prompts``; write ``OUT/rl``."""
+def _trl_train(ctx: StageContext, args: RLArgs, policy: Any, rm: Any, tok: Any, rm_tok: Any,
+               prompts: list[list[dict]]) -> tuple[Any, list[dict], int, str | None]:
+    """RLOO or GRPO with TRL: (trained policy, log history, steps, checkpoint resumed from)."""
     from trl import GRPOTrainer, RLOOTrainer
 
-    tok, rm_tok = load_tokenizer(model_dir), load_tokenizer(rm_dir)
-    policy, rm = load_causal_lm(model_dir, tok), load_reward_model(rm_dir, rm_tok).eval()
-    ref = copy.deepcopy(policy).eval()  # frozen start policy, for our KL estimate (TRL keeps its own)
-    before = measured_once(ctx, "rl", "sampled", lambda: {
-        k: v for k, v in _measure(policy, tok, rm, rm_tok, eval_prompts, args, ctx.seed).items() if k != "_samples"})
-    freeze(policy, args)
     cls = RLOOTrainer if args.algo == "rloo" else GRPOTrainer
     trainer = cls(model=policy, reward_funcs=[rm], args=_config(args, ctx),
                   train_dataset=to_dataset([{"prompt": p} for p in prompts]), processing_class=tok,
                   reward_processing_classes=[rm_tok], peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
     resume = last_checkpoint(ctx, "rl")
     trainer.train(resume_from_checkpoint=resume)
-    after = _measure(trainer.model, tok, rm, rm_tok, eval_prompts, args, ctx.seed)
-    kl = kl_to_reference(trainer.model, ref, tok, after.pop("_samples"))
-    history = train_history(trainer)
+    return trainer.model, train_history(trainer), trainer.state.global_step, resume
+
+
+def train(ctx: StageContext, args: RLArgs, model_dir: str | Path, rm_dir: str | Path, prompts: list[list[dict]],
+          eval_prompts: list[list[dict]], data_stats: dict[str, Any]) -> Path:
+    """RLOO/GRPO/PPO from ``model_dir`` with the reward model ``rm_dir`` on ``prompts``; write ``OUT/rl``."""
+    tok, rm_tok = load_tokenizer(model_dir), load_tokenizer(rm_dir)
+    policy, rm = load_causal_lm(model_dir, tok), load_reward_model(rm_dir, rm_tok).eval()
+    ref = copy.deepcopy(policy).eval()  # frozen start policy, for our KL estimate (TRL keeps its own; PPO uses it)
+    before = measured_once(ctx, "rl", "sampled", lambda: {
+        k: v for k, v in _measure(policy, tok, rm, rm_tok, eval_prompts, args, ctx.seed).items() if k != "_samples"})
+    freeze(policy, args)
+    if args.algo == "ppo":
+        from align import ppo
+
+        model, history, steps, resume = ppo.train(ctx, args, policy, ref, rm, tok, rm_tok, rm_dir, prompts)
+    else:
+        model, history, steps, resume = _trl_train(ctx, args, policy, rm, tok, rm_tok, prompts)
+    after = _measure(model, tok, rm, rm_tok, eval_prompts, args, ctx.seed)
+    kl = kl_to_reference(model, ref, tok, after.pop("_samples"))
     logged = [h["reward"] for h in history if "reward" in h]
     metrics = {"stage": "rl", "algo": args.algo, "reward_before": before["reward"], "reward": after["reward"],
                "reward_se_before": before.get("reward_se"), "reward_se": after["reward_se"],
@@ -123,7 +170,9 @@ def train(ctx: StageContext, args: RLArgs, model_dir: str | Path, rm_dir: str | 
                "length_before": before["length"], "length": after["length"],
                "train_reward_first": logged[0] if logged else None, "train_reward_last": logged[-1] if logged else None,
                "example_before": before["example"], "example": after["example"], "prompts": len(prompts),
-               "eval_prompts": len(eval_prompts), "eval_n": len(eval_prompts), "steps": trainer.state.global_step, "resumed_from": resume,
+               "eval_prompts": len(eval_prompts), "eval_n": len(eval_prompts), "steps": steps, "resumed_from": resume,
                "data": data_stats, "history": history}
-    return save_stage(trainer.model, tok, ctx, "rl", metrics, args, str(model_dir), f"{args.algo.upper()} model",
-                      f"Online RL ({args.algo.upper()}) with the reward model {rm_dir} in TRL's reward_funcs.")
+    notes = (f"Online RL (PPO: align/ppo.py, a port of TRL 1.12's PPOTrainer) with the reward model {rm_dir}, "
+             "which also started the critic." if args.algo == "ppo" else
+             f"Online RL ({args.algo.upper()}) with the reward model {rm_dir} in TRL's reward_funcs.")
+    return save_stage(model, tok, ctx, "rl", metrics, args, str(model_dir), f"{args.algo.upper()} model", notes)

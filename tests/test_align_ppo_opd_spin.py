@@ -1,7 +1,7 @@
-"""The PPO option, on-policy distillation (``opd``) and SPIN (``spin``) stages of ``minitron align`` on a tiny Llama
-(CPU, offline): PPO is refused in one line (TRL 1.16 has no PPO trainer); opd and spin each run end to end through
-the pipeline (output loads in transformers, metrics and report rows written), resume after a SIGKILL from their
-checkpoint when the same command runs again, and train LoRA adapters."""
+"""PPO (``--rl.algo ppo``, align/ppo.py), on-policy distillation (``opd``) and SPIN (``spin``) in ``minitron align``
+on a tiny Llama (CPU, offline): each runs end to end through the pipeline (output loads in transformers, metrics and
+report rows written), resumes after a SIGKILL from its checkpoint when the same command runs again, and trains LoRA
+adapters; PPO's GAE is checked by hand and its bad options are refused in one line."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 from align.lora import LoraArgs
 from align.opd import OPDArgs
 from align.pipeline import AlignConfig, run, stage_input
-from align.rl import RLArgs
+from align.reward import RMArgs
+from align.rl import RLArgs, fingerprint_args
 from align.sft import SFTArgs
 from align.spin import SPINArgs
-from minitron.config import ConfigError
-from minitron.fingerprint import FILE
+from conftest import refused
+from minitron.fingerprint import FILE, of_config
 from test_align_resume import LAYER, align_command, kill_and_resume, stage_metrics, tiny_align_data, write_tiny_data
 
 SMALL_OPD = dict(batch_size=2, max_new_tokens=6, prompts=8, eval_prompts=4, logging_steps=1)
@@ -53,9 +54,117 @@ def aligned(tiny_model_dir, teacher, data, tmp_path_factory):
     return cfg, out
 
 
-def test_ppo_is_refused_in_one_line_naming_what_is_missing():
-    with pytest.raises(ConfigError, match=r"rl.algo ppo: .*trl.experimental.ppo.*rloo or grpo"):
-        RLArgs(algo="ppo")
+SMALL_PPO = dict(algo="ppo", batch_size=2, num_generations=2, max_completion_length=6, eval_prompts=4, logging_steps=1)
+
+
+def ppo_config(model, out, data, **kw) -> AlignConfig:
+    """rm (one step) then PPO (two updates) from ``model``."""
+    lora = kw.pop("lora", LoraArgs())
+    return AlignConfig(model=str(model), out=str(out), stages=["rm", "rl"], max_steps=2, eval_rows=8, max_length=64,
+                       lora=lora, **data, rm=RMArgs(steps=1, batch_size=4), rl=RLArgs(**{**SMALL_PPO, **kw}))
+
+
+@pytest.fixture(scope="module")
+def ppo_run(teacher, data, tmp_path_factory):
+    """The RM, then two PPO updates (4 epochs each), from the tiny SFT model."""
+    out = tmp_path_factory.mktemp("ppo") / "out"
+    run(ppo_config(teacher, out, data, lr=1e-3))
+    return out
+
+
+def test_ppo_end_to_end(ppo_run, teacher):
+    """Two PPO updates: the policy changed, the output is a plain causal LM (no critic in it), the held-out reward and
+    KL are measured as for RLOO, and the report has the row."""
+    from transformers import AutoModelForCausalLM
+
+    out = ppo_run
+    m = stage_metrics(out, "rl")
+    assert m["algo"] == "ppo" and m["steps"] == 2 and m["eval_n"] == 4 and m["resumed_from"] is None
+    for k in ("reward_before", "reward", "reward_se_before", "reward_se", "kl_to_reference", "reward_gain_in_se"):
+        assert isinstance(m[k], float), k
+    assert m["kl_within_budget"] is True and m["kl_to_reference"] > 0
+    assert [h["step"] for h in m["history"]] == [1, 2]
+    for k in ("reward", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "val/ratio"):
+        assert isinstance(m["history"][-1][k], float), k
+    assert m["history"][0]["val/ratio"] == pytest.approx(1.0, abs=1e-4)  # first minibatch: the rollout policy
+    weights = load_file(out / "rl" / "model.safetensors")
+    assert not torch.equal(weights[LAYER], load_file(teacher / "model.safetensors")[LAYER])
+    assert not any(k.startswith("score") for k in weights)
+    AutoModelForCausalLM.from_pretrained(out / "rl")
+    assert json.loads((out / "rl" / FILE).read_text())["config"]["num_ppo_epochs"] == 4
+    assert "| rl |" in (out / "report.md").read_text() and "algo ppo" in (out / "report.md").read_text()
+    assert not (out / ".work" / "rl").exists()
+
+
+def test_lora_ppo(teacher, data, tmp_path):
+    run(ppo_config(teacher, tmp_path, data, lr=1e-2, lora=LoraArgs(enabled=True, r=4, alpha=8)))
+    assert (tmp_path / "rl" / "adapter" / "adapter_config.json").exists()
+    merged = load_file(tmp_path / "rl" / "model.safetensors")
+    assert not any("lora" in k for k in merged)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[key], load_file(teacher / "model.safetensors")[key])
+    assert stage_metrics(tmp_path, "rl")["steps"] == 2
+
+
+def test_ppo_gae_by_hand():
+    """No KL, gamma = lam = 1: every return is the completion's score (0 past its end) and the advantage, before
+    whitening, the return minus the value; with gamma = 0 a token's return is its own reward."""
+    from align.ppo import _advantages, masked_whiten
+
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    logp = torch.zeros(2, 3)
+    values = torch.tensor([[0.5, -1.0, 2.0], [0.3, 0.0, 0.0]])
+    scores = torch.tensor([1.5, -2.0])
+    args = RLArgs(algo="ppo", gamma=1.0, lam=1.0)
+    adv, returns, kl = _advantages(logp, logp, values, scores, mask, args)
+    assert torch.equal(kl, torch.zeros(2, 3))
+    assert torch.allclose(returns, torch.tensor([[1.5, 1.5, 1.5], [-2.0, 0.0, 0.0]]))
+    assert torch.allclose(adv, masked_whiten(returns - values, mask))
+    args = RLArgs(algo="ppo", gamma=0.0, lam=1.0)
+    _, returns, _ = _advantages(logp, logp, values, scores, mask, args)
+    assert torch.allclose(returns, torch.tensor([[0.0, 0.0, 1.5], [-2.0, 0.0, 0.0]]))
+
+
+def test_ppo_options_count_in_the_fingerprint_of_ppo_only():
+    fp = lambda **kw: of_config(fingerprint_args(RLArgs(**kw)))["fingerprint"]  # noqa: E731
+    assert fp(num_ppo_epochs=2) == fp() and "cliprange" not in of_config(fingerprint_args(RLArgs()))["config"]
+    assert fp(algo="ppo", num_ppo_epochs=2) != fp(algo="ppo")
+
+
+BAD_PPO = {
+    "minibatches that do not divide the rollout": (["--rl.num-mini-batches", "3"],
+                                                    r"rl\.algo ppo: num_mini_batches=3 must divide the rollout of 16"),
+    "unknown KL estimator": (["--rl.kl-estimator", "k2"], r"rl\.algo ppo: kl_estimator must be k1 or k3 \(got 'k2'\)"),
+    "no clipping": (["--rl.cliprange", "0"], r"rl\.algo ppo: cliprange must be > 0 \(got 0\.0\)"),
+    "greedy sampling": (["--rl.temperature", "0"], r"rl\.algo ppo: temperature must be > 0"),
+    "GAE lambda above 1": (["--rl.lam", "1.5"], r"rl\.algo ppo: lam must be in \[0, 1\] \(got 1\.5\)"),
+    "whitening a small minibatch": (["--rl.whiten-rewards", "true", "--rl.num-mini-batches", "4"],
+                                    r"rl\.algo ppo: whiten_rewards needs minibatches of at least 8 .*got 4"),
+    "negative EOS penalty": (["--rl.missing-eos-penalty", "-1"], r"rl\.algo ppo: missing_eos_penalty must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_PPO))
+def test_a_bad_ppo_option_is_refused_in_one_line(name, tiny_model_dir, tmp_path):
+    flags, match = BAD_PPO[name]
+    data, out = write_tiny_data(tmp_path / "data"), tmp_path / "out"
+    data_flags = [a for k, v in data.items() for a in (f"--{k.replace('_', '-')}", v)]
+    print(refused(["align", "--model", tiny_model_dir, "--out", out, *data_flags, "--rl.algo", "ppo", *flags],
+                  match=match, leaves=(out,)))
+
+
+def test_a_killed_ppo_run_resumes_from_its_checkpoint(teacher, tmp_path):
+    """SIGKILL mid-PPO, then the same command: it resumes at the checkpoint's update (weights, critic, optimizer,
+    schedule and log history), finishes every update, and the output loads."""
+    from transformers import AutoModelForCausalLM
+
+    out, data = tmp_path / "out", write_tiny_data(tmp_path / "data")
+    flags = ["--rm.steps", "1", "--rm.batch-size", "2", "--rl.algo", "ppo", "--rl.steps", "30", "--rl.batch-size", "1",
+             "--rl.num-generations", "2", "--rl.max-completion-length", "4", "--rl.eval-prompts", "2"]
+    _, metrics, step = kill_and_resume(align_command(teacher, out, data, "rl", "rm,rl", flags), out, "rl", tmp_path)
+    assert metrics["algo"] == "ppo" and metrics["steps"] == 30 and step >= 1
+    assert [h["step"] for h in metrics["history"]] == list(range(1, 31))  # the checkpoint's history, then the rest
+    AutoModelForCausalLM.from_pretrained(out / "rl")
 
 
 def test_new_stages_are_not_default_and_need_a_teacher(tiny_model_dir, tmp_path):
