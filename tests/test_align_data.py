@@ -132,4 +132,4 @@ def test_recipes_parse_against_align_config():
     with pytest.raises(ConfigError, match="final must be"):
         AlignConfig(final="rm")
     with pytest.raises(ConfigError, match="rl.algo"):
-        load_config(AlignConfig, None, overrides={"rl.algo": "ppo"})
+        load_config(AlignConfig, None, overrides={"rl.algo": "a2c"})
