@@ -1,4 +1,4 @@
-"""``minitron align``: SFT -> reward model -> DPO -> online RL (RLOO/GRPO), the NeMo-Aligner recipe on TRL; KTO and
+"""``minitron align``: SFT -> reward model -> DPO -> online RL (RLOO/GRPO/PPO), the NeMo-Aligner recipe on TRL; KTO and
 rejection sampling (``rs``, best-of-n with the RM, then SFT) run when named in ``--stages``.
 
     minitron align --config configs/align/demo.yaml                  # make align: the latest distilled student

@@ -33,7 +33,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "prune": ("minitron.prune:PruneConfig:run", "Width and/or depth pruning to a target shape or parameter budget."),
     "distill": ("minitron.distill:DistillConfig:run", "Logit knowledge distillation from the teacher into the pruned student."),
     "teacher-logits": ("minitron.teacher_logits:TeacherLogitsConfig:run", "Precompute the teacher's top-k log-probs for offline distillation."),
-    "align": ("minitron.pipeline.align_then_eval:AlignConfig:run", "SFT -> reward model -> DPO -> RL (RLOO/GRPO) with TRL."),
+    "align": ("minitron.pipeline.align_then_eval:AlignConfig:run", "SFT -> reward model -> DPO -> RL (RLOO/GRPO with TRL, or PPO)."),
     "eval": ("evals.harness:EvalConfig:run", "MMLU, IFEval, RAG, function calling and roleplay: JSON, Markdown table, plots."),
     "eval-fc": ("evals.bfcl:CheckConfig:run", "BFCL-style AST checker on a predictions file (standalone)."),
     "serve": ("evals.serve:ServeConfig:run", "Serve a model directory with vLLM's OpenAI-compatible server on 127.0.0.1."),
