@@ -44,7 +44,9 @@ def assert_generates_greedily(model, input_ids: torch.Tensor, max_new_tokens: in
 def refused(args: list, match: str, leaves: tuple = ()) -> str:
     """Run the real CLI in-process on a bad input and check the contract of every refusal: exit code 2, exactly
     one ``error:`` line that matches the regex ``match``, no traceback, and none of ``leaves`` (outputs that must
-    not exist afterwards, nor their ``.NAME.tmp-*`` siblings). Returns the line the user sees."""
+    not exist afterwards, nor their ``.NAME.tmp-*`` siblings). Returns the line the user sees; with
+    ``MINITRON_REFUSALS=FILE`` set, each case's test id and line are also appended to FILE (the list of refusals)."""
+    import json
     import re
 
     from typer.testing import CliRunner
@@ -58,6 +60,10 @@ def refused(args: list, match: str, leaves: tuple = ()) -> str:
     lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, f"expected one error line: {text[-2000:]}"
     assert re.search(match, lines[0]), f"{lines[0]!r} does not match {match!r}"
+    if os.environ.get("MINITRON_REFUSALS"):
+        with open(os.environ["MINITRON_REFUSALS"], "a") as f:
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+                                "line": lines[0]}) + "\n")
     for p in map(Path, leaves):
         assert not p.exists(), f"{p} was left behind"
         assert not list(p.parent.glob(f".{p.name}.tmp-*")), f"a temporary {p.name} was left behind"
