@@ -104,6 +104,37 @@ def measure(student: Any, teacher: Any, tok: Any, held: list[dict], args: OPDArg
     return {"kl": kl, "kl_se": kl_se, "loss": nll, "loss_se": nll_se}
 
 
+def completion_gkd_trainer() -> type:
+    """TRL's GKDTrainer with the same loss computed on the answer positions only.
+
+    TRL's ``compute_loss`` takes the full-vocabulary logits of student and teacher at every position, prompt
+    included, and masks the prompt away only after the divergence: on real chat prompts (hundreds of tokens before a
+    48-token answer, vocabulary 49k) that is ~6x the logits and divergence work of the answers, several GB of
+    tensors per step. Here both models return logits from the first position that predicts a labelled token
+    (``logits_to_keep``), so the loss and its gradient are the same (``tests/test_align_ppo_opd_spin.py``).
+    """
+    from trl.experimental.gkd import GKDTrainer
+
+    class CompletionGKDTrainer(GKDTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            length = inputs["input_ids"].shape[1]
+            labels = inputs["labels"][:, 1:]  # logits at position j predict the token at j + 1
+            used = (labels != -100).any(0).nonzero()
+            first = int(used[0]) if len(used) else length - 2
+            keep = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        logits_to_keep=length - first)  # positions first .. length-1
+            student = model(**keep)
+            self.teacher_model.eval()
+            with torch.no_grad():
+                teacher = self.teacher_model(**keep)
+            loss = self.generalized_jsd_loss(student_logits=student.logits[:, :-1],
+                                             teacher_logits=teacher.logits[:, :-1], labels=labels[:, first:],
+                                             beta=self.beta, num_items_in_batch=num_items_in_batch)
+            return (loss, student) if return_outputs else loss
+
+    return CompletionGKDTrainer
+
+
 def teacher_answers(teacher: Any, tok: Any, examples: list[dict], args: OPDArgs) -> list[dict]:
     """The teacher's greedy answers to the prompts, as prompt/completion SFT rows (the baseline's data)."""
     out = sample(teacher.eval(), tok, [ex["prompt"] for ex in examples], args.max_new_tokens, 0, temperature=0)
@@ -133,7 +164,7 @@ def _baseline(ctx: StageContext, args: OPDArgs, model_dir: str | Path, teacher: 
 def train(ctx: StageContext, args: OPDArgs, model_dir: str | Path, train_rows: list[dict], held_rows: list[dict],
           data_stats: dict[str, Any]) -> Path:
     """On-policy distillation of ``model_dir`` from ``args.teacher`` on held-in SFT prompts; write ``OUT/opd``."""
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    from trl.experimental.gkd import GKDConfig
 
     teacher_dir = check_teacher(args, Path(model_dir))
     tok = load_tokenizer(model_dir)
@@ -149,8 +180,9 @@ def train(ctx: StageContext, args: OPDArgs, model_dir: str | Path, train_rows: l
     data = [{"messages": ex["prompt"] + ex["completion"]} for ex in rows]
     config = trl_args(GKDConfig, args, ctx, "opd", lmbda=args.lmbda, beta=args.beta, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens)
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=to_dataset(data),
-                         processing_class=tok, peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
+    trainer = completion_gkd_trainer()(model=student, teacher_model=teacher, args=config,
+                                       train_dataset=to_dataset(data), processing_class=tok,
+                                       peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
     resume = last_checkpoint(ctx, "opd")
     trainer.train(resume_from_checkpoint=resume)
     after = measure(trainer.model, teacher, tok, held, args, ctx.seed)

@@ -244,3 +244,45 @@ def test_a_killed_stage_resumes_from_its_checkpoint(stage, teacher, tmp_path):
         assert not (out / ".work" / "spin").exists()  # the kept round and the checkpoints went with the output
     assert metrics["steps"] > step
     AutoModelForCausalLM.from_pretrained(out / stage)
+
+
+@pytest.mark.parametrize("layout", ["on_policy", "collated"])
+def test_opd_loss_on_answer_positions_equals_trls(layout):
+    """OPD's GKD loss is computed from the first labelled position on (real prompts are hundreds of tokens before a
+    short answer): loss and gradient equal TRL's GKDTrainer.compute_loss, which takes every position's logits.
+    on_policy: left-padded prompts then the samples (padding after a stop); collated: right-padded whole chats."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.experimental.gkd import GKDTrainer
+
+    from align.opd import completion_gkd_trainer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    ids = torch.randint(3, 97, (3, 20))
+    mask, labels = torch.ones_like(ids), ids.clone()
+    if layout == "on_policy":  # prompts 12 columns (left-padded), answers 8 (the second stops after 5 tokens)
+        mask[0, :4] = 0
+        mask[1, 12 + 5:] = 0
+        labels[mask == 0] = -100
+        labels[:, :12] = -100
+    else:  # prompts of 9, 11, 14 tokens; the last chat is 4 tokens shorter (right padding)
+        for row, prompt in enumerate((9, 11, 14)):
+            labels[row, :prompt] = -100
+        mask[2, 16:] = 0
+        labels[2, 16:] = -100
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    results = []
+    for cls in (GKDTrainer, completion_gkd_trainer()):
+        student.zero_grad()
+        fake = SimpleNamespace(teacher_model=teacher, beta=0.5, generalized_jsd_loss=GKDTrainer.generalized_jsd_loss)
+        loss = cls.compute_loss(fake, student, dict(inputs), num_items_in_batch=torch.tensor(17))
+        loss.backward()
+        results.append((loss.detach(), student.model.layers[1].mlp.up_proj.weight.grad.clone()))
+    (trl_loss, trl_grad), (loss, grad) = results
+    assert trl_loss > 0
+    torch.testing.assert_close(loss, trl_loss)
+    torch.testing.assert_close(grad, trl_grad)
