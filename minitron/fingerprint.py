@@ -2,7 +2,8 @@
 
 Every stage computes ``of_config(cfg)`` when it starts, before it touches anything. Config values that name
 existing files or directories are inputs: a directory that records its own fingerprint (the output of an earlier
-stage) contributes that fingerprint, any other path the names, sizes and modification times of its files. So
+stage) contributes that fingerprint, any other path a hash of its files' names and contents (not their modification
+times: a data set copied afresh, as CI and every new checkout do, is the same input). So
 redoing a stage changes the fingerprint of every stage below it, and those are redone too.
 
 ``up_to_date(out, fp)`` decides whether a finished output can be kept: same fingerprint, kept; a different one,
@@ -29,7 +30,7 @@ UNHASHED = frozenset({"out", "force", "resume", "dry_run", "save_every", "keep_c
 
 
 def of_path(path: str | os.PathLike) -> str:
-    """The fingerprint of one input: its recorded fingerprint, else a hash of its files' names, sizes, mtimes."""
+    """The fingerprint of one input: its recorded fingerprint, else a hash of its files' names and contents."""
     p = Path(path).resolve()
     if (p / FILE).is_file():
         return str(read_json(p / FILE)["fingerprint"])
@@ -37,9 +38,27 @@ def of_path(path: str | os.PathLike) -> str:
                                             and not any(s.startswith(".") for s in f.relative_to(p).parts))
     h = hashlib.sha256()
     for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(p) if f != p else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{f.relative_to(p) if f != p else f.name}\0{_content(f)}\n".encode())
     return h.hexdigest()[:16]
+
+
+_BLOCK = 1 << 20
+_WHOLE = 256 << 20  # files up to this size are hashed whole; larger ones by size and 64 evenly spaced 1 MiB blocks
+
+
+def _content(f: Path) -> str:
+    """A hash of one file's bytes (whole, or for files over 256 MiB, e.g. an 8B checkpoint, 64 sampled blocks)."""
+    size = f.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(f, "rb") as fh:
+        if size <= _WHOLE:
+            while block := fh.read(_BLOCK):
+                h.update(block)
+        else:
+            for i in range(64):
+                fh.seek((size - _BLOCK) * i // 63)
+                h.update(fh.read(_BLOCK))
+    return h.hexdigest()
 
 
 def _inputs(value: Any, key: str, found: dict[str, str]) -> None:

@@ -125,3 +125,25 @@ def test_pipeline_killed_mid_distillation_continues_and_redoes_only_what_changed
     assert again.returncode == 0, log[-3000:]
     assert "teacher is up to date" in log and "pruned/width is up to date" in log
     assert "distilled/width was made differently (lr 0.0001 -> 0.0002)" in log, log[-3000:]
+
+
+def test_input_fingerprint_follows_content_not_mtime(tmp_path, monkeypatch):
+    """A data set copied afresh (CI, a new checkout: new mtimes, same bytes) is the same input; edited bytes are not."""
+    from minitron import fingerprint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"text": "one"}\n')
+    (data / "b.jsonl").write_bytes(os.urandom(5000))
+    before = fingerprint.of_path(data)
+    os.utime(data / "a.jsonl", (1, 1))  # as a fresh copy would: other times, same bytes
+    assert fingerprint.of_path(data) == before
+    (data / "a.jsonl").write_text('{"text": "two"}\n')  # same size, other bytes
+    assert fingerprint.of_path(data) != before
+    monkeypatch.setattr(fingerprint, "_WHOLE", 1024)  # large files are hashed by size and sampled blocks
+    monkeypatch.setattr(fingerprint, "_BLOCK", 64)
+    big = fingerprint.of_path(data / "b.jsonl")
+    raw = bytearray((data / "b.jsonl").read_bytes())
+    raw[0] ^= 1  # the first block is always sampled
+    (data / "b.jsonl").write_bytes(bytes(raw))
+    assert fingerprint.of_path(data / "b.jsonl") != big
