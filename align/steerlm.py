@@ -16,9 +16,10 @@ Where the labels come from (no HelpSteer copy offline; ``ATTRIBUTE_NAMES``):
 - ``verbosity``: the length bucket of the reply (word count; quintile cut points of the training replies, so 0-4);
 - ``helpfulness``: 4 for the chosen and 0 for the rejected answer of a preference pair; an SFT reply has none, and
   gets the regression model's prediction (rounded, clipped to 0-4) in ``steer_sft``;
-- ``steer_sft.variants`` (the demo world, whose answers have one length per kind of prompt): each single-sentence
-  plain answer also appears terse (its last word) and padded (restated, plus a closing line), so that length varies
-  within a prompt and only the attribute line can tell the model which length to write.
+- ``steer_sft.variants``: each single-sentence plain answer (the demo world, whose answers have one length per kind
+  of prompt) also appears terse (its last word) and padded (restated, plus a closing line), and each longer answer
+  (real data) also cut to its first sentence, so that length varies within a prompt and only the attribute line can
+  tell the model which length to write.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class SteerSFTArgs(StageArgs):
     lr: float = arg(3e-4, "peak learning rate")
     batch_size: int = arg(16, "labelled replies per micro-batch")
     variants: bool = arg(False, "add a terse and a padded copy of each single-sentence plain answer (the demo world: "
-                                "its answers have one length per kind of prompt)")
+                                "its answers have one length per kind of prompt), a first-sentence copy of longer ones")
     conditioned: bool = arg(True, "write the attribute line into the training prompts (false: the same replies "
                                   "without it, a control that should not steer)")
     eval_prompts: int = arg(32, "held-out prompts per steered attribute (verbosity: plain SFT prompts; "
@@ -95,16 +96,21 @@ def verbosity(text: str, cuts: list[int]) -> int:
 
 
 def variants(examples: list[dict]) -> list[dict]:
-    """Each single-sentence plain-text answer (no tools, no tool call) also terse (its last word) and padded
-    (restated with a closing line): the same prompt at three lengths."""
+    """The same prompt at several lengths. Each single-sentence plain-text answer (no tools, no tool call) also
+    terse (its last word) and padded (restated with a closing line); each longer one also cut to its first
+    sentence, when that sentence has 3+ words and under half of the answer's (real data's answers)."""
     out = []
     for ex in examples:
         out.append(ex)
         text = reply_text(ex["completion"]).strip()
-        if ex.get("tools") or ex["completion"][0].get("tool_calls") or text.count(". ") or len(text.split()) < 3:
+        if ex.get("tools") or ex["completion"][0].get("tool_calls") or len(text.split()) < 3:
             continue
-        for reply in (text.split()[-1], f"{text} To say it once more: {text} {PAD_LINE}"):
-            out.append({**ex, "completion": [{"role": "assistant", "content": reply}]})
+        if ". " in text:
+            first = text[: text.index(". ") + 1]
+            replies = [first] if 3 <= len(first.split()) < len(text.split()) / 2 else []
+        else:
+            replies = [text.split()[-1], f"{text} To say it once more: {text} {PAD_LINE}"]
+        out.extend({**ex, "completion": [{"role": "assistant", "content": reply}]} for reply in replies)
     return out
 
 

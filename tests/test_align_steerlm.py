@@ -53,6 +53,8 @@ def test_labels_from_lengths_variants_and_the_masked_loss():
     out = variants([ex])
     assert [o["completion"][0]["content"] for o in out][:2] == ["Quen lives in Oslo.", "Oslo."]
     assert len(out[2]["completion"][0]["content"].split()) > 3 * 4  # padded
+    long = {**ex, "completion": [{"role": "assistant", "content": "Quen lives in Oslo. " + "She likes it there. " * 4}]}
+    assert [o["completion"][0]["content"] for o in variants([long])][1:] == ["Quen lives in Oslo."]  # its first sentence
     nan = float("nan")
     loss = masked_mse(torch.tensor([[1.0, 2.0], [3.0, 0.0]]), torch.tensor([[nan, 4.0], [3.0, nan]]))
     assert loss.item() == pytest.approx(2.0)  # (2-4)^2 and (3-3)^2 over the 2 known labels
