@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from minitron.io import read_json, write_json
+from minitron.io import hash_file, read_json, write_json
 
 FILE = "fingerprint.json"
 # fields that do not change what a stage produces (where it goes, how often it saves or logs, how far to go now)
@@ -50,14 +50,12 @@ def _content(f: Path) -> str:
     """A hash of one file's bytes (whole, or for files over 256 MiB, e.g. an 8B checkpoint, 64 sampled blocks)."""
     size = f.stat().st_size
     h = hashlib.sha256(str(size).encode())
+    if size <= _WHOLE:
+        return hash_file(f, h).hexdigest()
     with open(f, "rb") as fh:
-        if size <= _WHOLE:
-            while block := fh.read(_BLOCK):
-                h.update(block)
-        else:
-            for i in range(64):
-                fh.seek((size - _BLOCK) * i // 63)
-                h.update(fh.read(_BLOCK))
+        for i in range(64):
+            fh.seek((size - _BLOCK) * i // 63)
+            h.update(fh.read(_BLOCK))
     return h.hexdigest()
 
 

@@ -7,6 +7,7 @@ when everything is there, so "the directory exists" means "the stage finished".
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -60,6 +61,15 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
         fh.write(text)
     os.replace(fh.name, path)
     return path
+
+
+def hash_file(path: str | os.PathLike, h: Any = None) -> Any:
+    """Feed a file's bytes to the hash ``h`` (a new sha256 by default), 1 MiB at a time; returns ``h``."""
+    h = hashlib.sha256() if h is None else h
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -25,7 +25,7 @@ import torch
 
 from minitron.adapters import ADAPTERS, UnsupportedArchitecture
 from minitron.config import ConfigError, MinitronError, arg
-from minitron.io import atomic_dir, is_model_dir, write_model_card
+from minitron.io import atomic_dir, hash_file, is_model_dir, write_model_card
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 # llama.cpp's general.architecture -> transformers model_type (only families the adapters describe)
@@ -173,7 +173,7 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         write_model_card(tmp, f"{path.stem} (imported from GGUF)", {
-            "source": f"`{path.name}` ({path.stat().st_size / 2**20:.1f} MiB, sha256 {_sha256(path)[:16]}...)",
+            "source": f"`{path.name}` ({path.stat().st_size / 2**20:.1f} MiB, sha256 {hash_file(path).hexdigest()[:16]}...)",
             "architecture": f"{arch} -> {config.model_type}, {model.config.num_hidden_layers} layers, "
                             f"hidden {config.hidden_size}, vocab {config.vocab_size}",
             "quantization in the file": quant,
@@ -201,14 +201,6 @@ def _quantization_types(path: Path) -> str:
 
     counts = Counter(t.tensor_type.name for t in GGUFReader(path).tensors)
     return ", ".join(f"{k} x{v}" for k, v in counts.most_common())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def installed_gguf(distribution: str, filename: str) -> Path:
