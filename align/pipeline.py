@@ -11,8 +11,9 @@ Before any of that, ``check`` reads the model, its tokenizer and every data row,
 line. A stage whose output has the same fingerprint is skipped; a different one (a changed setting or input, e.g. a
 redone SFT under DPO) is redone, and so are the stages below it (``--force`` redoes any). An interrupted stage,
 even killed, resumes from its last checkpoint in ``OUT/.work/<stage>/`` when that work has the same fingerprint.
-Stage inputs chain: SFT <- model; RM, DPO and KTO <- SFT (or the model when there is none); RS <- the latest
-policy of KTO, DPO, SFT; RL <- the latest of RS, KTO, DPO, SFT (else the model); RS and RL score with ``OUT/rm``.
+Stage inputs chain: SFT <- model; RM, DPO and KTO <- SFT (or the model when there is none; with ``--rm.init base``
+the RM starts from the model); RS <- the latest policy of KTO, DPO, SFT; RL <- the latest of RS, KTO, DPO, SFT (else
+the model); RS and RL score with ``OUT/rm``.
 ``OUT/final`` links to the last policy (rl, else rs, kto, dpo, sft; ``--final dpo`` picks one); ``OUT/report.md`` holds
 the per-stage table; with ``--eval-suite demo`` the eval harness runs on every output.
 """
@@ -270,12 +271,13 @@ def _input(out: Path, base: Path, *prefer: str) -> Path:
     return next((out / s for s in prefer if _done(out, s)), base)
 
 
-def stage_input(out: Path, base: Path, stage: str) -> Path:
-    """The model a stage starts from: SFT <- base; RM, DPO, KTO <- SFT (else base); RS <- KTO, else DPO, else SFT;
+def stage_input(out: Path, base: Path, stage: str, rm_init: str = "sft") -> Path:
+    """The model a stage starts from: SFT <- base; RM (``rm_init`` sft), DPO, KTO <- SFT (else base); RM with
+    ``rm_init`` base <- base; RS <- KTO, else DPO, else SFT;
     RL <- the latest policy (RS, KTO, DPO, SFT), else base. OPD <- SFT, else base; SPIN <- OPD, else SFT, else base."""
     if stage in ("opd", "spin"):
         return _input(out, base, *{"opd": ("sft",), "spin": ("opd", "sft")}[stage])
-    return _input(out, base, *{"sft": (), "rm": ("sft",), "dpo": ("sft",), "kto": ("sft",),
+    return _input(out, base, *{"sft": (), "rm": ("sft",) if rm_init == "sft" else (), "dpo": ("sft",), "kto": ("sft",),
                                "rs": ("kto", "dpo", "sft"), "rl": ("rs", "kto", "dpo", "sft"),
                                "steer_rm": ("sft",), "steer_sft": ("sft",)}[stage])
 
@@ -302,6 +304,8 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
         data = {"sft_data": cfg.sft_data, "sft_eval_data": cfg.sft_eval_data}
     if stage == "rl":  # PPO's options count for --rl.algo ppo only
         args = fingerprint_args(args)
+    if stage == "rm":  # rm.init is recorded by the input model
+        args = fingerprint.without(args, ("init",))
     return fingerprint.of_config(args, steps=ctx.steps(args), model=str(model_dir), lora=dataclasses.asdict(cfg.lora),
                                  **shared, **data)
 
@@ -376,7 +380,7 @@ def run(cfg: AlignConfig, evaluate: Callable[[list[Path]], Any] | None = None) -
     for stage in STAGES:  # always in pipeline order, whatever the order of --stages
         if stage not in cfg.stages:
             continue
-        model_dir = stage_input(out, base, stage)
+        model_dir = stage_input(out, base, stage, cfg.rm.init)
         fp = stage_fingerprint(cfg, ctx, stage, model_dir)
         if _done(out, stage) and fingerprint.up_to_date(out / stage, fp, stage, cfg.force):
             continue

@@ -1,6 +1,7 @@
 """Stage 2, reward model: TRL's RewardTrainer on preference pairs (Bradley-Terry loss).
 
-The reward model starts from the SFT model with a fresh scalar head (``AutoModelForSequenceClassification``,
+The reward model starts from the SFT model (``--rm.init sft``, NeMo-Aligner's recipe) or from the model before any
+stage (``--rm.init base``) with a fresh scalar head (``AutoModelForSequenceClassification``,
 ``num_labels=1``) and scores whole conversations rendered by the chat template. Metric: pairwise accuracy
 (share of held-out pairs with r(chosen) > r(rejected)) and mean margin, before (random head, ~chance) and after.
 """
@@ -18,7 +19,7 @@ from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load
 from align.data import to_dataset
 from align.lora import peft_config
 from align.scoring import pairwise_accuracy
-from minitron.config import arg
+from minitron.config import ConfigError, arg
 
 
 @dataclasses.dataclass
@@ -29,6 +30,12 @@ class RMArgs(StageArgs):
     lr: float = arg(2e-4, "peak learning rate")
     batch_size: int = arg(16, "preference pairs per micro-batch")
     center_rewards: float | None = arg(0.01, "penalty on the mean reward squared (keeps scores centred at 0)")
+    init: str = arg("sft", "what the RM starts from: sft (the SFT output, else the model) or base (the model)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init not in ("sft", "base"):
+            raise ConfigError(f"rm.init must be sft or base (got {self.init!r})")
 
 
 def load_reward_model(path: str | Path, tok: Any) -> Any:

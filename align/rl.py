@@ -22,6 +22,7 @@ from align.data import to_dataset
 from align.lora import peft_config
 from align.reward import load_reward_model
 from align.scoring import kl_to_reference, mean_reward, sample
+from minitron import fingerprint
 from minitron.config import ConfigError, arg
 
 ALGOS = ("rloo", "grpo", "ppo")  # ppo: align/ppo.py (TRL 1.16 has no PPOTrainer)
@@ -102,11 +103,7 @@ class RLArgs(StageArgs):
 def fingerprint_args(args: RLArgs) -> Any:
     """The section as fingerprinted: PPO's options count only for ``--rl.algo ppo`` (an RLOO/GRPO output made
     before they existed, or with other values of them, stays up to date)."""
-    if args.algo == "ppo":
-        return args
-    keep = [f for f in dataclasses.fields(args) if f.name not in PPO_FIELDS]
-    cls = dataclasses.make_dataclass("RLArgs", [(f.name, f.type) for f in keep])
-    return cls(**{f.name: getattr(args, f.name) for f in keep})
+    return args if args.algo == "ppo" else fingerprint.without(args, PPO_FIELDS)
 
 
 def _config(args: RLArgs, ctx: StageContext) -> Any:

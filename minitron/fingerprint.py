@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from minitron.io import hash_file, read_json, write_json
 
@@ -59,24 +59,37 @@ def _content(f: Path) -> str:
     return h.hexdigest()
 
 
-def _inputs(value: Any, key: str, found: dict[str, str]) -> None:
-    if isinstance(value, str) and value and len(value) < 4096 and Path(value).exists():
-        found[key] = of_path(value)
+def _strings(value: Any, key: str) -> Iterator[tuple[str, str]]:
+    """(key, string) for every string in a nested config value (``data[0]``, ``sft_mix.teacher``)."""
+    if isinstance(value, str):
+        yield key, value
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _inputs(v, f"{key}[{i}]", found)
+            yield from _strings(v, f"{key}[{i}]")
     elif isinstance(value, dict):
         for k, v in value.items():
-            _inputs(v, f"{key}.{k}", found)
+            yield from _strings(v, f"{key}.{k}")
+
+
+def _paths(config: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(key, value) of the config values that name an existing file or folder."""
+    for k, v in config.items():
+        yield from ((key, s) for key, s in _strings(v, k) if s and len(s) < 4096 and Path(s).exists())
+
+
+def without(cfg: Any, names: "tuple[str, ...] | frozenset[str]") -> Any:
+    """A copy of the dataclass ``cfg`` without the fields ``names``: options that count only in some modes, or whose
+    effect another fingerprinted value already records, so adding them keeps older outputs up to date."""
+    keep = [f for f in dataclasses.fields(cfg) if f.name not in names]
+    cls = dataclasses.make_dataclass(type(cfg).__name__, [(f.name, f.type) for f in keep])
+    return cls(**{f.name: getattr(cfg, f.name) for f in keep})
 
 
 def of_config(cfg: Any, **extra: Any) -> dict[str, Any]:
     """``{"fingerprint", "config", "inputs"}`` of a stage config (a dataclass); ``extra`` adds values that are not
     config fields (e.g. the resolved model directory)."""
     config = {k: v for k, v in {**dataclasses.asdict(cfg), **extra}.items() if k not in UNHASHED}
-    inputs: dict[str, str] = {}
-    for k, v in config.items():
-        _inputs(v, k, inputs)
+    inputs = {k: of_path(v) for k, v in _paths(config)}
     blob = json.dumps({"config": config, "inputs": inputs}, sort_keys=True, default=str)
     return {"fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16], "config": config, "inputs": inputs}
 
@@ -108,6 +121,13 @@ def _short(v: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
+def _redone_inputs(out: Path, config: dict[str, Any]) -> list[str]:
+    """The stage outputs named in ``config`` (folders with a fingerprint record) recorded after ``out`` was written:
+    an output made before records existed is stale once what it was made from has been redone."""
+    made = max((f.stat().st_mtime for f in out.iterdir()), default=out.stat().st_mtime)
+    return [k for k, v in _paths(config) if (Path(v) / FILE).is_file() and (Path(v) / FILE).stat().st_mtime > made]
+
+
 def up_to_date(out: str | os.PathLike, fp: dict[str, Any], stage: str, force: bool = False) -> bool:
     """True when the finished output ``out`` was made by this config and these inputs (keep it); says in one line
     why not when it exists but must be redone."""
@@ -119,6 +139,10 @@ def up_to_date(out: str | os.PathLike, fp: dict[str, Any], stage: str, force: bo
         return False
     rec = out / FILE
     if not rec.is_file():
+        newer = _redone_inputs(out, fp.get("config", {}))
+        if newer:
+            print(f"[{stage}] {out} has no fingerprint and its input {newer[0]} was remade after it: redoing it")
+            return False
         print(f"[{stage}] {out} exists (made before fingerprints were recorded): keeping it; --force redoes it")
         return True
     old = read_json(rec)

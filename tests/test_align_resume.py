@@ -16,6 +16,8 @@ import pytest
 
 from align.common import StageContext, claim_work_dir, last_checkpoint
 from align.pipeline import AlignConfig, run
+from align.reward import RMArgs
+from minitron.config import ConfigError
 from minitron.fingerprint import FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +142,18 @@ def test_a_changed_dpo_setting_redoes_dpo_and_rl_only(tiny_model_dir, tmp_path, 
     changed = {s for s in stamps if (out / s / "model.safetensors").stat().st_mtime_ns != stamps[s]}
     assert changed == {"dpo", "rl"}
     assert json.loads((out / "dpo" / FILE).read_text())["config"]["beta"] == 0.2
+    cfg.rm.init = "base"  # the RM starts from the model, not OUT/sft: RM and RL (which scores with it) redone
+    capsys.readouterr()
+    run(cfg)
+    redo = [ln for ln in capsys.readouterr().out.splitlines() if "was made differently" in ln]
+    assert [ln.split("]")[0] for ln in redo] == ["[rm", "[rl"] and "(model " in redo[0], redo
+    recorded = json.loads((out / "rm" / FILE).read_text())["config"]
+    assert recorded["model"] != str(out / "sft") and "init" not in recorded
+
+
+def test_rm_init_names_its_choices():
+    with pytest.raises(ConfigError, match="rm.init must be sft or base"):
+        RMArgs(init="dpo")
 
 
 def test_checkpoints_of_another_config_are_moved_aside_and_a_cut_checkpoint_is_passed_over(tmp_path, capsys):

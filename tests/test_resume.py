@@ -147,3 +147,21 @@ def test_input_fingerprint_follows_content_not_mtime(tmp_path, monkeypatch):
     raw[0] ^= 1  # the first block is always sampled
     (data / "b.jsonl").write_bytes(bytes(raw))
     assert fingerprint.of_path(data / "b.jsonl") != big
+
+
+def test_an_output_without_record_is_redone_once_what_it_was_made_from_is_remade(tmp_path, capsys):
+    """Outputs older than fingerprint records are kept, unless a stage output they were made from was redone since."""
+    from minitron import fingerprint
+
+    made_from, out = tmp_path / "sft", tmp_path / "dpo"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"weights")
+    os.utime(out / "model.safetensors", (1_000_000, 1_000_000))
+    made_from.mkdir()
+    fingerprint.record(made_from, {"fingerprint": "new", "config": {}, "inputs": {}})
+    fp = {"fingerprint": "x", "config": {"model": str(made_from), "lr": 1e-5}, "inputs": {}}
+    assert not fingerprint.up_to_date(out, fp, "dpo")
+    assert "its input model was remade after it: redoing it" in capsys.readouterr().out
+    os.utime(made_from / fingerprint.FILE, (1, 1))  # recorded before the output was made: keep the output
+    assert fingerprint.up_to_date(out, fp, "dpo")
+    assert "made before fingerprints were recorded): keeping it" in capsys.readouterr().out
