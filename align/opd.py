@@ -12,7 +12,8 @@ also does lmbda < 1 (mixing in the data's answers) and is what the tests pin.
 Metrics on held-out SFT prompts, before and after, with standard errors: KL(student || teacher) in nats per answer,
 a Monte-Carlo estimate on the student's own samples (sum over tokens of log p_student - log p_teacher), and the
 teacher-forced loss (mean token NLL of the data's held-out answers). With ``baseline: true`` plain SFT from the same
-model on the teacher's greedy answers to the same prompts, at the same steps and batch size, is measured the same way.
+model on the teacher's greedy answers to the same prompts, at the same steps and batch size, is measured the same way
+and saved as ``OUT/opd_baseline`` (a model directory, so the benchmarks can compare the two).
 """
 
 from __future__ import annotations
@@ -158,7 +159,12 @@ def _baseline(ctx: StageContext, args: OPDArgs, model_dir: str | Path, teacher: 
                          peft_config=peft_config(ctx.lora))
     trainer.train()
     shutil.rmtree(work, ignore_errors=True)
-    return measure(trainer.model, teacher, tok, held, args, ctx.seed)
+    measured = measure(trainer.model, teacher, tok, held, args, ctx.seed)
+    save_stage(trainer.model, tok, ctx, "opd_baseline", dict(measured), args, str(model_dir),
+               "SFT on the teacher's answers (OPD's equal-compute baseline)",
+               f"Plain SFT on {len(data)} greedy answers of the teacher, the steps and batch size of the OPD run "
+               "beside it (OUT/opd): the models the benchmarks compare.")
+    return measured
 
 
 def train(ctx: StageContext, args: OPDArgs, model_dir: str | Path, train_rows: list[dict], held_rows: list[dict],

@@ -186,6 +186,9 @@ def test_opd_and_spin_end_to_end(aligned, teacher):
     for k in ("kl_to_teacher_before", "kl_to_teacher", "kl_to_teacher_se", "eval_loss_before", "eval_loss",
               "eval_loss_se", "teacher_eval_loss", "baseline_sft_kl_to_teacher", "baseline_sft_eval_loss"):
         assert isinstance(opd[k], float), k
+    baseline = json.loads((out / "opd_baseline" / "metrics.json").read_text())
+    assert baseline["kl"] == opd["baseline_sft_kl_to_teacher"]
+    AutoModelForCausalLM.from_pretrained(out / "opd_baseline")
     assert spin["steps"] == 2 and spin["total_steps"] == 4 and [r["round"] for r in spin["rounds"]] == [1, 2]
     for k in ("eval_loss_before", "eval_loss", "eval_loss_se", "self_margin_before", "self_margin",
               "baseline_sft_eval_loss"):
