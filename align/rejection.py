@@ -21,8 +21,9 @@ from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load
 from align.data import to_dataset
 from align.lora import peft_config
 from align.reward import load_reward_model
-from align.scoring import mean_reward, mean_se, sample
+from align.scoring import mean_se, reward_change, sample, sample_rewards
 from minitron.config import ConfigError, arg
+from minitron.stats import mean_stderr
 from minitron.scoring import reward_scores
 
 
@@ -53,8 +54,9 @@ class RSArgs(StageArgs):
 def _measure(policy: Any, tok: Any, rm: Any, rm_tok: Any, prompts: list, args: RSArgs, seed: int) -> dict:
     """Mean RM reward (and s.e.) of one sampled answer per held-out prompt."""
     samples = sample(policy.eval(), tok, prompts, args.max_new_tokens, seed, args.temperature)
-    reward, reward_se = mean_reward(rm, rm_tok, samples)
-    return {"reward": reward, "reward_se": reward_se,
+    scores = sample_rewards(rm, rm_tok, samples)
+    reward, reward_se = mean_stderr(scores)
+    return {"reward": reward, "reward_se": reward_se, "scores": scores,
             "length": sum(len(s["completion_ids"]) for s in samples) / len(samples), "example": samples[0]["text"][:200]}
 
 
@@ -113,8 +115,7 @@ def train(ctx: StageContext, args: RSArgs, model_dir: str | Path, rm_dir: str | 
     after = _measure(trainer.model, tok, rm, rm_tok, eval_prompts, args, ctx.seed)
     metrics = {"stage": "rs", "reward_before": before["reward"], "reward": after["reward"],
                "reward_se_before": before["reward_se"], "reward_se": after["reward_se"],
-               "reward_gain_in_se": (after["reward"] - before["reward"]) / max(1e-9, (
-                   after["reward_se"] ** 2 + before["reward_se"] ** 2) ** 0.5),
+               **reward_change(before, after),
                "sampled_reward_heldin": picked["all_reward"][0], "winner_reward_heldin": picked["winner_reward"][0],
                "cut_winners": picked["cut_winners"], "n": args.n, "prompts": len(pairs),
                "length_before": before["length"], "length": after["length"],
@@ -124,6 +125,9 @@ def train(ctx: StageContext, args: RSArgs, model_dir: str | Path, rm_dir: str | 
     if args.baseline:
         base = _baseline(ctx, args, model_dir, pairs, rm, rm_tok, eval_prompts)
         metrics.update(baseline_sft_reward=base["reward"], baseline_sft_reward_se=base["reward_se"])
+        if base.get("scores"):  # rejection sampling against plain SFT, paired over the held-out prompts
+            vs = reward_change(base, after)
+            metrics.update(gain_over_baseline=vs["reward_gain"], gain_over_baseline_se=vs["reward_gain_se"])
     return save_stage(trainer.model, tok, ctx, "rs", metrics, args, str(model_dir), "Rejection-sampling model",
                       f"Best-of-{args.n} rejection sampling with the reward model {rm_dir}, then SFT on the "
                       "winners with TRL's SFTTrainer.")

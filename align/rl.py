@@ -21,9 +21,10 @@ from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load
 from align.data import to_dataset
 from align.lora import peft_config
 from align.reward import load_reward_model
-from align.scoring import kl_to_reference, mean_reward, sample
+from align.scoring import kl_to_reference, reward_change, sample, sample_rewards
 from minitron import fingerprint
 from minitron.config import ConfigError, arg
+from minitron.stats import mean_stderr
 
 ALGOS = ("rloo", "grpo", "ppo")  # ppo: align/ppo.py (TRL 1.16 has no PPOTrainer)
 # the options only PPO reads (TRL PPOConfig names); an RLOO/GRPO fingerprint leaves them out (fingerprint_args)
@@ -122,8 +123,9 @@ def _config(args: RLArgs, ctx: StageContext) -> Any:
 def _measure(policy: Any, tok: Any, rm: Any, rm_tok: Any, prompts: list, args: RLArgs, seed: int) -> dict:
     samples = sample(policy.eval(), tok, prompts, args.max_completion_length, seed, args.temperature)
     lengths = [len(s["completion_ids"]) for s in samples]
-    reward, reward_se = mean_reward(rm, rm_tok, samples)
-    return {"reward": reward, "reward_se": reward_se, "length": sum(lengths) / len(lengths),
+    scores = sample_rewards(rm, rm_tok, samples)
+    reward, reward_se = mean_stderr(scores)
+    return {"reward": reward, "reward_se": reward_se, "scores": scores, "length": sum(lengths) / len(lengths),
             "example": samples[0]["text"][:200], "_samples": samples}
 
 
@@ -162,8 +164,7 @@ def train(ctx: StageContext, args: RLArgs, model_dir: str | Path, rm_dir: str | 
     metrics = {"stage": "rl", "algo": args.algo, "reward_before": before["reward"], "reward": after["reward"],
                "reward_se_before": before.get("reward_se"), "reward_se": after["reward_se"],
                "kl_to_reference": kl, "kl_budget": args.kl_budget, "kl_within_budget": kl <= args.kl_budget,
-               "reward_gain_in_se": (after["reward"] - before["reward"]) / max(1e-9, (
-                   after["reward_se"] ** 2 + (before.get("reward_se") or 0.0) ** 2) ** 0.5),
+               **reward_change(before, after),
                "length_before": before["length"], "length": after["length"],
                "train_reward_first": logged[0] if logged else None, "train_reward_last": logged[-1] if logged else None,
                "example_before": before["example"], "example": after["example"], "prompts": len(prompts),

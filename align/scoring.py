@@ -69,10 +69,22 @@ def sample(model: Any, tok: Any, prompts: list[list[dict]], max_new_tokens: int,
     return out
 
 
-def mean_reward(rm: Any, rm_tok: Any, samples: list[dict]) -> tuple[float, float]:
-    """Mean reward-model score of sampled completions (rendered as assistant turns, as TRL does) and its s.e."""
+def sample_rewards(rm: Any, rm_tok: Any, samples: list[dict]) -> list[float]:
+    """Reward-model score of each sampled completion (rendered as an assistant turn, as TRL does)."""
     convs = [s["prompt"] + [{"role": "assistant", "content": s["text"]}] for s in samples]
-    return mean_se(reward_scores(rm, rm_tok, convs))
+    return reward_scores(rm, rm_tok, convs).float().tolist()
+
+
+def reward_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """How the mean sampled reward moved from ``before`` to ``after`` (each ``{"reward", "reward_se", "scores"}``):
+    in standard errors of the difference of the two means, and paired over the same prompts (``reward_gain`` and
+    its ``reward_gain_se``: prompt difficulty cancels out) when both kept their per-prompt scores."""
+    se = ((after.get("reward_se") or 0.0) ** 2 + (before.get("reward_se") or 0.0) ** 2) ** 0.5
+    out = {"reward_gain_in_se": (after["reward"] - before["reward"]) / max(1e-9, se)}
+    if before.get("scores") and after.get("scores"):
+        gain, gain_se = mean_stderr([a - b for a, b in zip(after["scores"], before["scores"], strict=True)])
+        out.update(reward_gain=gain, reward_gain_se=gain_se, reward_gain_in_paired_se=gain / max(1e-9, gain_se))
+    return out
 
 
 def kl_to_reference(policy: Any, ref: Any, tok: Any, samples: list[dict]) -> float:

@@ -31,12 +31,12 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def aligned(tiny_model_dir, data, tmp_path_factory):
-    """sft -> rm -> kto -> rs, two steps each."""
+    """sft -> rm -> kto -> rs (with its plain-SFT baseline), two steps each."""
     out = tmp_path_factory.mktemp("kto_rs") / "out"
     cfg = AlignConfig(model=str(tiny_model_dir), out=str(out), stages=["sft", "rm", "kto", "rs"], max_steps=2,
                       eval_rows=8, max_length=64, **data, sft=SFTArgs(batch_size=4, lr=1e-3),
                       rm=RMArgs(batch_size=4, lr=1e-3), kto=KTOArgs(batch_size=4, lr=1e-3, logging_steps=1),
-                      rs=RSArgs(lr=1e-3, **SMALL_RS))
+                      rs=RSArgs(lr=1e-3, baseline=True, **SMALL_RS))
     run(cfg)
     return cfg, out
 
@@ -65,6 +65,9 @@ def test_kto_and_rs_end_to_end(aligned):
     for k in ("reward_before", "reward", "reward_se", "winner_reward_heldin", "sampled_reward_heldin"):
         assert isinstance(rs[k], float), k
     assert rs["winner_reward_heldin"] >= rs["sampled_reward_heldin"]  # the best of n beats the mean of n
+    # the paired gain is the same mean difference, with its own (paired) standard error
+    assert abs(rs["reward_gain"] - (rs["reward"] - rs["reward_before"])) < 1e-5 and rs["reward_gain_se"] >= 0
+    assert abs(rs["gain_over_baseline"] - (rs["reward"] - rs["baseline_sft_reward"])) < 1e-5
     # inputs: KTO <- SFT; RS <- the latest policy (KTO); each changed its input's weights
     for stage, src in (("kto", "sft"), ("rs", "kto")):
         assert json.loads((out / stage / FILE).read_text())["config"]["model"] == str(out / src)

@@ -98,6 +98,7 @@ def test_stage_metrics_move_the_right_way(aligned):
     # get other log-probs than under the reference (an unmoved policy gives exactly 0: the estimate is a sum of
     # log-ratios), and the held-out reward was measured again on the new policy
     assert rl["kl_to_reference"] != 0 and rl["reward"] != rl["reward_before"]
+    assert abs(rl["reward_gain"] - (rl["reward"] - rl["reward_before"])) < 1e-5 and rl["reward_gain_se"] > 0
     assert not any(k.startswith(".") and "tmp" in k for k in (p.name for p in out.iterdir()))
     assert not (out / ".work" / "sft").exists()  # checkpoints are dropped once a stage is saved
 
