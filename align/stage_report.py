@@ -23,9 +23,10 @@ HEADLINE = {
     "kto": ("log-prob margin chosen-rejected", "logp_margin_before", "logp_margin",
             ["reward_accuracy", "reward_margin"]),
     "rs": ("mean RM reward of samples", "reward_before", "reward",
-           ["reward_gain_in_se", "winner_reward_heldin", "sampled_reward_heldin", "baseline_sft_reward"]),
+           ["reward_gain_in_paired_se", "winner_reward_heldin", "sampled_reward_heldin", "baseline_sft_reward",
+            "gain_over_baseline"]),
     "rl": ("mean RM reward of samples", "reward_before", "reward",
-           ["reward_gain_in_se", "kl_to_reference", "kl_within_budget", "algo"]),
+           ["reward_gain_in_se", "reward_gain_in_paired_se", "kl_to_reference", "kl_within_budget", "algo"]),
 }
 CURVE = {"sft": "loss", "rm": "loss", "dpo": "loss", "kto": "loss", "rs": "loss", "rl": "reward"}
 # opd (on-policy distillation, align/opd.py) and spin (self-play, align/spin.py): run when named, right after sft
