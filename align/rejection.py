@@ -21,10 +21,8 @@ from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load
 from align.data import to_dataset
 from align.lora import peft_config
 from align.reward import load_reward_model
-from align.scoring import mean_se, reward_change, sample, sample_rewards
+from align.scoring import mean_reward, mean_se, reward_change, sample, sample_scores
 from minitron.config import ConfigError, arg
-from minitron.stats import mean_stderr
-from minitron.scoring import reward_scores
 
 
 @dataclasses.dataclass
@@ -54,9 +52,7 @@ class RSArgs(StageArgs):
 def _measure(policy: Any, tok: Any, rm: Any, rm_tok: Any, prompts: list, args: RSArgs, seed: int) -> dict:
     """Mean RM reward (and s.e.) of one sampled answer per held-out prompt."""
     samples = sample(policy.eval(), tok, prompts, args.max_new_tokens, seed, args.temperature)
-    scores = sample_rewards(rm, rm_tok, samples)
-    reward, reward_se = mean_stderr(scores)
-    return {"reward": reward, "reward_se": reward_se, "scores": scores,
+    return {**mean_reward(rm, rm_tok, samples),
             "length": sum(len(s["completion_ids"]) for s in samples) / len(samples), "example": samples[0]["text"][:200]}
 
 
@@ -64,7 +60,7 @@ def best_of_n(policy: Any, tok: Any, rm: Any, rm_tok: Any, prompts: list, args: 
     """``n`` samples per prompt, scored by the RM; the best (among those that stopped) per prompt as SFT rows."""
     many = sample(policy.eval(), tok, [p for p in prompts for _ in range(args.n)], args.max_new_tokens, seed + 1,
                   args.temperature, batch_size=32)
-    scores = reward_scores(rm, rm_tok, [s["prompt"] + [{"role": "assistant", "content": s["text"]}] for s in many])
+    scores = sample_scores(rm, rm_tok, many)
     rows, cut = [], 0
     for i, prompt in enumerate(prompts):
         group = list(range(i * args.n, (i + 1) * args.n))
@@ -125,9 +121,8 @@ def train(ctx: StageContext, args: RSArgs, model_dir: str | Path, rm_dir: str | 
     if args.baseline:
         base = _baseline(ctx, args, model_dir, pairs, rm, rm_tok, eval_prompts)
         metrics.update(baseline_sft_reward=base["reward"], baseline_sft_reward_se=base["reward_se"])
-        if base.get("scores"):  # rejection sampling against plain SFT, paired over the held-out prompts
-            vs = reward_change(base, after)
-            metrics.update(gain_over_baseline=vs["reward_gain"], gain_over_baseline_se=vs["reward_gain_se"])
+        vs = reward_change(base, after)  # rejection sampling against plain SFT, paired over the held-out prompts
+        metrics.update(gain_over_baseline=vs["reward_gain"], gain_over_baseline_se=vs["reward_gain_se"])
     return save_stage(trainer.model, tok, ctx, "rs", metrics, args, str(model_dir), "Rejection-sampling model",
                       f"Best-of-{args.n} rejection sampling with the reward model {rm_dir}, then SFT on the "
                       "winners with TRL's SFTTrainer.")

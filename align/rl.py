@@ -21,10 +21,9 @@ from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load
 from align.data import to_dataset
 from align.lora import peft_config
 from align.reward import load_reward_model
-from align.scoring import kl_to_reference, reward_change, sample, sample_rewards
+from align.scoring import kl_to_reference, mean_reward, reward_change, sample
 from minitron import fingerprint
 from minitron.config import ConfigError, arg
-from minitron.stats import mean_stderr
 
 ALGOS = ("rloo", "grpo", "ppo")  # ppo: align/ppo.py (TRL 1.16 has no PPOTrainer)
 # the options only PPO reads (TRL PPOConfig names); an RLOO/GRPO fingerprint leaves them out (fingerprint_args)
@@ -123,9 +122,7 @@ def _config(args: RLArgs, ctx: StageContext) -> Any:
 def _measure(policy: Any, tok: Any, rm: Any, rm_tok: Any, prompts: list, args: RLArgs, seed: int) -> dict:
     samples = sample(policy.eval(), tok, prompts, args.max_completion_length, seed, args.temperature)
     lengths = [len(s["completion_ids"]) for s in samples]
-    scores = sample_rewards(rm, rm_tok, samples)
-    reward, reward_se = mean_stderr(scores)
-    return {"reward": reward, "reward_se": reward_se, "scores": scores, "length": sum(lengths) / len(lengths),
+    return {**mean_reward(rm, rm_tok, samples), "length": sum(lengths) / len(lengths),
             "example": samples[0]["text"][:200], "_samples": samples}
 
 

@@ -69,10 +69,17 @@ def sample(model: Any, tok: Any, prompts: list[list[dict]], max_new_tokens: int,
     return out
 
 
-def sample_rewards(rm: Any, rm_tok: Any, samples: list[dict]) -> list[float]:
+def sample_scores(rm: Any, rm_tok: Any, samples: list[dict]) -> torch.Tensor:
     """Reward-model score of each sampled completion (rendered as an assistant turn, as TRL does)."""
-    convs = [s["prompt"] + [{"role": "assistant", "content": s["text"]}] for s in samples]
-    return reward_scores(rm, rm_tok, convs).float().tolist()
+    return reward_scores(rm, rm_tok, [s["prompt"] + [{"role": "assistant", "content": s["text"]}] for s in samples])
+
+
+def mean_reward(rm: Any, rm_tok: Any, samples: list[dict]) -> dict[str, Any]:
+    """``{"reward", "reward_se", "scores"}``: the mean score of sampled completions, its s.e., and the per-sample
+    scores (``reward_change`` pairs them)."""
+    scores = sample_scores(rm, rm_tok, samples)
+    reward, reward_se = mean_se(scores)
+    return {"reward": reward, "reward_se": reward_se, "scores": scores.float().tolist()}
 
 
 def reward_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
