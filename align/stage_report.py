@@ -109,10 +109,13 @@ def write_report(out: Path, base_model: str, evals: Any = None) -> dict[str, Any
     if png:
         text += ["![training curves](report.png)", ""]
     if "steer_sft" in metrics:  # SteerLM: what the attribute line does to held-out replies (align.steerlm)
-        from align.steerlm import steering_markdown
+        from align.steerlm import length_preference_line, steering_markdown
 
+        steer = metrics["steer_sft"]
         text += ["## SteerLM steering (held-out prompts; one attribute at 0 vs 4, the others fixed)", "",
-                 steering_markdown(metrics["steer_sft"]["steering"]), ""]
+                 steering_markdown(steer["steering"]), ""]
+        if "verbosity_short_preference" in steer:  # recorded since the probe exists
+            text += [length_preference_line(steer["verbosity_short_preference"]), ""]
     if evals is not None:
         text += ["Eval suite on each stage's output: see `evals/` in this folder.", ""]
     if (out / "benchmarks.json").exists():  # written by `minitron run` after its evals (minitron.pipeline.report)

@@ -9,7 +9,8 @@ Two stages of ``minitron align`` (run only when named: ``--stages steer_rm,steer
   ``Attributes: helpfulness=4 verbosity=2`` (``minitron.chat_format.attribute_line``), then SFT (TRL's
   ``SFTTrainer``, loss on the reply). At inference the same line asks for a kind of reply; the stage measures that it
   does (``steering``): on held-out prompts, the lowest vs the highest verbosity (answer length) and helpfulness
-  (the pairwise reward model ``OUT/rm``'s score, when there is one).
+  (the pairwise reward model ``OUT/rm``'s score, when there is one); and, free of greedy decoding,
+  ``length_preference``: how far verbosity 0 vs 4 shifts the odds of a short over a long held-out reply.
 
 Where the labels come from (no HelpSteer copy offline; ``ATTRIBUTE_NAMES``):
 
@@ -35,7 +36,7 @@ from align.common import (StageArgs, StageContext, freeze, last_checkpoint, load
                           measured_once, save_stage, train_history, trl_args)
 from align.data import to_dataset
 from align.lora import peft_config
-from align.scoring import mean_se, sample
+from align.scoring import completion_logps, mean_se, sample
 from minitron.chat_format import ATTRIBUTE_MAX, ATTRIBUTE_NAMES, with_attributes
 from minitron.config import ConfigError, arg
 from minitron.scoring import chat_ids, pad_rows, reward_scores
@@ -319,6 +320,32 @@ def steering(policy: Any, tok: Any, prompts: dict[str, list[list[dict]]], neutra
     return table
 
 
+def length_preference(policy: Any, tok: Any, examples: list[dict], neutral: dict[str, int]) -> dict[str, float]:
+    """Whether the verbosity value alone moves the model toward a short reply, free of what greedy decoding makes of
+    it: over held-out plain ``examples`` that ``variants`` gives a shorter copy of, the log-odds of the shortest copy
+    against the longest at verbosity 0 minus the same at verbosity 4, in nats (``gap`` ± ``gap_se``, ``n``).
+    Positive: asking for verbosity 0 favours the short reply; about 0: the attribute line is not learnt."""
+    pairs = []
+    for ex in examples:
+        copies = sorted(variants([ex]), key=lambda c: len(reply_text(c["completion"]).split()))
+        if len(copies) > 1:  # ``variants`` leaves tool calls and replies under 3 words alone
+            pairs.append((ex["prompt"], copies[0]["completion"], copies[-1]["completion"]))
+    if not pairs:
+        return {"gap": float("nan"), "gap_se": float("nan"), "n": 0}
+    odds = {}
+    for value in (0, ATTRIBUTE_MAX):
+        rows = [{"prompt": with_attributes(p, {**neutral, "verbosity": value}), "short": s, "long": lng}
+                for p, s, lng in pairs]
+        odds[value] = completion_logps(policy, tok, rows, "short") - completion_logps(policy, tok, rows, "long")
+    gap, gap_se = mean_se(odds[0] - odds[ATTRIBUTE_MAX])
+    return {"gap": gap, "gap_se": gap_se, "n": len(pairs)}
+
+
+def length_preference_line(pref: dict[str, float]) -> str:
+    return (f"Log-odds of a short over a long held-out reply, verbosity 0 minus 4: {pref['gap']:.3f} ± "
+            f"{pref['gap_se']:.3f} nats (n {pref['n']}).")
+
+
 def steering_markdown(table: dict[str, Any]) -> str:
     """The steering table: per attribute, n, reply length and RM score at 0 and at 4 (± s.e.)."""
     lines = ["| attribute (0 vs 4) | n | length at 0 | length at 4 | ratio | RM at 0 | RM at 4 | RM diff (in s.e.) |",
@@ -390,18 +417,22 @@ def train_sft(ctx: StageContext, args: SteerSFTArgs, model_dir: str | Path, attr
     neutral = typical_values(train_rows)
     table = steering(trainer.model.eval(), tok, eval_prompts(args, sft, pref), neutral, *_rm(rm_dir),
                      args.max_new_tokens, ctx.seed)
+    plain = [ex for ex in sft[1] if not ex.get("tools")][: args.eval_prompts]
+    prefer_short = length_preference(trainer.model, tok, plain, neutral)
     metrics = {"stage": "steer_sft", "eval_loss_before": before, "eval_loss": after, "steering": table, "steering_other_values": neutral,
                "verbosity_ratio": table["verbosity"]["length_ratio"],
                "helpfulness_rm_diff_in_se": table["helpfulness"].get("rm_diff_in_se"),
+               "verbosity_short_preference": prefer_short,
                "scored_by": str(rm_dir) if rm_dir.is_dir() else None, "conditioned": args.conditioned,
                "labels_predicted": labels["predicted"], "verbosity_word_cuts": cuts,
                "label_counts": _counts(train_rows), "train_examples": len(train_rows), "eval_examples": len(held_rows),
                "eval_n": len(held_rows), "steps": trainer.state.global_step, "resumed_from": resume,
                "data": {"sft": sft[2], "pref": pref[2]}, "history": train_history(trainer)}
-    print("[steer_sft] steering on held-out prompts:\n" + steering_markdown(table))
+    summary = steering_markdown(table) + "\n\n" + length_preference_line(prefer_short)
+    print("[steer_sft] steering on held-out prompts:\n" + summary)
     return save_stage(trainer.model, tok, ctx, "steer_sft", metrics, args, str(model_dir), "SteerLM model",
                       "Attribute-conditioned SFT (SteerLM). Ask for a kind of reply with the system-prompt line "
-                      "`Attributes: helpfulness=4 verbosity=0` (integers 0-4).\n\n" + steering_markdown(table))
+                      "`Attributes: helpfulness=4 verbosity=0` (integers 0-4).\n\n" + summary)
 
 
 def _rm(rm_dir: Path) -> tuple[Any, Any]:

@@ -97,6 +97,7 @@ def test_steer_stages_end_to_end(steered, tiny_model_dir):
     for k in ("length_low", "length_high", "length_ratio", "rm_low", "rm_high", "rm_diff", "rm_diff_se"):
         assert isinstance(table["helpfulness"][k], float), k
     assert table["helpfulness"]["n"] == 4
+    assert sft["verbosity_short_preference"]["n"] > 0 and isinstance(sft["verbosity_short_preference"]["gap"], float)
     AutoModelForCausalLM.from_pretrained(out / "steer_sft")
     # both start from the input model (no sft stage here) and changed it; steer_sft is fingerprinted on steer_rm
     for stage in ("steer_rm", "steer_sft"):
@@ -106,6 +107,7 @@ def test_steer_stages_end_to_end(steered, tiny_model_dir):
     assert "attribute_model" in json.loads((out / "steer_sft" / FILE).read_text())["inputs"]
     report = (out / "report.md").read_text()
     assert "| steer_rm |" in report and "| steer_sft |" in report and "| verbosity | " in report
+    assert "Log-odds of a short over a long held-out reply" in report
     assert "Attributes: helpfulness=4 verbosity=0" in (out / "steer_sft" / "README.md").read_text()
 
 
@@ -212,12 +214,15 @@ def test_it_steers_on_the_demo_world_and_the_unconditioned_control_does_not(demo
     assert stage_metrics(root / "steered", "rm")["accuracy"] > 0.75  # the judge of helpfulness learned the pairs
     assert steered["steering"]["verbosity"]["n"] >= 25 and steered["steering"]["helpfulness"]["n"] >= 45
     assert passes(steered["steering"]) == (True, True), steered["steering"]
+    short = steered["verbosity_short_preference"]  # verbosity 0 makes a short reply likelier than 4 does
+    assert short["n"] >= 20 and short["gap"] > 2 * short["gap_se"], short
     # the control: the same replies, labels and steps without the attribute line (rm and steer_rm reused)
     for stage in ("rm", "steer_rm"):
         shutil.copytree(root / "steered" / stage, root / "control" / stage)
     control = _steer(model, data, root / "control", conditioned=False)
     print(json.dumps(control["steering"], indent=1))
     assert passes(control["steering"]) == (False, False), control["steering"]
+    assert control["verbosity_short_preference"]["gap"] < short["gap"] - 2 * short["gap_se"]  # never taught the line
 
 
 # ----------------------------------------------------------------------------------------------- steering at inference
