@@ -134,14 +134,24 @@ def _step_of(ckpt: Path) -> int:
 
 def claim_work_dir(ctx: StageContext, stage: str, fp: dict[str, Any]) -> Path:
     """Make ``OUT/.work/<stage>`` this run's: checkpoints of the same fingerprint stay (they are resumed); those of
-    another config (or of no recorded one) are moved aside to ``.work/<stage>.<fingerprint>``, with one line."""
+    another config (or of no recorded one) are moved aside to ``.work/<stage>.<fingerprint>``, with one line. Under
+    accelerate launch one rank claims while the others wait (a rank that saw the other's half-written record moved
+    the folder from under it)."""
     work = ctx.work_dir(stage)
     ctx.fingerprints[stage] = fp
+    ranks = PartialState()
+    if ranks.is_main_process:
+        _claim(work, stage, fp)
+    ranks.wait_for_everyone()
+    return work
+
+
+def _claim(work: Path, stage: str, fp: dict[str, Any]) -> None:
     if work.is_dir() and any(work.iterdir()):
         rec = work / fingerprint.FILE
         old = read_json(rec).get("fingerprint", "unrecorded") if rec.is_file() else "unrecorded"
         if old == fp["fingerprint"]:
-            return work
+            return
         aside, n = work.with_name(f"{stage}.{old}"), 1
         while aside.exists():
             aside, n = work.with_name(f"{stage}.{old}.{n}"), n + 1
@@ -149,7 +159,6 @@ def claim_work_dir(ctx: StageContext, stage: str, fp: dict[str, Any]) -> Path:
         print(f"[{stage}] {work} holds the work of another config (fingerprint {old}): moved it aside to {aside}, "
               "starting at step 0")
     fingerprint.record(work, fp)
-    return work
 
 
 def load_tokenizer(path: str | Path) -> Any:
