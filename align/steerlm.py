@@ -284,10 +284,9 @@ def to_examples(rows: list[dict], conditioned: bool) -> list[dict]:
     return out
 
 
-def plain_prompts(examples: list[dict], n: int) -> list[list[dict]]:
-    """Up to ``n`` held-out SFT prompts answered in plain text (no tools): where verbosity is measured."""
-    return [ex["prompt"] for ex in examples
-            if not ex.get("tools") and not ex["completion"][0].get("tool_calls")][:n]
+def plain_examples(examples: list[dict], n: int) -> list[dict]:
+    """Up to ``n`` held-out SFT examples answered in plain text (no tools): where verbosity is measured."""
+    return [ex for ex in examples if not ex.get("tools") and not ex["completion"][0].get("tool_calls")][:n]
 
 
 def steering(policy: Any, tok: Any, prompts: dict[str, list[list[dict]]], neutral: dict[str, int],
@@ -328,7 +327,7 @@ def length_preference(policy: Any, tok: Any, examples: list[dict], neutral: dict
     pairs = []
     for ex in examples:
         copies = sorted(variants([ex]), key=lambda c: len(reply_text(c["completion"]).split()))
-        if len(copies) > 1:  # ``variants`` leaves tool calls and replies under 3 words alone
+        if len(copies) > 1:  # ``variants`` leaves replies under 3 words alone
             pairs.append((ex["prompt"], copies[0]["completion"], copies[-1]["completion"]))
     if not pairs:
         return {"gap": float("nan"), "gap_se": float("nan"), "n": 0}
@@ -374,7 +373,7 @@ def measure(model_dir: str | Path, rm_dir: str | Path | None, prompts: dict[str,
 
 def eval_prompts(args: SteerSFTArgs, sft: tuple, pref: tuple) -> dict[str, list[list[dict]]]:
     """The held-out prompts of the steering check: plain SFT prompts (verbosity), preference prompts (helpfulness)."""
-    return {"verbosity": plain_prompts(sft[1], args.eval_prompts),
+    return {"verbosity": [ex["prompt"] for ex in plain_examples(sft[1], args.eval_prompts)],
             "helpfulness": [p["prompt"] for p in pref[1]][: args.eval_prompts]}
 
 
@@ -417,8 +416,7 @@ def train_sft(ctx: StageContext, args: SteerSFTArgs, model_dir: str | Path, attr
     neutral = typical_values(train_rows)
     table = steering(trainer.model.eval(), tok, eval_prompts(args, sft, pref), neutral, *_rm(rm_dir),
                      args.max_new_tokens, ctx.seed)
-    plain = [ex for ex in sft[1] if not ex.get("tools")][: args.eval_prompts]
-    prefer_short = length_preference(trainer.model, tok, plain, neutral)
+    prefer_short = length_preference(trainer.model, tok, plain_examples(sft[1], args.eval_prompts), neutral)
     metrics = {"stage": "steer_sft", "eval_loss_before": before, "eval_loss": after, "steering": table, "steering_other_values": neutral,
                "verbosity_ratio": table["verbosity"]["length_ratio"],
                "helpfulness_rm_diff_in_se": table["helpfulness"].get("rm_diff_in_se"),
