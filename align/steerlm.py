@@ -6,7 +6,8 @@ Two stages of ``minitron align`` (run only when named: ``--stages steer_rm,steer
   attribute, masked MSE, a plain transformers ``Trainer``) that predicts the attributes of a reply (HelpSteer-style,
   0-4 each) from the whole conversation. It starts from the SFT model (else the input model).
 - ``steer_sft``: labels every training reply, writes the labels into the prompt as the system line
-  ``Attributes: helpfulness=4 verbosity=2`` (``minitron.chat_format.attribute_line``), then SFT (TRL's
+  ``Attributes: helpfulness=4 verbosity=2. Give the most helpful answer you can. Answer in a few sentences.``
+  (the values, then the same in words: ``minitron.chat_format.attribute_line``), then SFT (TRL's
   ``SFTTrainer``, loss on the reply). At inference the same line asks for a kind of reply; the stage measures that it
   does (``steering``): on held-out prompts, the lowest vs the highest verbosity (answer length) and helpfulness
   (the pairwise reward model ``OUT/rm``'s score, when there is one); and, free of greedy decoding,
@@ -37,7 +38,7 @@ from align.common import (StageArgs, StageContext, freeze, last_checkpoint, load
 from align.data import to_dataset
 from align.lora import peft_config
 from align.scoring import completion_logps, mean_se, sample
-from minitron.chat_format import ATTRIBUTE_MAX, ATTRIBUTE_NAMES, with_attributes
+from minitron.chat_format import ATTRIBUTE_MAX, ATTRIBUTE_NAMES, attribute_line, with_attributes
 from minitron.config import ConfigError, arg
 from minitron.scoring import chat_ids, pad_rows, reward_scores
 
@@ -430,7 +431,8 @@ def train_sft(ctx: StageContext, args: SteerSFTArgs, model_dir: str | Path, attr
     print("[steer_sft] steering on held-out prompts:\n" + summary)
     return save_stage(trainer.model, tok, ctx, "steer_sft", metrics, args, str(model_dir), "SteerLM model",
                       "Attribute-conditioned SFT (SteerLM). Ask for a kind of reply with the system-prompt line "
-                      "`Attributes: helpfulness=4 verbosity=0` (integers 0-4).\n\n" + summary)
+                      f"`{attribute_line({'helpfulness': 4, 'verbosity': 0})}` (integers 0-4, then the same in "
+                      "words; `minitron chat`: `/attributes helpfulness=4 verbosity=0`).\n\n" + summary)
 
 
 def _rm(rm_dir: Path) -> tuple[Any, Any]:

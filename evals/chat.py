@@ -10,7 +10,8 @@ Replies stream token by token and the whole history is sent each turn. Commands:
     /tools FILE.json offer these tools (a JSON list of OpenAI tools or bare function schemas); /tools off
     /extra JSON      extra request fields, vLLM extensions included (e.g. {"top_k": 20}); /extra off
     /attributes A=V  steer a SteerLM model (``minitron align --stages steer_rm,steer_sft``): sets the system prompt's
-                     first line to ``Attributes: helpfulness=4 verbosity=0`` (integers 0-4); /attributes off
+                     first line to ``Attributes: helpfulness=4 verbosity=0. Give the most helpful answer you
+                     can. Answer in one short sentence.`` (integers 0-4, then in words); /attributes off
     /save FILE       write the conversation (system, tools, messages) as JSON
     /help, /quit     (end of input quits too)
 

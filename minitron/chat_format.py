@@ -96,19 +96,29 @@ def tool_call_message(calls: list[dict[str, Any]], content: str = "") -> dict[st
 
 # ----------------------------------------------------------------------------------------- SteerLM attributes
 # SteerLM (attribute-conditioned SFT, ``align/steerlm.py``) writes the wanted attributes of a reply as one line at
-# the top of the system turn: ``Attributes: helpfulness=4 verbosity=0``. Values are integers on a 0-4 scale
-# (HelpSteer's); the names are those the model was trained with (``ATTRIBUTE_NAMES`` for the project's stages),
-# always in that order. A served model is steered by sending that line as (the start of) the system prompt;
-# ``minitron chat`` builds it with ``/attributes verbosity=0``.
+# the top of the system turn: the values, then the same values in words (``ATTRIBUTE_WORDS``),
+#     Attributes: helpfulness=4 verbosity=0. Give the most helpful answer you can. Answer in one short sentence.
+# Values are integers on a 0-4 scale (HelpSteer's); the names are those the model was trained with
+# (``ATTRIBUTE_NAMES`` for the project's stages), always in that order. The words are there for a pretrained
+# student: it already follows such instructions, so it learns the condition from a few hundred replies, where it
+# did not learn the bare values at all (align/README.md, SteerLM). A served model is steered by sending that line
+# as (the start of) the system prompt; ``minitron chat`` builds it with ``/attributes verbosity=0``.
 ATTRIBUTE_NAMES = ("helpfulness", "verbosity")
 ATTRIBUTE_MAX = 4
 ATTRIBUTE_PREFIX = "Attributes:"
 _ATTR_RE = re.compile(r"([A-Za-z_]+)\s*=\s*(-?\d+)")
+ATTRIBUTE_WORDS = {  # value 0..4 -> the instruction that says it
+    "helpfulness": ("Give an unhelpful answer.", "Give a barely helpful answer.", "Give a somewhat helpful answer.",
+                    "Give a helpful answer.", "Give the most helpful answer you can."),
+    "verbosity": ("Answer in one short sentence.", "Answer briefly, in a sentence or two.",
+                  "Answer in a few sentences.", "Answer in detail.", "Answer in detail, in several sentences."),
+}
 
 
 def attribute_line(values: dict[str, int]) -> str:
     """``Attributes: name=v ...`` for ``values`` (known names first in ``ATTRIBUTE_NAMES`` order, then any others
-    sorted); each value must be an integer in 0..ATTRIBUTE_MAX."""
+    sorted), then the values of the names ``ATTRIBUTE_WORDS`` knows in words; each value must be an integer in
+    0..ATTRIBUTE_MAX."""
     names = [n for n in ATTRIBUTE_NAMES if n in values] + sorted(n for n in values if n not in ATTRIBUTE_NAMES)
     parts = []
     for n in names:
@@ -116,7 +126,9 @@ def attribute_line(values: dict[str, int]) -> str:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= ATTRIBUTE_MAX:
             raise ValueError(f"attribute {n}={v!r}: values are integers 0..{ATTRIBUTE_MAX}")
         parts.append(f"{n}={v}")
-    return f"{ATTRIBUTE_PREFIX} " + " ".join(parts)
+    words = [ATTRIBUTE_WORDS[n][values[n]] for n in names if n in ATTRIBUTE_WORDS]
+    line = f"{ATTRIBUTE_PREFIX} " + " ".join(parts)
+    return f"{line}. {' '.join(words)}" if words else line
 
 
 def parse_attributes(text: str) -> dict[str, int]:
