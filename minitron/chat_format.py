@@ -100,9 +100,9 @@ def tool_call_message(calls: list[dict[str, Any]], content: str = "") -> dict[st
 #     Attributes: helpfulness=4 verbosity=0. Give the most helpful answer you can. Answer in one short sentence.
 # Values are integers on a 0-4 scale (HelpSteer's); the names are those the model was trained with
 # (``ATTRIBUTE_NAMES`` for the project's stages), always in that order. The words are there for a pretrained
-# student: it already follows such instructions, so it learns the condition from a few hundred replies, where it
-# did not learn the bare values at all (align/README.md, SteerLM). A served model is steered by sending that line
-# as (the start of) the system prompt; ``minitron chat`` builds it with ``/attributes verbosity=0``.
+# student, which already follows such instructions: it learns the condition faster from them (the real student,
+# 40 steps: 0.27 against 0.05 nats with the bare values; align/README.md, SteerLM). A served model is steered by
+# sending that line as (the start of) the system prompt; ``minitron chat`` builds it with ``/attributes verbosity=0``.
 ATTRIBUTE_NAMES = ("helpfulness", "verbosity")
 ATTRIBUTE_MAX = 4
 ATTRIBUTE_PREFIX = "Attributes:"

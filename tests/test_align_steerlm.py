@@ -22,14 +22,16 @@ from minitron.chat_format import attribute_line, parse_attributes, with_attribut
 from minitron.fingerprint import FILE
 from test_align_resume import LAYER, align_command, kill_and_resume, stage_metrics, tiny_align_data, write_tiny_data
 
-TWO_STEPS = dict(max_steps=2, eval_rows=8, max_length=128)  # the attribute line costs ~20 tokens
+TWO_STEPS = dict(max_steps=2, eval_rows=8, max_length=192)  # the attribute line, words included: ~90 tiny-BPE tokens
 
 
 
 # ----------------------------------------------------------------------------------------------- the format
 def test_attribute_line_round_trips_and_goes_into_the_system_turn():
     line = attribute_line({"verbosity": 0, "helpfulness": 4})
-    assert line == "Attributes: helpfulness=4 verbosity=0. Give the most helpful answer you can. Answer in one short sentence."  # fixed order, whatever the dict's
+    # fixed order, whatever the dict's; then the values in words
+    assert line == ("Attributes: helpfulness=4 verbosity=0. Give the most helpful answer you can. "
+                    "Answer in one short sentence.")
     assert attribute_line({"tone": 1}) == "Attributes: tone=1"  # a name without words: the value alone
     assert parse_attributes(line) == {"helpfulness": 4, "verbosity": 0}
     assert parse_attributes("verbosity=1") == {"verbosity": 1}  # as typed after /attributes
@@ -40,9 +42,12 @@ def test_attribute_line_round_trips_and_goes_into_the_system_turn():
     with pytest.raises(ValueError):
         attribute_line({"verbosity": 7})
     user = [{"role": "user", "content": "hi"}]
-    assert with_attributes(user, {"verbosity": 2}) == [{"role": "system", "content": "Attributes: verbosity=2. Answer in a few sentences."}, *user]
-    persona = [{"role": "system", "content": "Attributes: verbosity=4. Answer in detail, in several sentences.\nYou are a knight."}, *user]
-    assert with_attributes(persona, {"verbosity": 0})[0]["content"] == "Attributes: verbosity=0. Answer in one short sentence.\nYou are a knight."
+    assert with_attributes(user, {"verbosity": 2}) == [
+        {"role": "system", "content": "Attributes: verbosity=2. Answer in a few sentences."}, *user]
+    persona = [{"role": "system",
+                "content": "Attributes: verbosity=4. Answer in detail, in several sentences.\nYou are a knight."}, *user]
+    assert with_attributes(persona, {"verbosity": 0})[0]["content"] == \
+        "Attributes: verbosity=0. Answer in one short sentence.\nYou are a knight."
     assert with_attributes(user, None) == user
 
 
@@ -109,7 +114,8 @@ def test_steer_stages_end_to_end(steered, tiny_model_dir):
     report = (out / "report.md").read_text()
     assert "| steer_rm |" in report and "| steer_sft |" in report and "| verbosity | " in report
     assert "Log-odds of a short over a long held-out reply" in report
-    assert "Attributes: helpfulness=4 verbosity=0. Give the most helpful answer you can. Answer in one short sentence." in (out / "steer_sft" / "README.md").read_text()
+    assert ("Attributes: helpfulness=4 verbosity=0. Give the most helpful answer you can. Answer in one short "
+            "sentence.") in (out / "steer_sft" / "README.md").read_text()
 
 
 def test_a_finished_steer_stage_is_skipped_and_a_changed_attribute_model_redoes_steer_sft(steered, capsys):
@@ -233,8 +239,10 @@ def test_chat_attributes_command_sets_the_system_line():
 
     assert set_attributes(None, "verbosity=0") == "Attributes: verbosity=0. Answer in one short sentence."
     assert set_attributes("You are Sir Bram.", "verbosity=4 helpfulness=4") == \
-        "Attributes: helpfulness=4 verbosity=4. Give the most helpful answer you can. Answer in detail, in several sentences.\nYou are Sir Bram."
-    assert set_attributes("Attributes: verbosity=0. Answer in one short sentence.\nYou are Sir Bram.", "off") == "You are Sir Bram."
+        ("Attributes: helpfulness=4 verbosity=4. Give the most helpful answer you can. "
+         "Answer in detail, in several sentences.\nYou are Sir Bram.")
+    worded = "Attributes: verbosity=0. Answer in one short sentence.\nYou are Sir Bram."
+    assert set_attributes(worded, "off") == "You are Sir Bram."
     with pytest.raises(ConfigError, match="0..4"):
         set_attributes(None, "verbosity=9")
 
@@ -250,4 +258,5 @@ def test_the_eval_harness_asks_every_chat_prompt_for_the_attributes(tiny_model_d
     seen: list[str] = []
     gen.complete = lambda prompts, *a, **k: seen.extend(prompts) or [""] * len(prompts)
     gen.chat([{"messages": [{"role": "user", "content": "hi"}]}, [{"role": "user", "content": "yo"}]], 2)
-    assert len(seen) == 2 and all("<|im_start|>system\nAttributes: verbosity=0. Answer in one short sentence.<|im_end|>" in p for p in seen), seen
+    line = "<|im_start|>system\nAttributes: verbosity=0. Answer in one short sentence.<|im_end|>"
+    assert len(seen) == 2 and all(line in p for p in seen), seen
