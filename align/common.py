@@ -132,6 +132,16 @@ def _step_of(ckpt: Path) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
+def process_state() -> PartialState:
+    """accelerate's process state, on the CPU when there is no CUDA (as TRL's ``use_cpu``).
+
+    A bare ``PartialState()`` under a torchrun-style launch on a CPU-only machine is *not* distributed: every rank
+    reads ``is_main_process`` as True and ``wait_for_everyone`` returns at once (measured, accelerate 1.16). The
+    state is a singleton: whichever call comes first (this one or TRL's) sets it for the process.
+    """
+    return PartialState(cpu=not on_gpu())
+
+
 def claim_work_dir(ctx: StageContext, stage: str, fp: dict[str, Any]) -> Path:
     """Make ``OUT/.work/<stage>`` this run's: checkpoints of the same fingerprint stay (they are resumed); those of
     another config (or of no recorded one) are moved aside to ``.work/<stage>.<fingerprint>``, with one line. Under
@@ -139,7 +149,7 @@ def claim_work_dir(ctx: StageContext, stage: str, fp: dict[str, Any]) -> Path:
     the folder from under it)."""
     work = ctx.work_dir(stage)
     ctx.fingerprints[stage] = fp
-    ranks = PartialState()
+    ranks = process_state()
     if ranks.is_main_process:
         _claim(work, stage, fp)
     ranks.wait_for_everyone()
@@ -201,7 +211,7 @@ def save_stage(model: Any, tok: Any, ctx: StageContext, stage: str, metrics: dic
     wall, cpu = ctx.started.get(stage, (time.perf_counter(), time.process_time()))
     metrics["seconds"] = round(time.perf_counter() - wall, 1)
     metrics["cpu_seconds"] = round(time.process_time() - cpu, 1)  # all threads: ~2x the wall time on 2 idle cores
-    ranks = PartialState()  # under accelerate launch every rank gets here: one writes
+    ranks = process_state()  # under accelerate launch every rank gets here: one writes
     if ranks.is_main_process:
         _write_stage(model, tok, ctx, stage, metrics, args, source, title, notes)
         # The checkpoints were only the resume point; the finished output makes them dead weight.

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from align.common import StageContext, freeze, last_checkpoint, on_gpu
+from align.common import StageContext, freeze, last_checkpoint, on_gpu, process_state
 from align.lora import peft_config
 from align.reward import load_reward_model
 from align.scoring import sample
@@ -68,11 +68,10 @@ def train(ctx: StageContext, args: Any, policy: Any, ref: Any, rm: Any, tok: Any
           prompts: list[list[dict]]) -> tuple[Any, list[dict], int, str | None]:
     """PPO from ``policy`` (frozen start ``ref``) with the reward model ``rm`` on ``prompts``; ``args`` is the
     ``rl`` section (``align.rl.RLArgs``). Returns (trained policy, log history, steps, checkpoint resumed from)."""
-    from accelerate import PartialState
     from transformers import get_cosine_schedule_with_warmup
     from trl.trainer.utils import disable_dropout_in_model
 
-    if PartialState().num_processes > 1:
+    if process_state().num_processes > 1:
         raise ConfigError("rl.algo ppo runs in one process: launch it without accelerate/torchrun (or use rloo/grpo)")
     critic = _critic(rm_dir, rm_tok, tok, args)
     if ctx.lora.enabled:

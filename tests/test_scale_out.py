@@ -327,3 +327,35 @@ def test_sft_ddp_follows_single_process(sft):
     compare("SFT, 1 process (2 x accumulation 2) vs 2-process DDP (2 x 1)", ref["curve"], got["curve"])
     for key in ("eval_loss_before", "eval_loss"):
         assert abs(ref[key] - got[key]) <= LOSS_TOL, (key, ref[key], got[key])
+
+
+CLAIM_PROBE = textwrap.dedent('''
+    """Both ranks claim OUT/.work/sft holding an old run's checkpoint; report what each saw."""
+    import json, sys
+    from pathlib import Path
+    from align.common import StageContext, claim_work_dir, process_state
+
+    out = Path(sys.argv[1])
+    ranks = process_state()
+    ctx = StageContext(out=out)
+    work = claim_work_dir(ctx, "sft", {"fingerprint": "new", "stage": "sft"})
+    report = {"main": ranks.is_main_process, "processes": ranks.num_processes, "work": sorted(
+        p.name for p in work.iterdir()), "aside": sorted(p.name for p in work.parent.iterdir() if p != work)}
+    (out / f"rank{ranks.process_index}.json").write_text(json.dumps(report))
+''')
+
+
+def test_one_rank_claims_the_work_dir_while_the_other_waits(tmp_path):
+    """Under ddp_cpu.yaml (torchrun on a CPU-only machine) a bare ``PartialState()`` is not distributed: both ranks
+    saw themselves as main, and one moved ``.work/sft`` aside while the other wrote its fingerprint into it (CI:
+    'No such file or directory: .../.work/sft/tmp....tmp'). ``process_state`` is distributed: one rank claims."""
+    old = tmp_path / "out" / ".work" / "sft" / "checkpoint-2"
+    old.mkdir(parents=True)
+    (old / "trainer_state.json").write_text("{}")
+    probe = tmp_path / "probe.py"
+    probe.write_text(CLAIM_PROBE)
+    ok(run_cli([str(tmp_path / "out")], "ddp_cpu.yaml", script=probe))
+    r0, r1 = (json.loads((tmp_path / "out" / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert (r0["main"], r1["main"]) == (True, False) and r0["processes"] == r1["processes"] == 2
+    assert r0["work"] == r1["work"] == ["fingerprint.json"]  # the new record only, seen after the barrier
+    assert r0["aside"] == r1["aside"] == ["sft.unrecorded"]
