@@ -74,6 +74,12 @@ def iter_source(source: str, split: str) -> Iterator[tuple[str, int, Any]]:
                         f"({type(e).__name__}: {e})") from e
 
 
+def source_label(source: str) -> str:
+    """A short name for a data source in reports: the file or folder name without extensions, or the hub name."""
+    name = source.partition("@")[0].rstrip("/").rsplit("/", 1)[-1]
+    return name.split(".", 1)[0] or name
+
+
 def _local_files(local: Path, split: str) -> list[Path]:
     """The files of a local source: a folder without a file named for ``split`` gives all its JSON(L) files."""
     if local.is_dir() and not any(split in f.name for f in local.rglob("*") if f.is_file()):

@@ -16,7 +16,7 @@ from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load
                           measured_once, save_stage, train_history, trl_args)
 from align.data import to_dataset
 from align.lora import peft_config
-from align.scoring import completion_logps, mean_se
+from align.scoring import by_source, completion_logps, mean_se
 from minitron.config import ConfigError, arg
 
 # the losses TRL 1.16's DPOTrainer computes (it checks only at the first training step)
@@ -63,6 +63,12 @@ def margin_metrics(ref: list[float], after: Any, beta: float) -> dict[str, float
             "reward_accuracy_se": mean_se((implicit > 0).float())[1], "eval_pairs": len(ref), "eval_n": len(ref)}
 
 
+def held_out_metrics(ref: list[float], after: Any, beta: float, pairs: list[dict]) -> dict[str, Any]:
+    """``margin_metrics`` over all held-out pairs, and per source (``by_source``) when they come from several."""
+    split = by_source(pairs, lambda idx: margin_metrics([ref[i] for i in idx], after[idx], beta))
+    return {**margin_metrics(ref, after, beta), **({"by_source": split} if split else {})}
+
+
 def train(ctx: StageContext, args: DPOArgs, model_dir: str | Path, train_pairs: list[dict],
           eval_pairs: list[dict], data_stats: dict[str, Any]) -> Path:
     """DPO from ``model_dir`` (policy and reference) on ``train_pairs``; write ``OUT/dpo``."""
@@ -78,7 +84,7 @@ def train(ctx: StageContext, args: DPOArgs, model_dir: str | Path, train_pairs: 
                          peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
     resume = last_checkpoint(ctx, "dpo")
     trainer.train(resume_from_checkpoint=resume)
-    metrics = {"stage": "dpo", **margin_metrics(ref, margins(trainer.model, tok, eval_pairs), args.beta),
+    metrics = {"stage": "dpo", **held_out_metrics(ref, margins(trainer.model, tok, eval_pairs), args.beta, eval_pairs),
                "train_pairs": len(train_pairs), "steps": trainer.state.global_step, "resumed_from": resume,
                "data": data_stats, "history": train_history(trainer)}
     return save_stage(trainer.model, tok, ctx, "dpo", metrics, args, str(model_dir), "DPO model",

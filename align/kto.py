@@ -18,7 +18,7 @@ from typing import Any
 from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
                           measured_once, save_stage, train_history, trl_args)
 from align.data import to_dataset
-from align.dpo import margin_metrics, margins
+from align.dpo import held_out_metrics, margins
 from align.lora import peft_config
 from minitron.config import ConfigError, arg
 
@@ -74,7 +74,7 @@ def train(ctx: StageContext, args: KTOArgs, model_dir: str | Path, train_pairs: 
     resume = last_checkpoint(ctx, "kto")
     trainer.train(resume_from_checkpoint=resume)
     metrics = {"stage": "kto", "loss_type": args.loss_type,
-               **margin_metrics(ref, margins(trainer.model, tok, eval_pairs), args.beta),
+               **held_out_metrics(ref, margins(trainer.model, tok, eval_pairs), args.beta, eval_pairs),
                "train_pairs": len(train_pairs), "train_examples": len(rows), "desirable": sum(r["label"] for r in rows),
                "steps": trainer.state.global_step, "resumed_from": resume, "data": data_stats,
                "history": train_history(trainer)}

@@ -113,10 +113,11 @@ class AlignConfig:
 
 
 def load_split_rows(cfg: AlignConfig, train_src: list[str], eval_src: list[str],
-                    convert: Any) -> tuple[list, list, dict]:
+                    convert: Any, tag_source: bool = False) -> tuple[list, list, dict]:
     """(train, eval, stats). Held-out rows come from the eval sources; an eval source that is also a training
     source is split: its share of ``eval_rows`` is held out of it and the rest trains. With no eval source,
-    ``eval_rows`` are held out of all the training rows. Training rows are shuffled (seeded), then capped."""
+    ``eval_rows`` are held out of all the training rows. Training rows are shuffled (seeded), then capped.
+    ``tag_source`` names each held-out row's eval source in its ``source`` field (per-source metrics)."""
     per_source = {s: D.load_rows([s], "train", convert, cfg.skip_bad_rows) for s in train_src}
     info: dict[str, Any] = {"train": {s: st.as_dict() for s, (_, st) in per_source.items()}}
     rows_of = {s: rows for s, (rows, _) in per_source.items()}
@@ -134,7 +135,7 @@ def load_split_rows(cfg: AlignConfig, train_src: list[str], eval_src: list[str],
             else:
                 h, st = D.load_rows([s], "validation", convert, cfg.skip_bad_rows, n)
                 info.setdefault("eval", {})[s] = st.as_dict()
-            held += h
+            held += [{**r, "source": D.source_label(s)} for r in h] if tag_source else h
     if cfg.max_rows_per_source:
         rows_of = {s: random.Random(cfg.seed).sample(v, min(len(v), cfg.max_rows_per_source)) for s, v in rows_of.items()}
     rows = [r for v in rows_of.values() for r in v]
@@ -196,7 +197,7 @@ def check(cfg: AlignConfig) -> Inputs:
         first = inputs.sft[0][0]
         _check_template(tok, inputs.base, first["prompt"] + first["completion"], first.get("tools"))
     if set(cfg.stages) & {"rm", "dpo", "kto", "rs", "rl", "steer_rm", "steer_sft"}:
-        loaded = load_split_rows(cfg, cfg.pref_data, cfg.pref_eval_data, D.to_preference)
+        loaded = load_split_rows(cfg, cfg.pref_data, cfg.pref_eval_data, D.to_preference, tag_source=True)
         first = loaded[0][0]
         _check_template(tok, inputs.base, first["prompt"] + first["chosen"])
         inputs.pref = _fit(tok, cfg.max_length, loaded)

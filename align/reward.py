@@ -69,5 +69,11 @@ def train(ctx: StageContext, args: RMArgs, model_dir: str | Path, train_pairs: l
                "margin_se": after["margin_se"], "train_pairs": len(train_pairs),
                "eval_pairs": len(eval_pairs), "eval_n": len(eval_pairs), "steps": trainer.state.global_step, "resumed_from": resume,
                "data": data_stats, "history": train_history(trainer)}
+    if "by_source" in after:  # held-out pairs of several sources: each on its own
+        was = before.get("by_source", {})  # a cached "before" of an older run may have none
+        metrics["by_source"] = {
+            name: {"accuracy_before": was.get(name, {}).get("accuracy"), "accuracy": a["accuracy"],
+                   "accuracy_se": a["accuracy_se"], "margin": a["margin"], "eval_n": a["n"]}
+            for name, a in after["by_source"].items()}
     return save_stage(trainer.model, tok, ctx, "rm", metrics, args, str(model_dir), "Reward model",
                       "Bradley-Terry reward model (sequence classifier, one score) trained with TRL's RewardTrainer.")

@@ -2,6 +2,7 @@
 
 - ``completion_logps``: summed log-probability of each completion given its prompt (DPO margins, KL);
 - ``pairwise_accuracy``: the reward model's scalar (``minitron.scoring.reward_scores``) on chosen vs rejected;
+- ``by_source``: any of these per held-out source (HH-RLHF and an instruction set score very differently);
 - ``sample``: chat completions from a policy (RL mean reward before/after);
 - ``kl_to_reference``: a Monte-Carlo estimate of KL(policy || reference) on the policy's own samples.
 Every text goes through the tokenizer's chat template exactly as TRL renders it.
@@ -9,7 +10,7 @@ Every text goes through the tokenizer's chat template exactly as TRL renders it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,13 +35,29 @@ def mean_se(values: torch.Tensor) -> tuple[float, float]:
     return mean_stderr(values.float().tolist())
 
 
-def pairwise_accuracy(rm: Any, tok: Any, pairs: list[dict]) -> dict[str, float]:
-    """Share of held-out pairs where r(chosen) > r(rejected), and the mean margin, each with its standard error."""
+def by_source(pairs: list[dict], metric: Callable[[list[int]], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``metric(indices)`` for the held-out pairs of each source (the ``source`` field `minitron align` tags them
+    with), when they come from more than one source; otherwise {}."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(p.get("source", ""), []).append(i)
+    return {name: metric(idx) for name, idx in groups.items()} if len(groups) > 1 else {}
+
+
+def pairwise_accuracy(rm: Any, tok: Any, pairs: list[dict]) -> dict[str, Any]:
+    """Share of held-out pairs where r(chosen) > r(rejected), and the mean margin, each with its standard error;
+    ``by_source`` holds the same per source when the pairs come from several."""
     chosen = reward_scores(rm, tok, [p["prompt"] + p["chosen"] for p in pairs])
     rejected = reward_scores(rm, tok, [p["prompt"] + p["rejected"] for p in pairs])
+    out = _pairwise(chosen, rejected)
+    split = by_source(pairs, lambda idx: _pairwise(chosen[idx], rejected[idx]))
+    return {**out, "by_source": split} if split else out
+
+
+def _pairwise(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
     acc, acc_se = mean_se((chosen > rejected).float())
     margin, margin_se = mean_se(chosen - rejected)
-    return {"accuracy": acc, "accuracy_se": acc_se, "margin": margin, "margin_se": margin_se, "n": len(pairs)}
+    return {"accuracy": acc, "accuracy_se": acc_se, "margin": margin, "margin_se": margin_se, "n": len(chosen)}
 
 
 @torch.no_grad()

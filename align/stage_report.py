@@ -3,7 +3,7 @@
 Each row shows the number that says whether the stage worked, before -> after:
 SFT held-out loss (down), RM pairwise accuracy (up from ~0.5), DPO chosen-minus-rejected log-prob margin (up)
 with the implicit-reward accuracy (KTO the same), RS and RL mean reward of sampled completions (up), RL with the KL
-to the start policy.
+to the start policy. Stages whose held-out pairs come from several sources also get a per-source table.
 """
 
 from __future__ import annotations
@@ -75,6 +75,18 @@ def table(metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def source_table(metrics: dict[str, dict[str, Any]]) -> str | None:
+    """Per held-out source (stages that recorded ``by_source``): the headline before -> after, and for margins the
+    paired gain's standard error. None when no stage split its held-out set."""
+    lines = ["| stage | held-out source | n | before | after | paired gain s.e. |", "|---|---|---|---|---|---|"]
+    for stage, m in metrics.items():
+        _, k0, k1, _ = HEADLINE[stage]
+        for name, s in m.get("by_source", {}).items():
+            lines.append(f"| {stage} | {name} | {s.get('eval_n')} | {_se(s, k0, f'{k1}_se_before')} "
+                         f"| {_se(s, k1, f'{k1}_se')} | {_num(s.get('margin_gain_se'))} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 def plot(metrics: dict[str, dict[str, Any]], path: Path) -> Path | None:
     """Training curves (loss, or reward for RL) of each stage side by side."""
     import matplotlib
@@ -108,6 +120,9 @@ def write_report(out: Path, base_model: str, evals: Any = None) -> dict[str, Any
     text = [f"# Alignment report: {base_model}", "", table(metrics), ""]
     if png:
         text += ["![training curves](report.png)", ""]
+    per_source = source_table(metrics)
+    if per_source:
+        text += ["## Per held-out source", "", per_source, ""]
     if "steer_sft" in metrics:  # SteerLM: what the attribute line does to held-out replies (align.steerlm)
         from align.steerlm import length_preference_line, steering_markdown
 

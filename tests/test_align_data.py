@@ -133,3 +133,21 @@ def test_recipes_parse_against_align_config():
         AlignConfig(final="rm")
     with pytest.raises(ConfigError, match="rl.algo"):
         load_config(AlignConfig, None, overrides={"rl.algo": "a2c"})
+
+
+def test_source_labels_name_the_file_or_hub_set():
+    assert D.source_label("../shared/data/preference/hh_rlhf/helpful-online_test.jsonl.gz") == "helpful-online_test"
+    assert D.source_label("/data/pairs/") == "pairs" and D.source_label("Anthropic/hh-rlhf@test") == "hh-rlhf"
+
+
+def test_per_source_metrics_split_the_held_out_pairs_and_agree_with_the_whole():
+    import torch
+
+    from align.dpo import held_out_metrics, margin_metrics
+
+    pairs = [{"source": s} for s in ("a", "b", "a", "b")]
+    ref, after = [1.0, -2.0, 0.5, 3.0], torch.tensor([2.0, -1.0, 0.0, 3.5])
+    m = held_out_metrics(ref, after, 0.1, pairs)
+    assert m["by_source"]["a"] == margin_metrics([1.0, 0.5], after[[0, 2]], 0.1)
+    assert m["by_source"]["b"]["logp_margin"] == pytest.approx(1.25) and m["by_source"]["b"]["eval_n"] == 2
+    assert "by_source" not in held_out_metrics(ref, after, 0.1, [{"source": "a"}] * 4)  # one source: no split

@@ -204,6 +204,27 @@ def test_aligned_output_serves_in_vllm(world_model, tmp_path):
         assert Generator(EndpointBackend(url), None).chat(chats, max_new_tokens=8) == local
 
 
+def test_rm_and_dpo_report_each_held_out_source(world_model, tmp_path):
+    """Preference pairs held out of two sources (the world's test file, and 15 pairs of its training file): the RM
+    and DPO measure each on its own, the report gets a per-source table, the held-out file names each pair's."""
+    _, world, base = world_model
+    data = WorldFiles(world).align_data()
+    data["pref_eval_data"] += data["pref_data"]
+    cfg = AlignConfig(model=str(base), out=str(tmp_path / "out"), eval_rows=30, max_length=192, stages=["rm", "dpo"],
+                      **data, rm=RMArgs(steps=4, lr=1e-3, batch_size=8), dpo=DPOArgs(steps=4, lr=5e-4, batch_size=4))
+    out = run(cfg)
+    rm, dpo = stage_metrics(out, "rm"), stage_metrics(out, "dpo")
+    for m, key in ((rm, "margin"), (dpo, "logp_margin")):
+        assert {k: v["eval_n"] for k, v in m["by_source"].items()} == {"test": 15, "train": 15}, m["by_source"]
+        # 15 + 15 pairs: the whole is the mean of the two, which differ (each was measured on its own pairs)
+        parts = [m["by_source"][s][key] for s in ("test", "train")]
+        assert m[key] == pytest.approx(sum(parts) / 2) and parts[0] != parts[1]
+    report = (out / "report.md").read_text()
+    assert "## Per held-out source" in report and "| rm | test | 15 |" in report and "| dpo | train | 15 |" in report
+    heldout = [json.loads(line) for line in (out / "data" / "pref_heldout.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in heldout] == ["test"] * 15 + ["train"] * 15
+
+
 def test_sft_extends_a_context_shorter_than_its_data():
     """Tool prompts longer than the pretraining context: the SFT output declares the window it was trained on."""
     from transformers import LlamaConfig
