@@ -80,6 +80,18 @@ def source_label(source: str) -> str:
     return name.split(".", 1)[0] or name
 
 
+def from_sources(rows: list[dict[str, Any]], labels: list[str], setting: str) -> list[dict[str, Any]]:
+    """The rows whose ``source`` label is one of ``labels`` (all rows when ``labels`` is empty)."""
+    if not labels:
+        return rows
+    known = sorted({r.get("source") for r in rows} - {None})
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise DataError(f"{setting}: no training rows from {unknown}; the sources are {known} (file names without "
+                        "extensions, as in the report's per-source table)")
+    return [r for r in rows if r.get("source") in labels]
+
+
 def _local_files(local: Path, split: str) -> list[Path]:
     """The files of a local source: a folder without a file named for ``split`` gives all its JSON(L) files."""
     if local.is_dir() and not any(split in f.name for f in local.rglob("*") if f.is_file()):
@@ -335,10 +347,10 @@ def _encode_calls(message: dict[str, Any]) -> dict[str, Any]:
 def to_dataset(rows: list[dict[str, Any]]) -> Any:
     """A ``datasets.Dataset`` of normalised examples, safe for Arrow (see ``_arrow_safe``).
 
-    Every row gets every column (None where it has none): ``Dataset.from_list`` takes its columns from the
+    The ``source`` tag is left out. Every row gets every column (None where it has none): ``Dataset.from_list`` takes its columns from the
     first row alone, so a first row without ``tools`` would silently drop the tool schemas of all the others.
     """
     import datasets
 
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    columns = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "source"]  # report metadata only
     return datasets.Dataset.from_list([_arrow_safe({k: r.get(k) for k in columns}) for r in rows])

@@ -33,6 +33,8 @@ class DPOArgs(StageArgs):
     batch_size: int = arg(8, "preference pairs per micro-batch")
     beta: float = arg(0.1, "strength of the KL anchor to the reference model")
     loss_type: list[str] = arg(["sigmoid"], "TRL loss(es): sigmoid (DPO), ipo, hinge, robust, sft (NLL, RPO-like)...")
+    sources: list[str] = arg([], "train on the pairs of these preference sources only (file names without "
+                                 "extensions, as in the report; [] = all); held-out pairs are measured for every source")
 
     def __post_init__(self):
         super().__post_init__()

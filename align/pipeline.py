@@ -48,6 +48,7 @@ from minitron.io import is_model_dir, write_text
 from minitron.model_source import resolve_model
 
 WORLD = "runs/demo/world"
+SOURCE_STAGES = {"rm", "dpo"}  # stages whose ``sources`` setting picks the preference files they train on
 DEFAULT_STAGES = ["sft", "rm", "dpo", "rl"]  # kto and rs run when named
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -117,10 +118,11 @@ def load_split_rows(cfg: AlignConfig, train_src: list[str], eval_src: list[str],
     """(train, eval, stats). Held-out rows come from the eval sources; an eval source that is also a training
     source is split: its share of ``eval_rows`` is held out of it and the rest trains. With no eval source,
     ``eval_rows`` are held out of all the training rows. Training rows are shuffled (seeded), then capped.
-    ``tag_source`` names each held-out row's eval source in its ``source`` field (per-source metrics)."""
+    ``tag_source`` names each row's source in its ``source`` field (per-source metrics, ``rm.sources``, ``dpo.sources``)."""
     per_source = {s: D.load_rows([s], "train", convert, cfg.skip_bad_rows) for s in train_src}
     info: dict[str, Any] = {"train": {s: st.as_dict() for s, (_, st) in per_source.items()}}
-    rows_of = {s: rows for s, (rows, _) in per_source.items()}
+    rows_of = {s: [{**r, "source": D.source_label(s)} for r in rows] if tag_source else rows
+               for s, (rows, _) in per_source.items()}
     held: list = []
     if not eval_src:
         rows, held = D.holdout([r for s in train_src for r in rows_of[s]], cfg.eval_rows, cfg.seed)
@@ -135,7 +137,8 @@ def load_split_rows(cfg: AlignConfig, train_src: list[str], eval_src: list[str],
             else:
                 h, st = D.load_rows([s], "validation", convert, cfg.skip_bad_rows, n)
                 info.setdefault("eval", {})[s] = st.as_dict()
-            held += [{**r, "source": D.source_label(s)} for r in h] if tag_source else h
+                h = [{**r, "source": D.source_label(s)} for r in h] if tag_source else h
+            held += h
     if cfg.max_rows_per_source:
         rows_of = {s: random.Random(cfg.seed).sample(v, min(len(v), cfg.max_rows_per_source)) for s, v in rows_of.items()}
     rows = [r for v in rows_of.values() for r in v]
@@ -201,6 +204,8 @@ def check(cfg: AlignConfig) -> Inputs:
         first = loaded[0][0]
         _check_template(tok, inputs.base, first["prompt"] + first["chosen"])
         inputs.pref = _fit(tok, cfg.max_length, loaded)
+        for stage in SOURCE_STAGES & set(cfg.stages):
+            D.from_sources(inputs.pref[0], getattr(cfg, stage).sources, f"{stage}.sources")
         if "rl" in cfg.stages:
             _check_rl_batch(cfg.rl, len(inputs.pref[0]))
     return inputs
@@ -307,6 +312,8 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
         args = fingerprint_args(args)
     if stage == "rm":  # rm.init is recorded by the input model
         args = fingerprint.without(args, ("init",))
+    if stage in SOURCE_STAGES and not args.sources:  # all sources: as before the setting existed
+        args = fingerprint.without(args, ("sources",))
     return fingerprint.of_config(args, steps=ctx.steps(args), model=str(model_dir), lora=dataclasses.asdict(cfg.lora),
                                  **shared, **data)
 
@@ -334,6 +341,8 @@ def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path,
         sft.train(ctx, cfg.sft, model_dir, train, held, {**info, "mix": mix})
         return
     train_pairs, eval_pairs, info = inputs.pref
+    if stage in SOURCE_STAGES:
+        train_pairs = D.from_sources(train_pairs, getattr(cfg, stage).sources, f"{stage}.sources")
     if stage == "rm":
         reward.train(ctx, cfg.rm, model_dir, train_pairs, eval_pairs, info)
     elif stage == "dpo":

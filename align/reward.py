@@ -31,6 +31,8 @@ class RMArgs(StageArgs):
     batch_size: int = arg(16, "preference pairs per micro-batch")
     center_rewards: float | None = arg(0.01, "penalty on the mean reward squared (keeps scores centred at 0)")
     init: str = arg("sft", "what the RM starts from: sft (the SFT output, else the model) or base (the model)")
+    sources: list[str] = arg([], "train on the pairs of these preference sources only (file names without "
+                                 "extensions, as in the report; [] = all); held-out pairs are measured for every source")
 
     def __post_init__(self):
         super().__post_init__()

@@ -225,6 +225,27 @@ def test_rm_and_dpo_report_each_held_out_source(world_model, tmp_path):
     assert [r["source"] for r in heldout] == ["test"] * 15 + ["train"] * 15
 
 
+def test_dpo_trains_on_the_named_sources_only(world_model, tmp_path):
+    """``dpo.sources``: DPO trains on the pairs of the named preference file only, and is still measured on every
+    held-out pair; a name that is no training source is refused before any stage runs, naming the sources."""
+    from minitron.data import DataError
+
+    _, world, base = world_model
+    data = WorldFiles(world).align_data()
+    rows = (world / "preference" / "train.jsonl").read_text().splitlines()
+    for name, part in (("pairs_a", rows[:30]), ("pairs_b", rows[30:50])):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    data["pref_data"] = [str(tmp_path / "pairs_a.jsonl"), str(tmp_path / "pairs_b.jsonl")]
+    cfg = AlignConfig(model=str(base), out=str(tmp_path / "out"), eval_rows=16, max_length=192, stages=["dpo"],
+                      **data, dpo=DPOArgs(steps=2, lr=5e-4, batch_size=4, sources=["pairs_b"]))
+    with pytest.raises(DataError, match=r"dpo.sources: no training rows from \['pairs_c'\]; the sources are "
+                                        r"\['pairs_a', 'pairs_b'\]"):
+        run(AlignConfig(**{**cfg.__dict__, "dpo": DPOArgs(steps=2, sources=["pairs_c"])}))
+    assert not (tmp_path / "out" / "dpo").exists()
+    m = stage_metrics(run(cfg), "dpo")
+    assert m["train_pairs"] == 20 and m["eval_n"] == 16 and m["steps"] == 2
+
+
 def test_sft_extends_a_context_shorter_than_its_data():
     """Tool prompts longer than the pretraining context: the SFT output declares the window it was trained on."""
     from transformers import LlamaConfig
