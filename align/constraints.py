@@ -219,3 +219,31 @@ def constrain(prompt: str, answer: str, rng: random.Random, max_constraints: int
     joiner = rng.choice([" ", "\n\n"])
     return {"prompt": prompt.rstrip() + joiner + " ".join(descriptions), "answer": text,
             "instruction_id_list": ids, "kwargs": kwargs}
+
+
+def obeyed(text: str, instruction_ids: list[str], kwargs: list[dict]) -> list[bool]:
+    """Whether ``text`` obeys each constraint, checked by lm-eval's IFEval code (its strict check)."""
+    registry, _, _ = ifeval_instructions()
+    out = []
+    for rule_id, kw in zip(instruction_ids, kwargs, strict=True):
+        checker = registry[rule_id](rule_id)
+        checker.build_description(**kw)
+        out.append(bool(text.strip()) and bool(checker.check_following(text)))
+    return out
+
+
+def constrained_prompts(examples: list[dict], n: int, rng: random.Random, max_constraints: int = 2) -> list[dict]:
+    """Up to ``n`` single-turn ``examples`` (prompt/completion) as ``{"prompt", "constraints"}``: the user turn with
+    1..max constraints appended (sized to the example's own answer, as ``constrain`` does), and the constraints as
+    JSON ``{"instruction_id_list", "kwargs"}`` for ``obeyed``. The answer itself is dropped: RL samples its own."""
+    out = []
+    for ex in rng.sample(examples, len(examples)):
+        if len(out) >= n:
+            break
+        prompt = ex["prompt"]
+        c = constrain(prompt[-1]["content"], ex["completion"][0]["content"], rng, max_constraints)
+        if c is not None:
+            out.append({"prompt": prompt[:-1] + [{"role": "user", "content": c["prompt"]}],
+                        "constraints": json.dumps({"instruction_id_list": c["instruction_id_list"],
+                                                   "kwargs": c["kwargs"]})})
+    return out

@@ -194,7 +194,8 @@ def check(cfg: AlignConfig) -> Inputs:
 
         check_teacher(cfg.opd, inputs.base)
     tok = _tokenizer(inputs.base)
-    if {"sft", "steer_rm", "steer_sft", "opd", "spin"} & set(cfg.stages):  # SteerLM labels the SFT replies too
+    if {"sft", "steer_rm", "steer_sft", "opd", "spin"} & set(cfg.stages) or _rl_constraints(cfg):
+        # SteerLM labels the SFT replies too; RL's constrained prompts are SFT questions
         _check_mix(cfg.sft_mix)
         inputs.sft = load_split_rows(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
         first = inputs.sft[0][0]
@@ -209,6 +210,10 @@ def check(cfg: AlignConfig) -> Inputs:
         if "rl" in cfg.stages:
             _check_rl_batch(cfg.rl, len(inputs.pref[0]))
     return inputs
+
+
+def _rl_constraints(cfg: AlignConfig) -> bool:
+    return "rl" in cfg.stages and cfg.rl.constraint_share > 0
 
 
 def _tokenizer(model: Path) -> Any:
@@ -308,8 +313,10 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
             data["reward_model"] = str(Path(cfg.out) / "rm")
     if stage in ("opd", "spin"):  # prompts (and SPIN's chosen answers) from the SFT data; the teacher is in cfg.opd
         data = {"sft_data": cfg.sft_data, "sft_eval_data": cfg.sft_eval_data}
-    if stage == "rl":  # PPO's options count for --rl.algo ppo only
+    if stage == "rl":  # PPO's options count for --rl.algo ppo only, the constraint options when a share is set
         args = fingerprint_args(args)
+        if cfg.rl.constraint_share:  # the constrained prompts are SFT questions
+            data.update(sft_data=cfg.sft_data, sft_eval_data=cfg.sft_eval_data)
     if stage == "rm":  # rm.init is recorded by the input model
         args = fingerprint.without(args, ("init",))
     if stage in SOURCE_STAGES and not args.sources:  # all sources: as before the setting existed
@@ -355,8 +362,30 @@ def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path,
     else:
         # RL needs prompts only: the preference prompts, so the RM scores answers to the questions it was trained on
         prompts = [p["prompt"] for p in train_pairs]
+        constrained, constrained_eval = _constrained_prompts(cfg, inputs, len(prompts))
         rl.train(ctx, cfg.rl, model_dir, ctx.out / "rm", prompts,
-                 [p["prompt"] for p in eval_pairs][: cfg.rl.eval_prompts], info)
+                 [p["prompt"] for p in eval_pairs][: cfg.rl.eval_prompts], info, constrained, constrained_eval)
+
+
+def _constrained_prompts(cfg: AlignConfig, inputs: Inputs, preference_prompts: int) -> tuple[list, list]:
+    """RLVR's prompts: held-in SFT questions with constraints, ``rl.constraint_share`` of all RL prompts, and as many
+    held-out ones as ``rl.eval_prompts`` (from the SFT's held-out rows)."""
+    from align.constraints import constrained_prompts
+    from align.sft_mix import single_turn
+
+    share = cfg.rl.constraint_share
+    if not share:
+        return [], []
+    train, held, _ = inputs.sft
+    n = round(share / (1 - share) * preference_prompts)
+    rng = random.Random(cfg.seed)
+    made = constrained_prompts([r for r in train if single_turn(r)], n, rng, cfg.rl.max_constraints)
+    held_out = constrained_prompts([r for r in held if single_turn(r)], cfg.rl.eval_prompts, rng,
+                                   cfg.rl.max_constraints)
+    if not made or not held_out:
+        raise D.DataError(f"rl.constraint_share {share}: no single-turn SFT examples took constraints "
+                        f"({len(made)} held-in, {len(held_out)} held-out); name SFT data with plain-text answers")
+    return made, held_out
 
 
 def link_final(out: Path, final: str) -> Path | None:

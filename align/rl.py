@@ -7,15 +7,23 @@ critic initialised from the RM, GAE, clipped policy and value losses) is ``align
 PPOTrainer, since the installed TRL 1.16 no longer has one; its options keep TRL's PPOConfig names. Metrics (the
 same for all three) on held-out prompts: mean reward of sampled completions before and after, and a Monte-Carlo
 estimate of KL(policy || reference); the trainer's own per-step reward and KL are kept in ``history``.
+
+Verifiable rewards (Tulu 3's RLVR, ``--rl.constraint-share``): that share of the prompts are held-in SFT questions
+with IFEval-type format constraints appended (``align.constraints``); their completions earn, besides the RM score,
+``constraint_weight`` x the share of constraints obeyed, checked by lm-eval's IFEval code (a second reward function;
+the other prompts get None from it, which TRL leaves out). Measured on held-out constrained prompts (greedy): the
+share of answers that obey all their constraints, before and after.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
+from align.constraints import obeyed
 from align.common import (StageContext, StageArgs, freeze, last_checkpoint, load_causal_lm, load_tokenizer,
                           measured_once, save_stage, train_history, trl_args)
 from align.data import to_dataset
@@ -27,6 +35,8 @@ from minitron.config import ConfigError, arg
 
 ALGOS = ("rloo", "grpo", "ppo")  # ppo: align/ppo.py (TRL 1.16 has no PPOTrainer)
 # the options only PPO reads (TRL PPOConfig names); an RLOO/GRPO fingerprint leaves them out (fingerprint_args)
+# the verifiable-reward options: left out of the fingerprint while constraint_share is 0 (older outputs stay up to date)
+CONSTRAINT_FIELDS = ("constraint_share", "constraint_weight", "max_constraints")
 PPO_FIELDS = ("num_ppo_epochs", "num_mini_batches", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
               "kl_coef", "kl_estimator", "whiten_rewards", "missing_eos_penalty")
 
@@ -49,6 +59,11 @@ class RLArgs(StageArgs):
     normalize_advantages: bool = arg(True, "rloo: scale advantages to unit variance per batch (the reward model's "
                                            "scale then does not set the step size; GRPO always does this per group)")
     kl_budget: float = arg(10.0, "nats per completion: the report says whether the final KL estimate stays within it")
+    constraint_share: float = arg(0.0, "share of the RL prompts that are held-in SFT questions with IFEval-type "
+                                       "format constraints, rewarded for obeying them (RLVR; rloo/grpo)")
+    constraint_weight: float = arg(1.0, "weight of the verifiable reward (share of constraints obeyed, 0..1) "
+                                        "beside the reward model's score (weight 1)")
+    max_constraints: int = arg(2, "constraints per constrained prompt (1..max)")
     # PPO only (align/ppo.py), TRL 1.12 PPOConfig's names and defaults
     num_ppo_epochs: int = arg(4, "ppo: passes over each rollout")
     num_mini_batches: int = arg(1, "ppo: minibatches per pass, one optimizer step each (must divide the rollout)")
@@ -66,7 +81,13 @@ class RLArgs(StageArgs):
         super().__post_init__()
         if self.algo not in ALGOS:
             raise ConfigError(f"rl.algo must be one of {ALGOS} (got {self.algo!r})")
+        if not 0 <= self.constraint_share < 1:
+            raise ConfigError(f"rl.constraint_share must be in [0, 1) (got {self.constraint_share}): the other "
+                              "prompts are the preference prompts the reward model scores")
         if self.algo == "ppo":
+            if self.constraint_share:
+                raise ConfigError("rl.constraint_share needs rl.algo rloo or grpo (TRL reward functions); "
+                                  "PPO scores with the reward model only")
             self._check_ppo()
         elif self.num_generations < 2:
             raise ConfigError("rl.num_generations must be >= 2 (the baseline needs a group)")
@@ -103,10 +124,39 @@ class RLArgs(StageArgs):
 def fingerprint_args(args: RLArgs) -> Any:
     """The section as fingerprinted: PPO's options count only for ``--rl.algo ppo`` (an RLOO/GRPO output made
     before they existed, or with other values of them, stays up to date)."""
-    return args if args.algo == "ppo" else fingerprint.without(args, PPO_FIELDS)
+    left_out = (() if args.algo == "ppo" else PPO_FIELDS) + (() if args.constraint_share else CONSTRAINT_FIELDS)
+    return fingerprint.without(args, left_out) if left_out else args
 
 
-def _config(args: RLArgs, ctx: StageContext) -> Any:
+def constraint_reward(prompts: list, completions: list, constraints: list[str], **_: Any) -> list[float | None]:
+    """TRL reward function: the share of its constraints each completion obeys (None for prompts without any)."""
+    out = []
+    for completion, spec in zip(completions, constraints, strict=True):
+        if not spec:
+            out.append(None)
+            continue
+        c = json.loads(spec)
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        hits = obeyed(text, c["instruction_id_list"], c["kwargs"])
+        out.append(sum(hits) / len(hits))
+    return out
+
+
+def measure_constraints(policy: Any, tok: Any, prompts: list[dict], args: RLArgs) -> dict[str, Any]:
+    """Greedy answers to held-out constrained prompts: ``{"obeyed_all", "obeyed_all_se", "all", "n"}`` (``all``:
+    per prompt, 1 when the answer obeys every constraint)."""
+    from minitron.stats import mean_stderr
+
+    samples = sample(policy.eval(), tok, [p["prompt"] for p in prompts], args.max_completion_length, 0, temperature=0)
+    hits = []
+    for s, p in zip(samples, prompts):
+        c = json.loads(p["constraints"])
+        hits.append(float(all(obeyed(s["text"], c["instruction_id_list"], c["kwargs"]))))
+    rate, se = mean_stderr(hits)
+    return {"obeyed_all": rate, "obeyed_all_se": se, "all": hits, "n": len(hits)}
+
+
+def _config(args: RLArgs, ctx: StageContext, reward_weights: list[float] | None = None) -> Any:
     """RLOOConfig or GRPOConfig; a micro-batch holds ``batch_size`` prompts x ``num_generations`` completions."""
     from trl import GRPOConfig, RLOOConfig
 
@@ -116,7 +166,7 @@ def _config(args: RLArgs, ctx: StageContext) -> Any:
     return trl_args(cls, args, ctx, "rl", per_device_train_batch_size=args.batch_size * args.num_generations,
                     num_generations=args.num_generations, max_completion_length=args.max_completion_length,
                     temperature=args.temperature, beta=args.beta, log_completions=False,
-                    remove_unused_columns=False, **extra)
+                    remove_unused_columns=False, reward_weights=reward_weights, **extra)
 
 
 def _measure(policy: Any, tok: Any, rm: Any, rm_tok: Any, prompts: list, args: RLArgs, seed: int) -> dict:
@@ -126,35 +176,54 @@ def _measure(policy: Any, tok: Any, rm: Any, rm_tok: Any, prompts: list, args: R
             "example": samples[0]["text"][:200], "_samples": samples}
 
 
+def constraint_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The held-out share of answers obeying all their constraints, before and after, and its paired change."""
+    from minitron.stats import mean_stderr
+
+    gain, gain_se = mean_stderr([a - b for a, b in zip(after["all"], before["all"], strict=True)])
+    return {"obeyed_all_before": before["obeyed_all"], "obeyed_all_se_before": before["obeyed_all_se"],
+            "obeyed_all": after["obeyed_all"], "obeyed_all_se": after["obeyed_all_se"],
+            "obeyed_all_gain": gain, "obeyed_all_gain_se": gain_se, "constraint_eval_n": after["n"]}
+
+
 def _trl_train(ctx: StageContext, args: RLArgs, policy: Any, rm: Any, tok: Any, rm_tok: Any,
-               prompts: list[list[dict]]) -> tuple[Any, list[dict], int, str | None]:
+               prompts: list[list[dict]], constrained: list[dict]) -> tuple[Any, list[dict], int, str | None]:
     """RLOO or GRPO with TRL: (trained policy, log history, steps, checkpoint resumed from)."""
     from trl import GRPOTrainer, RLOOTrainer
 
     cls = RLOOTrainer if args.algo == "rloo" else GRPOTrainer
-    trainer = cls(model=policy, reward_funcs=[rm], args=_config(args, ctx),
-                  train_dataset=to_dataset([{"prompt": p} for p in prompts]), processing_class=tok,
-                  reward_processing_classes=[rm_tok], peft_config=peft_config(ctx.lora), callbacks=ctx.callbacks or None)
+    rows, funcs, weights = [{"prompt": p} for p in prompts], [rm], None
+    if constrained:  # RLVR: a second reward function, None for the preference prompts
+        rows = [{**r, "constraints": ""} for r in rows] + constrained
+        funcs, weights = [rm, constraint_reward], [1.0, args.constraint_weight]
+    trainer = cls(model=policy, reward_funcs=funcs, args=_config(args, ctx, weights),
+                  train_dataset=to_dataset(rows), processing_class=tok,
+                  reward_processing_classes=[rm_tok, None][:len(funcs)], peft_config=peft_config(ctx.lora),
+                  callbacks=ctx.callbacks or None)
     resume = last_checkpoint(ctx, "rl")
     trainer.train(resume_from_checkpoint=resume)
     return trainer.model, train_history(trainer), trainer.state.global_step, resume
 
 
 def train(ctx: StageContext, args: RLArgs, model_dir: str | Path, rm_dir: str | Path, prompts: list[list[dict]],
-          eval_prompts: list[list[dict]], data_stats: dict[str, Any]) -> Path:
-    """RLOO/GRPO/PPO from ``model_dir`` with the reward model ``rm_dir`` on ``prompts``; write ``OUT/rl``."""
+          eval_prompts: list[list[dict]], data_stats: dict[str, Any], constrained: list[dict] = (),
+          constrained_eval: list[dict] = ()) -> Path:
+    """RLOO/GRPO/PPO from ``model_dir`` with the reward model ``rm_dir`` on ``prompts`` (and, for RLVR, the
+    ``constrained`` prompts of ``align.constraints.constrained_prompts``); write ``OUT/rl``."""
     tok, rm_tok = load_tokenizer(model_dir), load_tokenizer(rm_dir)
     policy, rm = load_causal_lm(model_dir, tok), load_reward_model(rm_dir, rm_tok).eval()
     ref = copy.deepcopy(policy).eval()  # frozen start policy, for our KL estimate (TRL keeps its own; PPO uses it)
     before = measured_once(ctx, "rl", "sampled", lambda: {
         k: v for k, v in _measure(policy, tok, rm, rm_tok, eval_prompts, args, ctx.seed).items() if k != "_samples"})
+    obeyed_before = constrained_eval and measured_once(ctx, "rl", "constraints",
+                                                       lambda: measure_constraints(policy, tok, constrained_eval, args))
     freeze(policy, args)
     if args.algo == "ppo":
         from align import ppo
 
         model, history, steps, resume = ppo.train(ctx, args, policy, ref, rm, tok, rm_tok, rm_dir, prompts)
     else:
-        model, history, steps, resume = _trl_train(ctx, args, policy, rm, tok, rm_tok, prompts)
+        model, history, steps, resume = _trl_train(ctx, args, policy, rm, tok, rm_tok, prompts, list(constrained))
     after = _measure(model, tok, rm, rm_tok, eval_prompts, args, ctx.seed)
     kl = kl_to_reference(model, ref, tok, after.pop("_samples"))
     logged = [h["reward"] for h in history if "reward" in h]
@@ -167,6 +236,9 @@ def train(ctx: StageContext, args: RLArgs, model_dir: str | Path, rm_dir: str | 
                "example_before": before["example"], "example": after["example"], "prompts": len(prompts),
                "eval_prompts": len(eval_prompts), "eval_n": len(eval_prompts), "steps": steps, "resumed_from": resume,
                "data": data_stats, "history": history}
+    if constrained_eval:
+        metrics.update(constraint_prompts=len(constrained), **constraint_change(
+            obeyed_before, measure_constraints(model, tok, constrained_eval, args)))
     notes = (f"Online RL (PPO: align/ppo.py, a port of TRL 1.12's PPOTrainer) with the reward model {rm_dir}, "
              "which also started the critic." if args.algo == "ppo" else
              f"Online RL ({args.algo.upper()}) with the reward model {rm_dir} in TRL's reward_funcs.")

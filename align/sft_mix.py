@@ -52,7 +52,7 @@ class SFTMixArgs:
             raise ConfigError("sft_mix.rag_examples > 0 needs sft_mix.rag_data (NQ-open or SQuAD 2.0 files)")
 
 
-def _single_turn(ex: dict[str, Any]) -> bool:
+def single_turn(ex: dict[str, Any]) -> bool:
     """A user question (after an optional system line) answered in plain text: what the mix may rewrite."""
     roles = [m["role"] for m in ex["prompt"]]
     return (roles[-1:] == ["user"] and set(roles[:-1]) <= {"system"} and not ex.get("tools")
@@ -126,7 +126,7 @@ def build(args: SFTMixArgs, rows: list[dict], work: Path, seed: int) -> tuple[li
     """The training examples with the teacher's answers, RAG examples and constraints mixed in; and their counts."""
     rng = random.Random(seed)
     rows = [dict(r) for r in rows]
-    single = [i for i, r in enumerate(rows) if _single_turn(r)]
+    single = [i for i, r in enumerate(rows) if single_turn(r)]
     stats: dict[str, Any] = {"data_examples": len(rows), "single_turn": len(single)}
     if args.teacher and args.teacher_share > 0:
         chosen = rng.sample(single, min(len(single), round(args.teacher_share * len(rows))))

@@ -26,7 +26,8 @@ HEADLINE = {
            ["reward_gain_in_paired_se", "winner_reward_heldin", "sampled_reward_heldin", "baseline_sft_reward",
             "gain_over_baseline"]),
     "rl": ("mean RM reward of samples", "reward_before", "reward",
-           ["reward_gain_in_se", "reward_gain_in_paired_se", "kl_to_reference", "kl_within_budget", "algo"]),
+           ["reward_gain_in_se", "reward_gain_in_paired_se", "kl_to_reference", "kl_within_budget", "algo",
+            "obeyed_all_before", "obeyed_all", "obeyed_all_gain", "obeyed_all_gain_se"]),  # obeyed_*: RLVR only
 }
 CURVE = {"sft": "loss", "rm": "loss", "dpo": "loss", "kto": "loss", "rs": "loss", "rl": "reward"}
 # opd (on-policy distillation, align/opd.py) and spin (self-play, align/spin.py): run when named, right after sft
@@ -67,7 +68,7 @@ def table(metrics: dict[str, dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|"]
     for stage, m in metrics.items():
         what, k0, k1, extra = HEADLINE[stage]
-        also = ", ".join(f"{k} {_num(m.get(k))}" for k in extra)
+        also = ", ".join(f"{k} {_num(m.get(k))}" for k in extra if k in m)  # what this run recorded
         n = f" (n={m['eval_n']})" if m.get("eval_n") else ""
         lines.append(f"| {stage} | {what}{n} | {_se(m, k0, f'{k1}_se_before')} | {_se(m, k1, f'{k1}_se')} | {also} "
                      f"| {m.get('steps')} "

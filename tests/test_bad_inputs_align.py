@@ -51,6 +51,9 @@ CASES = {
     "unknown key in a config file": (
         lambda t, m, d: ["--config", _write(t / "c.yaml", "align:\n  rl:\n    algo: grpo\n    generations: 4\n")],
         r"unknown config key rl\.generations for RLArgs; valid keys: .*num_generations"),
+    "verifiable rewards under PPO": (
+        lambda t, m, d: ["--rl.algo", "ppo", "--rl.constraint-share", "0.3"],
+        r"rl\.constraint_share needs rl\.algo rloo or grpo"),
     "value of the wrong type": (lambda t, m, d: ["--sft.steps", "many"], r"sft\.steps: cannot read 'many' as int"),
     "unknown DPO loss": (lambda t, m, d: ["--dpo.loss-type", "sigmoid,dpop"],
                          r"dpo\.loss_type: unknown loss \['dpop'\]; valid: sigmoid, hinge, ipo"),

@@ -159,3 +159,28 @@ def test_a_chatml_template_without_tools_gets_the_project_template(tiny_tokenize
     text = tok.apply_chat_template(call, tools=tools, tokenize=False)
     assert '<tools>\n{"name": "get_weather"' in text and '<tool_call>{"name": "get_weather"' in text
     assert not ensure_tool_template(tok)  # a template that renders tools is kept
+
+
+def test_constrained_prompts_reward_the_answers_that_obey_them():
+    """RLVR's prompts carry constraints the checker can verify: the rewritten answer earns 1, a bare one less."""
+    from align.rl import constraint_reward
+
+    examples = [{"prompt": [{"role": "user", "content": f"Describe the harbor number {i}."}],
+                 "completion": [{"role": "assistant", "content": "The harbor is busy. Boats come and go all day, "
+                                                                 "and the gulls follow them. It smells of salt."}]}
+                for i in range(40)]
+    made = constraints.constrained_prompts(examples, 12, random.Random(0), max_constraints=2)
+    assert len(made) == 12 and all(m["prompt"][-1]["content"].startswith("Describe the harbor") for m in made)
+    specs = [json.loads(m["constraints"]) for m in made]
+    assert all(1 <= len(s["instruction_id_list"]) <= 2 for s in specs)
+    bare = "the harbor is busy"
+    rewards = constraint_reward(prompts=[m["prompt"] for m in made] + [[]],
+                                completions=[[{"role": "assistant", "content": bare}]] * 13,
+                                constraints=[m["constraints"] for m in made] + [""])
+    assert rewards[-1] is None and all(0 <= r <= 1 for r in rewards[:-1]) and min(rewards[:-1]) < 1
+    # an answer built to obey a spec earns the full reward
+    c = constraints.constrain("Describe the harbor.", "The harbor is busy. Boats come and go.", random.Random(3), 2)
+    spec = json.dumps({"instruction_id_list": c["instruction_id_list"], "kwargs": c["kwargs"]})
+    assert constraint_reward(prompts=[[]], completions=[[{"role": "assistant", "content": c["answer"]}]],
+                             constraints=[spec]) == [1.0]
+    assert constraints.obeyed("", c["instruction_id_list"], c["kwargs"]) == [False] * len(c["kwargs"])
