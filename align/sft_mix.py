@@ -10,6 +10,9 @@
   retrieved, else ``unanswerable`` (as SQuAD 2.0 scores abstentions).
 - **verifiable format constraints** (``align.constraints``): a ``constraint_share`` of the single-turn examples
   get IFEval-type instructions appended and their answers rewritten to obey them, checked by lm-eval's checkers.
+- **tools not to call**: ``tool_distractors`` single-turn examples get the tool schemas of a random tool-use example
+  and keep their plain-text answer. Without them every training example that shows tools calls one, and the model
+  learns to call whatever it is given (BFCL's irrelevance questions).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class SFTMixArgs:
     rag_top_k: int = arg(3, "passages per RAG prompt (the RAG eval's top_k)")
     constraint_share: float = arg(0.0, "share of single-turn examples given verifiable format constraints")
     max_constraints: int = arg(2, "constraints per augmented example (1..max)")
+    tool_distractors: int = arg(0, "single-turn examples shown a random tool-use example's tools, still answered "
+                                   "in text (practice in not calling a tool the question does not need)")
 
     def __post_init__(self):
         if not (0 <= self.teacher_share <= 1 and 0 <= self.constraint_share <= 1):
@@ -153,5 +158,10 @@ def build(args: SFTMixArgs, rows: list[dict], work: Path, seed: int) -> tuple[li
                            "completion": [{"role": "assistant", "content": c["answer"]}]}
                 made += 1
         stats["constrained"] = made
+    schemas = [r["tools"] for r in rows if r.get("tools")]
+    if args.tool_distractors and schemas:
+        for i in rng.sample(single, min(len(single), args.tool_distractors)):
+            rows[i] = {**rows[i], "tools": rng.choice(schemas)}
+        stats["tool_distractors"] = min(len(single), args.tool_distractors)
     rng.shuffle(rows)
     return rows, stats

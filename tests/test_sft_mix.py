@@ -184,3 +184,21 @@ def test_constrained_prompts_reward_the_answers_that_obey_them():
     assert constraint_reward(prompts=[[]], completions=[[{"role": "assistant", "content": c["answer"]}]],
                              constraints=[spec]) == [1.0]
     assert constraints.obeyed("", c["instruction_id_list"], c["kwargs"]) == [False] * len(c["kwargs"])
+
+
+def test_tool_distractors_show_tools_to_plain_answers(tmp_path):
+    """Some single-turn examples are shown a tool-use example's tools and keep answering in text."""
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    call = {"prompt": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [tool],
+            "completion": [{"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}]}
+    rows = _sft_rows(10) + [call]
+    mixed, stats = sft_mix.build(sft_mix.SFTMixArgs(tool_distractors=4), rows, tmp_path, seed=0)
+    shown = [ex for ex in mixed if ex.get("tools") and not ex["completion"][0].get("tool_calls")]
+    assert stats["tool_distractors"] == 4 and len(shown) == 4 and len(mixed) == 11
+    assert all(ex["tools"] == [tool] and ex["completion"][0]["content"].startswith("Colour") for ex in shown)
+    assert sum(bool(ex["completion"][0].get("tool_calls")) for ex in mixed) == 1
+    # no tool-use example in the data: nothing to show, nothing changes
+    _, none = sft_mix.build(sft_mix.SFTMixArgs(tool_distractors=4), _sft_rows(10), tmp_path, seed=0)
+    assert "tool_distractors" not in none
