@@ -347,8 +347,9 @@ def _encode_calls(message: dict[str, Any]) -> dict[str, Any]:
 def to_dataset(rows: list[dict[str, Any]]) -> Any:
     """A ``datasets.Dataset`` of normalised examples, safe for Arrow (see ``_arrow_safe``).
 
-    The ``source`` tag is left out. Every row gets every column (None where it has none): ``Dataset.from_list`` takes its columns from the
-    first row alone, so a first row without ``tools`` would silently drop the tool schemas of all the others.
+    The ``source`` tag is left out. Every row gets every column (None where it has none): ``Dataset.from_list``
+    takes its columns from the first row alone, so a first row without ``tools`` would silently drop the tool
+    schemas of all the others.
     """
     import datasets
 

@@ -118,11 +118,14 @@ def load_split_rows(cfg: AlignConfig, train_src: list[str], eval_src: list[str],
     """(train, eval, stats). Held-out rows come from the eval sources; an eval source that is also a training
     source is split: its share of ``eval_rows`` is held out of it and the rest trains. With no eval source,
     ``eval_rows`` are held out of all the training rows. Training rows are shuffled (seeded), then capped.
-    ``tag_source`` names each row's source in its ``source`` field (per-source metrics, ``rm.sources``, ``dpo.sources``)."""
+    ``tag_source`` names each row's source in its ``source`` field (per-source metrics, ``rm.sources``,
+    ``dpo.sources``)."""
+    def tagged(rows: list, source: str) -> list:
+        return [{**r, "source": D.source_label(source)} for r in rows] if tag_source else rows
+
     per_source = {s: D.load_rows([s], "train", convert, cfg.skip_bad_rows) for s in train_src}
     info: dict[str, Any] = {"train": {s: st.as_dict() for s, (_, st) in per_source.items()}}
-    rows_of = {s: [{**r, "source": D.source_label(s)} for r in rows] if tag_source else rows
-               for s, (rows, _) in per_source.items()}
+    rows_of = {s: tagged(rows, s) for s, (rows, _) in per_source.items()}
     held: list = []
     if not eval_src:
         rows, held = D.holdout([r for s in train_src for r in rows_of[s]], cfg.eval_rows, cfg.seed)
@@ -137,10 +140,11 @@ def load_split_rows(cfg: AlignConfig, train_src: list[str], eval_src: list[str],
             else:
                 h, st = D.load_rows([s], "validation", convert, cfg.skip_bad_rows, n)
                 info.setdefault("eval", {})[s] = st.as_dict()
-                h = [{**r, "source": D.source_label(s)} for r in h] if tag_source else h
+                h = tagged(h, s)
             held += h
     if cfg.max_rows_per_source:
-        rows_of = {s: random.Random(cfg.seed).sample(v, min(len(v), cfg.max_rows_per_source)) for s, v in rows_of.items()}
+        rows_of = {s: random.Random(cfg.seed).sample(v, min(len(v), cfg.max_rows_per_source))
+                   for s, v in rows_of.items()}
     rows = [r for v in rows_of.values() for r in v]
     random.Random(cfg.seed).shuffle(rows)
     rows = rows[: cfg.max_train_rows] if cfg.max_train_rows else rows
