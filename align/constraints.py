@@ -193,6 +193,12 @@ def _conflict(ids: list[str], new: str, conflicts: dict[str, set[str]]) -> bool:
     return any(new in conflicts.get(i, ()) or i in conflicts.get(new, ()) or i == new for i in ids)
 
 
+def _checker(registry: dict, rule_id: str, kwargs: dict) -> tuple[Any, str]:
+    """lm-eval's checker for ``rule_id`` set up with ``kwargs``, and the instruction text it wrote."""
+    checker = registry[rule_id](rule_id)
+    return checker, checker.build_description(**kwargs)
+
+
 def constrain(prompt: str, answer: str, rng: random.Random, max_constraints: int = 2) -> dict[str, Any] | None:
     """``{"prompt", "answer", "instruction_id_list", "kwargs"}`` with 1..max constraints, or None if none verified."""
     registry, conflicts, util = ifeval_instructions()
@@ -212,8 +218,8 @@ def constrain(prompt: str, answer: str, rng: random.Random, max_constraints: int
         kwargs.append(kw)
     descriptions = []
     for rule_id, kw in zip(ids, kwargs):
-        checker = registry[rule_id](rule_id)
-        descriptions.append(checker.build_description(**kw))
+        checker, description = _checker(registry, rule_id, kw)
+        descriptions.append(description)
         if not checker.check_following(text):
             return None  # e.g. a count another rule changed: drop rather than teach a wrong format
     joiner = rng.choice([" ", "\n\n"])
@@ -226,8 +232,7 @@ def obeyed(text: str, instruction_ids: list[str], kwargs: list[dict]) -> list[bo
     registry, _, _ = ifeval_instructions()
     out = []
     for rule_id, kw in zip(instruction_ids, kwargs, strict=True):
-        checker = registry[rule_id](rule_id)
-        checker.build_description(**kw)
+        checker, _ = _checker(registry, rule_id, kw)
         out.append(bool(text.strip()) and bool(checker.check_following(text)))
     return out
 

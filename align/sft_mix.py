@@ -158,8 +158,8 @@ def build(args: SFTMixArgs, rows: list[dict], work: Path, seed: int) -> tuple[li
                            "completion": [{"role": "assistant", "content": c["answer"]}]}
                 made += 1
         stats["constrained"] = made
-    schemas = [r["tools"] for r in rows if r.get("tools")]
-    if args.tool_distractors and schemas:
+    schemas = [r["tools"] for r in rows if r.get("tools")] if args.tool_distractors else []
+    if schemas:
         for i in rng.sample(single, min(len(single), args.tool_distractors)):
             rows[i] = {**rows[i], "tools": rng.choice(schemas)}
         stats["tool_distractors"] = min(len(single), args.tool_distractors)
