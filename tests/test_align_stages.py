@@ -263,13 +263,15 @@ def test_rloo_with_verifiable_constraint_rewards(aligned, world_model, tmp_path)
     _, world, _ = world_model
     _, _, out = aligned
     shutil.copytree(out / "rm", tmp_path / "rm")
-    cfg = AlignConfig(model=str(out / "sft"), out=str(tmp_path), stages=["rl"], max_steps=2, eval_rows=8,
+    cfg = AlignConfig(model=str(out / "sft"), out=str(tmp_path), stages=["rl"], max_steps=2, eval_rows=16,
                       max_length=192, **WorldFiles(world).align_data(),
                       rl=RLArgs(batch_size=2, num_generations=2, max_completion_length=8, eval_prompts=4,
                                 logging_steps=1, lr=1e-4, constraint_share=0.5))
     run(cfg)
     m = stage_metrics(tmp_path, "rl")
-    assert m["constraint_prompts"] > 0 and m["constraint_eval_n"] == 4
+    # held-out prompts: up to eval_prompts of the held-out single-turn rows that took constraints (a row whose
+    # answer a drawn rule cannot rewrite is skipped, so fewer is possible)
+    assert m["constraint_prompts"] > 0 and 0 < m["constraint_eval_n"] <= 4
     assert 0 <= m["obeyed_all_before"] <= 1 and 0 <= m["obeyed_all"] <= 1
     assert any("rewards/constraint_reward/mean" in h for h in m["history"])
     assert "obeyed_all_gain" in (tmp_path / "report.md").read_text()
