@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import random
 import re
-from typing import Any, Callable
+from itertools import islice
+from typing import Any, Callable, Iterator
 
 from minitron.punkt import ifeval_instructions
 
@@ -237,18 +238,39 @@ def obeyed(text: str, instruction_ids: list[str], kwargs: list[dict]) -> list[bo
     return out
 
 
+def _constrained(examples: list[dict], rng: random.Random, max_constraints: int) -> Iterator[tuple[dict, dict]]:
+    """``(example, constrain(...))`` for the single-turn ``examples`` in a seeded random order, skipping those no
+    drawn constraint could be verified on."""
+    for ex in rng.sample(examples, len(examples)):
+        c = constrain(ex["prompt"][-1]["content"], ex["completion"][0]["content"], rng, max_constraints)
+        if c is not None:
+            yield ex, c
+
+
+def _user_turn(ex: dict, c: dict) -> list[dict]:
+    return ex["prompt"][:-1] + [{"role": "user", "content": c["prompt"]}]
+
+
+def _spec(c: dict) -> str:
+    return json.dumps({"instruction_id_list": c["instruction_id_list"], "kwargs": c["kwargs"]})
+
+
 def constrained_prompts(examples: list[dict], n: int, rng: random.Random, max_constraints: int = 2) -> list[dict]:
     """Up to ``n`` single-turn ``examples`` (prompt/completion) as ``{"prompt", "constraints"}``: the user turn with
     1..max constraints appended (sized to the example's own answer, as ``constrain`` does), and the constraints as
     JSON ``{"instruction_id_list", "kwargs"}`` for ``obeyed``. The answer itself is dropped: RL samples its own."""
-    out = []
-    for ex in rng.sample(examples, len(examples)):
-        if len(out) >= n:
-            break
-        prompt = ex["prompt"]
-        c = constrain(prompt[-1]["content"], ex["completion"][0]["content"], rng, max_constraints)
-        if c is not None:
-            out.append({"prompt": prompt[:-1] + [{"role": "user", "content": c["prompt"]}],
-                        "constraints": json.dumps({"instruction_id_list": c["instruction_id_list"],
-                                                   "kwargs": c["kwargs"]})})
-    return out
+    return [{"prompt": _user_turn(ex, c), "constraints": _spec(c)}
+            for ex, c in islice(_constrained(examples, rng, max_constraints), n)]
+
+
+def constraint_pairs(examples: list[dict], n: int, rng: random.Random, max_constraints: int = 2,
+                     source: str = "format_constraints") -> list[dict]:
+    """Up to ``n`` preference pairs from single-turn ``examples``: the user turn with 1..max constraints appended,
+    chosen = the answer rewritten to obey them, rejected = the example's own answer, which breaks at least one of
+    them (an answer that already obeys all is skipped). The two answers differ in the format only, so DPO on them
+    learns the format (Tulu 3's verifiable-instruction preference pairs). ``constraints`` is the JSON spec."""
+    pairs = ({"prompt": _user_turn(ex, c), "chosen": [{"role": "assistant", "content": c["answer"]}],
+              "rejected": ex["completion"][:1], "source": source, "constraints": _spec(c)}
+             for ex, c in _constrained(examples, rng, max_constraints)
+             if not all(obeyed(ex["completion"][0]["content"], c["instruction_id_list"], c["kwargs"])))
+    return list(islice(pairs, n))

@@ -35,9 +35,14 @@ class DPOArgs(StageArgs):
     loss_type: list[str] = arg(["sigmoid"], "TRL loss(es): sigmoid (DPO), ipo, hinge, robust, sft (NLL, RPO-like)...")
     sources: list[str] = arg([], "train on the pairs of these preference sources only (file names without "
                                  "extensions, as in the report; [] = all); held-out pairs are measured for every source")
+    constraint_pairs: int = arg(0, "pairs added from held-in single-turn SFT questions with IFEval-type constraints: "
+                                   "chosen obeys them, rejected is the data's answer (as many more held out, from the "
+                                   "SFT's held-out rows, as each preference source has; source format_constraints)")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.constraint_pairs < 0:
+            raise ConfigError(f"dpo.constraint_pairs must be >= 0 (got {self.constraint_pairs})")
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta must be positive (got {self.beta})")
         unknown = [t for t in self.loss_type if t not in LOSS_TYPES]

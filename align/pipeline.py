@@ -175,6 +175,7 @@ class Inputs:
     base: Path
     sft: tuple[list, list, dict] | None = None  # (train, held out, stats) of the SFT examples
     pref: tuple[list, list, dict] | None = None  # the same of the preference pairs, fitted to max_length
+    constraint_pairs: tuple[list, list, dict] | None = None  # DPO's format pairs from SFT questions, fitted
 
 
 def check(cfg: AlignConfig) -> Inputs:
@@ -198,8 +199,9 @@ def check(cfg: AlignConfig) -> Inputs:
 
         check_teacher(cfg.opd, inputs.base)
     tok = _tokenizer(inputs.base)
-    if {"sft", "steer_rm", "steer_sft", "opd", "spin"} & set(cfg.stages) or _rl_constraints(cfg):
-        # SteerLM labels the SFT replies too; RL's constrained prompts are SFT questions
+    # SteerLM labels the SFT replies too; RL's constrained prompts and DPO's format pairs are SFT questions
+    if {"sft", "steer_rm", "steer_sft", "opd", "spin"} & set(cfg.stages) or _rl_constraints(cfg) \
+            or _dpo_constraints(cfg):
         _check_mix(cfg.sft_mix)
         inputs.sft = load_split_rows(cfg, cfg.sft_data, cfg.sft_eval_data, D.to_sft_examples)
         first = inputs.sft[0][0]
@@ -213,11 +215,17 @@ def check(cfg: AlignConfig) -> Inputs:
             D.from_sources(inputs.pref[0], getattr(cfg, stage).sources, f"{stage}.sources")
         if "rl" in cfg.stages:
             _check_rl_batch(cfg.rl, len(inputs.pref[0]))
+    if _dpo_constraints(cfg):
+        inputs.constraint_pairs = _constraint_pairs(cfg, tok, inputs)
     return inputs
 
 
 def _rl_constraints(cfg: AlignConfig) -> bool:
     return "rl" in cfg.stages and cfg.rl.constraint_share > 0
+
+
+def _dpo_constraints(cfg: AlignConfig) -> bool:
+    return "dpo" in cfg.stages and cfg.dpo.constraint_pairs > 0
 
 
 def _tokenizer(model: Path) -> Any:
@@ -321,6 +329,12 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
         args = fingerprint_args(args)
         if cfg.rl.constraint_share:  # the constrained prompts are SFT questions
             data.update(sft_data=cfg.sft_data, sft_eval_data=cfg.sft_eval_data)
+    if stage == "dpo":  # as before the setting existed when 0; the format pairs are SFT questions
+        if cfg.dpo.constraint_pairs:
+            data.update(sft_data=cfg.sft_data, sft_eval_data=cfg.sft_eval_data,
+                        max_constraints=cfg.sft_mix.max_constraints)
+        else:
+            args = fingerprint.without(args, ("constraint_pairs",))
     if stage == "rm":  # rm.init is recorded by the input model
         args = fingerprint.without(args, ("init",))
     if stage in SOURCE_STAGES and not args.sources:  # all sources: as before the setting existed
@@ -357,6 +371,10 @@ def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path,
     if stage == "rm":
         reward.train(ctx, cfg.rm, model_dir, train_pairs, eval_pairs, info)
     elif stage == "dpo":
+        if inputs.constraint_pairs:
+            made, held_out, made_info = inputs.constraint_pairs
+            train_pairs, eval_pairs = train_pairs + made, eval_pairs + held_out
+            info = {**info, "constraint_pairs": {**made_info, "train": len(made), "eval": len(held_out)}}
         dpo.train(ctx, cfg.dpo, model_dir, train_pairs, eval_pairs, info)
     elif stage == "kto":
         kto.train(ctx, cfg.kto, model_dir, train_pairs, eval_pairs, info)
@@ -390,6 +408,26 @@ def _constrained_prompts(cfg: AlignConfig, inputs: Inputs, preference_prompts: i
         raise D.DataError(f"rl.constraint_share {share}: no single-turn SFT examples took constraints "
                         f"({len(made)} held-in, {len(held_out)} held-out); name SFT data with plain-text answers")
     return made, held_out
+
+
+def _constraint_pairs(cfg: AlignConfig, tok: Any, inputs: Inputs) -> tuple[list, list, dict]:
+    """DPO's format pairs (``align.constraints.constraint_pairs``): ``dpo.constraint_pairs`` from the held-in
+    single-turn SFT examples, and as many held-out ones as each preference source has, from the SFT's held-out rows;
+    fitted to ``max_length`` like the preference pairs."""
+    from align.constraints import constraint_pairs
+    from align.sft_mix import single_turn
+
+    train, held, _ = inputs.sft
+    rng = random.Random(cfg.seed)
+    n_held = max(1, cfg.eval_rows // max(1, len(cfg.pref_eval_data)))
+    made = constraint_pairs([r for r in train if single_turn(r)], cfg.dpo.constraint_pairs, rng,
+                            cfg.sft_mix.max_constraints)
+    held_out = constraint_pairs([r for r in held if single_turn(r)], n_held, rng, cfg.sft_mix.max_constraints)
+    if not made or not held_out:
+        raise D.DataError(f"dpo.constraint_pairs {cfg.dpo.constraint_pairs}: no single-turn SFT example took "
+                          f"constraints ({len(made)} held-in, {len(held_out)} held-out); name SFT data with "
+                          "plain-text answers")
+    return _fit(tok, cfg.max_length, (made, held_out, {"asked": cfg.dpo.constraint_pairs}))
 
 
 def link_final(out: Path, final: str) -> Path | None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from align.common import StageContext
 from align.dpo import DPOArgs
 from align.lora import LoraArgs
-from align.pipeline import AlignConfig, run
+from align.pipeline import AlignConfig, check, run
 from align.reward import RMArgs
 from align.rl import RLArgs
 from align.sft import SFTArgs
@@ -244,6 +244,22 @@ def test_dpo_trains_on_the_named_sources_only(world_model, tmp_path):
     assert not (tmp_path / "out" / "dpo").exists()
     m = stage_metrics(run(cfg), "dpo")
     assert m["train_pairs"] == 20 and m["eval_n"] == 16 and m["steps"] == 2
+
+
+def test_dpo_adds_format_pairs_from_sft_questions(world_model, tmp_path):
+    """``dpo.constraint_pairs``: DPO also trains on SFT questions with IFEval-type constraints (chosen obeys them),
+    and is measured on as many held-out ones (source format_constraints), whose margin rises."""
+    _, world, base = world_model
+    cfg = AlignConfig(model=str(base), out=str(tmp_path / "out"), eval_rows=16, max_length=192, stages=["dpo"],
+                      **WorldFiles(world).align_data(),
+                      dpo=DPOArgs(steps=4, lr=5e-4, batch_size=4, constraint_pairs=12))
+    inputs = check(cfg)
+    m = stage_metrics(run(cfg), "dpo")
+    fmt, made = m["by_source"]["format_constraints"], m["data"]["constraint_pairs"]
+    # 12 made, less those longer than max_length
+    assert 0 < made["train"] == len(inputs.constraint_pairs[0]) == 12 - made["too_long_dropped"]["train"]
+    assert m["train_pairs"] == made["train"] + len(inputs.pref[0])
+    assert 0 < fmt["eval_n"] <= 16 and fmt["logp_margin"] > fmt["logp_margin_before"]
 
 
 def test_sft_extends_a_context_shorter_than_its_data():

@@ -186,6 +186,22 @@ def test_constrained_prompts_reward_the_answers_that_obey_them():
     assert constraints.obeyed("", c["instruction_id_list"], c["kwargs"]) == [False] * len(c["kwargs"])
 
 
+def test_constraint_pairs_contrast_the_format_only():
+    """DPO's format pairs: chosen obeys every constraint in the prompt, rejected is the data's own answer and breaks
+    at least one."""
+    answer = "The harbor is busy. Boats come and go all day, and the gulls follow them. It smells of salt."
+    examples = [{"prompt": [{"role": "user", "content": f"Describe the harbor number {i}."}],
+                 "completion": [{"role": "assistant", "content": answer}]} for i in range(40)]
+    pairs = constraints.constraint_pairs(examples, 10, random.Random(0), max_constraints=2)
+    assert len(pairs) == 10 and all(p["source"] == "format_constraints" for p in pairs)
+    for p in pairs:
+        assert p["prompt"][-1]["content"].startswith("Describe the harbor") and p["rejected"][0]["content"] == answer
+        assert p["chosen"][0]["content"] != answer
+        spec = json.loads(p["constraints"])
+        assert all(constraints.obeyed(p["chosen"][0]["content"], spec["instruction_id_list"], spec["kwargs"]))
+        assert not all(constraints.obeyed(answer, spec["instruction_id_list"], spec["kwargs"]))
+
+
 def test_tool_distractors_show_tools_to_plain_answers(tmp_path):
     """Some single-turn examples are shown a tool-use example's tools and keep answering in text."""
     tool = {"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
