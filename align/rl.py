@@ -178,9 +178,9 @@ def _measure(policy: Any, tok: Any, rm: Any, rm_tok: Any, prompts: list, args: R
 
 def constraint_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """The held-out share of answers obeying all their constraints, before and after, and its paired change."""
-    from minitron.stats import mean_stderr
+    from minitron.stats import paired_change
 
-    gain, gain_se = mean_stderr([a - b for a, b in zip(after["all"], before["all"], strict=True)])
+    gain, gain_se = paired_change(before["all"], after["all"])
     return {"obeyed_all_before": before["obeyed_all"], "obeyed_all_se_before": before["obeyed_all_se"],
             "obeyed_all": after["obeyed_all"], "obeyed_all_se": after["obeyed_all_se"],
             "obeyed_all_gain": gain, "obeyed_all_gain_se": gain_se, "constraint_eval_n": after["n"]}

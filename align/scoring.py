@@ -16,7 +16,7 @@ import torch
 
 from minitron.chat_format import stop_token_ids
 from minitron.scoring import chat_ids, continuation_logprobs, pad_rows, reward_scores
-from minitron.stats import mean_stderr
+from minitron.stats import mean_stderr, paired_change
 
 
 def completion_logps(model: Any, tok: Any, examples: list[dict], key: str, batch_size: int = 8) -> torch.Tensor:
@@ -106,7 +106,7 @@ def reward_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, fl
     se = ((after.get("reward_se") or 0.0) ** 2 + (before.get("reward_se") or 0.0) ** 2) ** 0.5
     out = {"reward_gain_in_se": (after["reward"] - before["reward"]) / max(1e-9, se)}
     if before.get("scores") and after.get("scores"):
-        gain, gain_se = mean_stderr([a - b for a, b in zip(after["scores"], before["scores"], strict=True)])
+        gain, gain_se = paired_change(before["scores"], after["scores"])
         out.update(reward_gain=gain, reward_gain_se=gain_se, reward_gain_in_paired_se=gain / max(1e-9, gain_se))
     return out
 
