@@ -389,25 +389,33 @@ def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path,
                  [p["prompt"] for p in eval_pairs][: cfg.rl.eval_prompts], info, constrained, constrained_eval)
 
 
+def _constrained_sft(cfg: AlignConfig, inputs: Inputs, make: Any, n_train: int, n_held: int, max_constraints: int,
+                     setting: str) -> tuple[list, list]:
+    """``make(examples, n, rng, max_constraints)`` (``align.constraints``) on the held-in, then the held-out
+    single-turn SFT examples, with one RNG seeded by ``cfg.seed``; refused in one line naming ``setting`` when
+    either gives nothing."""
+    from align.sft_mix import single_turn
+
+    train, held, _ = inputs.sft
+    rng = random.Random(cfg.seed)
+    made = make([r for r in train if single_turn(r)], n_train, rng, max_constraints)
+    held_out = make([r for r in held if single_turn(r)], n_held, rng, max_constraints)
+    if not made or not held_out:
+        raise D.DataError(f"{setting}: no single-turn SFT examples took constraints ({len(made)} held-in, "
+                          f"{len(held_out)} held-out); name SFT data with plain-text answers")
+    return made, held_out
+
+
 def _constrained_prompts(cfg: AlignConfig, inputs: Inputs, preference_prompts: int) -> tuple[list, list]:
     """RLVR's prompts: held-in SFT questions with constraints, ``rl.constraint_share`` of all RL prompts, and as many
     held-out ones as ``rl.eval_prompts`` (from the SFT's held-out rows)."""
     from align.constraints import constrained_prompts
-    from align.sft_mix import single_turn
 
     share = cfg.rl.constraint_share
     if not share:
         return [], []
-    train, held, _ = inputs.sft
-    n = round(share / (1 - share) * preference_prompts)
-    rng = random.Random(cfg.seed)
-    made = constrained_prompts([r for r in train if single_turn(r)], n, rng, cfg.rl.max_constraints)
-    held_out = constrained_prompts([r for r in held if single_turn(r)], cfg.rl.eval_prompts, rng,
-                                   cfg.rl.max_constraints)
-    if not made or not held_out:
-        raise D.DataError(f"rl.constraint_share {share}: no single-turn SFT examples took constraints "
-                        f"({len(made)} held-in, {len(held_out)} held-out); name SFT data with plain-text answers")
-    return made, held_out
+    return _constrained_sft(cfg, inputs, constrained_prompts, round(share / (1 - share) * preference_prompts),
+                            cfg.rl.eval_prompts, cfg.rl.max_constraints, f"rl.constraint_share {share}")
 
 
 def _constraint_pairs(cfg: AlignConfig, tok: Any, inputs: Inputs) -> tuple[list, list, dict]:
@@ -415,19 +423,12 @@ def _constraint_pairs(cfg: AlignConfig, tok: Any, inputs: Inputs) -> tuple[list,
     single-turn SFT examples, and as many held-out ones as each preference source has, from the SFT's held-out rows;
     fitted to ``max_length`` like the preference pairs."""
     from align.constraints import constraint_pairs
-    from align.sft_mix import single_turn
 
-    train, held, _ = inputs.sft
-    rng = random.Random(cfg.seed)
-    n_held = max(1, cfg.eval_rows // max(1, len(cfg.pref_eval_data)))
-    made = constraint_pairs([r for r in train if single_turn(r)], cfg.dpo.constraint_pairs, rng,
-                            cfg.sft_mix.max_constraints)
-    held_out = constraint_pairs([r for r in held if single_turn(r)], n_held, rng, cfg.sft_mix.max_constraints)
-    if not made or not held_out:
-        raise D.DataError(f"dpo.constraint_pairs {cfg.dpo.constraint_pairs}: no single-turn SFT example took "
-                          f"constraints ({len(made)} held-in, {len(held_out)} held-out); name SFT data with "
-                          "plain-text answers")
-    return _fit(tok, cfg.max_length, (made, held_out, {"asked": cfg.dpo.constraint_pairs}))
+    n = cfg.dpo.constraint_pairs
+    made, held_out = _constrained_sft(cfg, inputs, constraint_pairs, n,
+                                      max(1, cfg.eval_rows // max(1, len(cfg.pref_eval_data))),
+                                      cfg.sft_mix.max_constraints, f"dpo.constraint_pairs {n}")
+    return _fit(tok, cfg.max_length, (made, held_out, {"asked": n}))
 
 
 def link_final(out: Path, final: str) -> Path | None:
