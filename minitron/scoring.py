@@ -7,6 +7,7 @@ One copy of each, used by the core (teacher, search), alignment (DPO margins, KL
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -94,17 +95,30 @@ def _scored(logp: torch.Tensor, target: list[int]) -> tuple[float, bool]:
 
 
 def _rows(model: Any, contexts: list[list[int]], continuations: list[list[int]], pad_id: int) -> list[tuple]:
-    """One right-padded forward over the distinct inputs (context + continuation minus its last token)."""
+    """One right-padded forward over the distinct inputs (context + continuation minus its last token), with the
+    output head on the positions that predict a continuation token only (a 49k vocabulary costs as much as the
+    body at every other position)."""
     device = next(model.parameters()).device
     seqs = [c + x for c, x in zip(contexts, continuations)]
     inputs = list(dict.fromkeys(tuple(q[:-1]) for q in seqs))
     row = {x: i for i, x in enumerate(inputs)}
     ids, mask = pad_rows([list(x) for x in inputs], pad_id)
-    logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-    out = []
-    for q, x in zip(seqs, continuations):  # continuation token j sits at len(q) - len(x) + j, predicted one before
-        out.append(_scored(logp[row[tuple(q[:-1])], len(q) - 1 - len(x):len(q) - 1], x))
-    return out
+    # continuation token j sits at len(q) - len(x) + j and is predicted one position before
+    spans = [range(len(q) - 1 - len(x), len(q) - 1) for q, x in zip(seqs, continuations)]
+    keep = sorted({p for span in spans for p in span})
+    col = {p: j for j, p in enumerate(keep)}
+    logits = _logits(model, ids.to(device), mask.to(device), torch.tensor(keep, device=device))
+    logp = torch.log_softmax(logits.float(), -1)
+    return [_scored(logp[row[tuple(q[:-1])], [col[p] for p in span]], x)
+            for q, x, span in zip(seqs, continuations, spans)]
+
+
+def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[rows, len(positions), V] logits at ``positions``: by the model's ``logits_to_keep`` where it has one (every
+    transformers causal LM of this stack), else from the full logits."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
+    return model(input_ids=ids, attention_mask=mask).logits[:, positions]
 
 
 def _shared_context(model: Any, context: list[int], continuations: list[list[int]], pad_id: int) -> list[tuple]:
