@@ -38,11 +38,17 @@ class DPOArgs(StageArgs):
     constraint_pairs: int = arg(0, "pairs added from held-in single-turn SFT questions with IFEval-type constraints: "
                                    "chosen obeys them, rejected is the data's answer (as many more held out, from the "
                                    "SFT's held-out rows, as each preference source has; source format_constraints)")
+    constraint_max_length: int = arg(0, "keep only format pairs of at most this many tokens (prompt + the longer "
+                                        "answer), held-in and held-out alike: short pairs train several times faster "
+                                        "per step (0 = max_length)")
 
     def __post_init__(self):
         super().__post_init__()
         if self.constraint_pairs < 0:
             raise ConfigError(f"dpo.constraint_pairs must be >= 0 (got {self.constraint_pairs})")
+        if self.constraint_max_length < 0:
+            raise ConfigError(f"dpo.constraint_max_length must be >= 0 tokens (got {self.constraint_max_length}); "
+                              "0 keeps every format pair that fits max_length")
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta must be positive (got {self.beta})")
         unknown = [t for t in self.loss_type if t not in LOSS_TYPES]

@@ -176,6 +176,7 @@ class Inputs:
     sft: tuple[list, list, dict] | None = None  # (train, held out, stats) of the SFT examples
     pref: tuple[list, list, dict] | None = None  # the same of the preference pairs, fitted to max_length
     constraint_pairs: tuple[list, list, dict] | None = None  # DPO's format pairs from SFT questions, fitted
+    constrained_prompts: tuple[list, list] = ([], [])  # RLVR's prompts (held in, held out) from SFT questions
 
 
 def check(cfg: AlignConfig) -> Inputs:
@@ -217,7 +218,14 @@ def check(cfg: AlignConfig) -> Inputs:
             _check_rl_batch(cfg.rl, len(inputs.pref[0]))
     if _dpo_constraints(cfg):
         inputs.constraint_pairs = _constraint_pairs(cfg, tok, inputs)
+    if _rl_constraints(cfg):
+        inputs.constrained_prompts = _constrained_prompts(cfg, inputs, len(_stage_pairs(cfg, "rl", inputs.pref[0])))
     return inputs
+
+
+def _stage_pairs(cfg: AlignConfig, stage: str, pairs: list[dict]) -> list[dict]:
+    """The preference pairs ``stage`` trains on: those of its ``sources`` where it has the setting."""
+    return D.from_sources(pairs, getattr(cfg, stage).sources, f"{stage}.sources") if stage in SOURCE_STAGES else pairs
 
 
 def _rl_constraints(cfg: AlignConfig) -> bool:
@@ -333,8 +341,9 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
         if cfg.dpo.constraint_pairs:
             data.update(sft_data=cfg.sft_data, sft_eval_data=cfg.sft_eval_data,
                         max_constraints=cfg.sft_mix.max_constraints)
-        else:
-            args = fingerprint.without(args, ("constraint_pairs",))
+        unset = [k for k in ("constraint_pairs", "constraint_max_length") if not getattr(cfg.dpo, k)]
+        args = fingerprint.without(args, unset if cfg.dpo.constraint_pairs else ("constraint_pairs",
+                                                                                  "constraint_max_length"))
     if stage == "rm":  # rm.init is recorded by the input model
         args = fingerprint.without(args, ("init",))
     if stage in SOURCE_STAGES and not args.sources:  # all sources: as before the setting existed
@@ -366,8 +375,7 @@ def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path,
         sft.train(ctx, cfg.sft, model_dir, train, held, {**info, "mix": mix})
         return
     train_pairs, eval_pairs, info = inputs.pref
-    if stage in SOURCE_STAGES:
-        train_pairs = D.from_sources(train_pairs, getattr(cfg, stage).sources, f"{stage}.sources")
+    train_pairs = _stage_pairs(cfg, stage, train_pairs)
     if stage == "rm":
         reward.train(ctx, cfg.rm, model_dir, train_pairs, eval_pairs, info)
     elif stage == "dpo":
@@ -383,10 +391,8 @@ def _run_stage(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir: Path,
                         [p["prompt"] for p in eval_pairs][: cfg.rs.eval_prompts], info)
     else:
         # RL needs prompts only: the preference prompts, so the RM scores answers to the questions it was trained on
-        prompts = [p["prompt"] for p in train_pairs]
-        constrained, constrained_eval = _constrained_prompts(cfg, inputs, len(prompts))
-        rl.train(ctx, cfg.rl, model_dir, ctx.out / "rm", prompts,
-                 [p["prompt"] for p in eval_pairs][: cfg.rl.eval_prompts], info, constrained, constrained_eval)
+        rl.train(ctx, cfg.rl, model_dir, ctx.out / "rm", [p["prompt"] for p in train_pairs],
+                 [p["prompt"] for p in eval_pairs][: cfg.rl.eval_prompts], info, *inputs.constrained_prompts)
 
 
 def _constrained_sft(cfg: AlignConfig, inputs: Inputs, make: Any, n_train: int, n_held: int, max_constraints: int,
@@ -412,23 +418,31 @@ def _constrained_prompts(cfg: AlignConfig, inputs: Inputs, preference_prompts: i
     from align.constraints import constrained_prompts
 
     share = cfg.rl.constraint_share
-    if not share:
-        return [], []
     return _constrained_sft(cfg, inputs, constrained_prompts, round(share / (1 - share) * preference_prompts),
                             cfg.rl.eval_prompts, cfg.rl.max_constraints, f"rl.constraint_share {share}")
 
 
 def _constraint_pairs(cfg: AlignConfig, tok: Any, inputs: Inputs) -> tuple[list, list, dict]:
     """DPO's format pairs (``align.constraints.constraint_pairs``): ``dpo.constraint_pairs`` from the held-in
-    single-turn SFT examples, and as many held-out ones as each preference source has, from the SFT's held-out rows;
-    fitted to ``max_length`` like the preference pairs."""
+    single-turn SFT examples (with ``dpo.constraint_max_length``, only pairs that short), and as many held-out ones
+    as each preference source has, from the SFT's held-out rows (of any length: what is measured stays the same);
+    all fitted to ``max_length`` like the preference pairs."""
     from align.constraints import constraint_pairs
+    from minitron.scoring import chat_ids
 
-    n = cfg.dpo.constraint_pairs
-    made, held_out = _constrained_sft(cfg, inputs, constraint_pairs, n,
+    n, cap = cfg.dpo.constraint_pairs, cfg.dpo.constraint_max_length
+    train_rows = len(inputs.sft[0])
+    made, held_out = _constrained_sft(cfg, inputs, constraint_pairs, train_rows if cap else n,
                                       max(1, cfg.eval_rows // max(1, len(cfg.pref_eval_data))),
                                       cfg.sft_mix.max_constraints, f"dpo.constraint_pairs {n}")
-    return _fit(tok, cfg.max_length, (made, held_out, {"asked": n}))
+    info: dict[str, Any] = {"asked": n}
+    if cap:
+        short = [p for p in made if max(len(chat_ids(tok, p["prompt"] + p[k])) for k in ("chosen", "rejected")) <= cap]
+        if not short:
+            raise D.DataError(f"dpo.constraint_max_length {cap}: none of the {len(made)} format pairs is that short; "
+                              "raise it, or 0 to keep every pair that fits max_length")
+        made, info["longer_than_cap"] = short[:n], len(made) - len(short)
+    return _fit(tok, cfg.max_length, (made, held_out, info))
 
 
 def link_final(out: Path, final: str) -> Path | None:

@@ -8,6 +8,7 @@ export LoRA adapters merged.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.common import StageContext
+from align.common import StageContext, load_tokenizer
 from align.dpo import DPOArgs
 from align.lora import LoraArgs
 from align.pipeline import AlignConfig, check, run
@@ -24,6 +25,7 @@ from align.rl import RLArgs
 from align.sft import SFTArgs
 from conftest import assert_generates_greedily
 from test_align_resume import LAYER, stage_metrics
+from minitron.config import ConfigError
 from minitron.world import WorldFiles
 
 
@@ -260,6 +262,29 @@ def test_dpo_adds_format_pairs_from_sft_questions(world_model, tmp_path):
     assert 0 < made["train"] == len(inputs.constraint_pairs[0]) == 12 - made["too_long_dropped"]["train"]
     assert m["train_pairs"] == made["train"] + len(inputs.pref[0])
     assert 0 < fmt["eval_n"] <= 16 and fmt["logp_margin"] > fmt["logp_margin_before"]
+
+
+def test_dpo_format_pairs_capped_in_length(world_model, tmp_path):
+    """``dpo.constraint_max_length``: only held-in format pairs that short train (as many as asked while the SFT
+    questions last); the held-out ones keep every length; a cap no pair meets, or a negative one, is refused."""
+    from minitron.data import DataError
+    from minitron.scoring import chat_ids
+
+    _, world, base = world_model
+    cfg = AlignConfig(model=str(base), out=str(tmp_path / "out"), eval_rows=16, max_length=192, stages=["dpo"],
+                      **WorldFiles(world).align_data(), dpo=DPOArgs(constraint_pairs=12))
+    tok = load_tokenizer(base)
+    longest = lambda p: max(len(chat_ids(tok, p["prompt"] + p[k])) for k in ("chosen", "rejected"))  # noqa: E731
+    free = check(cfg).constraint_pairs
+    cap = sorted(map(longest, free[0]))[len(free[0]) // 2]
+    made, held_out, info = check(dataclasses.replace(cfg, dpo=DPOArgs(constraint_pairs=12,
+                                                                      constraint_max_length=cap))).constraint_pairs
+    assert made and max(map(longest, made)) <= cap and len(made) <= 12 and info["longer_than_cap"] > 0
+    assert len(held_out) == len(free[1])
+    with pytest.raises(DataError, match="dpo.constraint_max_length 8: none of the .* format pairs is that short"):
+        check(dataclasses.replace(cfg, dpo=DPOArgs(constraint_pairs=12, constraint_max_length=8)))
+    with pytest.raises(ConfigError, match="dpo.constraint_max_length must be >= 0"):
+        DPOArgs(constraint_max_length=-1)
 
 
 def test_sft_extends_a_context_shorter_than_its_data():

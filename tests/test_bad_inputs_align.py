@@ -43,6 +43,15 @@ def _broken_template(tmp: Path, model: Path) -> Path:
     return copy
 
 
+def _tool_rows(path: Path) -> str:
+    """SFT rows that answer with tools at hand: no plain-text question to put a format constraint on."""
+    tool = {"type": "function", "function": {"name": "color", "description": "A color.",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    row = {"messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Red."}],
+           "tools": [tool]}
+    return _write(path, "".join(json.dumps(row) + "\n" for _ in range(12)))
+
+
 # name -> (the case's flags from (tmp, model, good data files), regex of the error line)
 CASES = {
     "unknown stage": (lambda t, m, d: ["--stages", "sft,ppo"], r"unknown stage\(s\) \['ppo'\]: .*sft,rm,dpo,rl"),
@@ -54,6 +63,10 @@ CASES = {
     "verifiable rewards under PPO": (
         lambda t, m, d: ["--rl.algo", "ppo", "--rl.constraint-share", "0.3"],
         r"rl\.constraint_share needs rl\.algo rloo or grpo"),
+    "verifiable rewards without plain-text SFT answers": (
+        lambda t, m, d: ["--rl.constraint-share", "0.5", "--sft-data", _tool_rows(t / "m.jsonl"),
+                         "--sft-eval-data", str(t / "m.jsonl")],
+        r"rl\.constraint_share 0\.5: no single-turn SFT examples took constraints \(0 held-in, 0 held-out\)"),
     "value of the wrong type": (lambda t, m, d: ["--sft.steps", "many"], r"sft\.steps: cannot read 'many' as int"),
     "unknown DPO loss": (lambda t, m, d: ["--dpo.loss-type", "sigmoid,dpop"],
                          r"dpo\.loss_type: unknown loss \['dpop'\]; valid: sigmoid, hinge, ipo"),
