@@ -244,7 +244,7 @@ class Pipeline:
                 if kind in p and Path(p[kind]).exists():
                     out[f"{name} {kind}"] = Path(p[kind])
         final = self.paths.aligned / "final"
-        for stage in ("sft", "dpo"):  # the intermediate policies, for the per-stage benchmark rows
+        for stage in ("sft", "dpo", "rl"):  # the policies that are not final, for the per-stage benchmark rows
             p = self.paths.aligned / stage
             if (p / "config.json").exists() and (not final.exists() or p.resolve() != final.resolve()):
                 out[f"aligned {stage}"] = p
