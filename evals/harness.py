@@ -38,6 +38,7 @@ from rich.table import Table
 from evals.cache import ItemCache
 from evals.generate import EndpointBackend, EvalError, Generator, HFBackend
 from evals.results import HEADLINE, mean_metric, metric_columns, write_report
+from minitron import fingerprint
 from minitron.config import ConfigError, arg, to_dict
 from minitron.io import write_text
 from minitron.model_source import resolve_model
@@ -313,6 +314,8 @@ def evaluate_model(cfg: EvalConfig, name: str, model: str | EndpointBackend, out
     local = getattr(gen.backend, "path", None)
     entry = {"name": name, "path": model if isinstance(model, str) else cfg.endpoint,
              "params": stored_parameters(local), "tasks": {}}
+    if local is not None:  # which weights these numbers are of: a later model in the same folder does not inherit them
+        entry["fingerprint"] = fingerprint.of_path(local)
     for task in cfg.tasks():
         t0 = time.time()
         console.log(f"[bold]{name}[/bold]: {task} ({cfg.data(task)}, limit {cfg.task_limit(task)})")

@@ -65,3 +65,22 @@ def test_pipeline_writes_the_benchmarks_into_the_aligned_report_and_reports_a_fa
     assert failed is not None and "IFEval strict" in failed
     report = (root / "aligned" / "report.md").read_text()
     assert "## Benchmarks" in report and "| IFEval strict | +0.040 ± 0.042 | same | beat FAILED |" in report
+
+
+def test_results_of_replaced_weights_are_left_out(tmp_path):
+    """An eval result recorded for other weights than those now in the folder (a stage redone since) is dropped."""
+    import json
+
+    from minitron import fingerprint
+    from minitron.pipeline.report import eval_metrics
+
+    model = tmp_path / "aligned" / "dpo"
+    model.mkdir(parents=True)
+    (model / "fingerprint.json").write_text(json.dumps({"fingerprint": "new"}))
+    metrics = {"rag": {"metrics": {"f1": {"value": 0.3, "stderr": 0.01, "n": 120}}}}
+    for name, fp in (("old", "old"), ("new", fingerprint.of_path(model)), ("unrecorded", None)):
+        entry = {"path": str(model), "tasks": metrics, **({"fingerprint": fp} if fp else {})}
+        (tmp_path / "eval" / name).mkdir(parents=True)
+        (tmp_path / "eval" / name / "results.json").write_text(json.dumps({"models": [entry]}))
+    kept = [name for name in ("old", "new", "unrecorded") if eval_metrics(tmp_path / "eval" / name)]
+    assert kept == ["new", "unrecorded"]

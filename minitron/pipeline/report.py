@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from minitron import fingerprint
 from minitron.config import arg
 from minitron.io import count_parameters, write_json, write_text
 from minitron.world import WorldFiles
@@ -137,14 +138,18 @@ def wikitext_rows(source: str, tokenizer: Any, seq_len: int, max_tokens: int) ->
 
 
 def eval_metrics(eval_dir: Path) -> dict[str, dict[str, Any]]:
-    """path -> {column: value, column_se: stderr, column_n: n} from every results.json under ``eval_dir``."""
+    """path -> {column: value, column_se: stderr, column_n: n} from every results.json under ``eval_dir``; results
+    recorded for other weights than those now at the path (a stage redone since) are left out."""
     out: dict[str, dict[str, Any]] = {}
     files = [eval_dir / "results.json"] + sorted(eval_dir.glob("*/results.json")) if eval_dir.exists() else []
     for f in files:
         if not f.exists():
             continue
         for m in json.loads(f.read_text()).get("models", []):
-            vals = out.setdefault(str(Path(m.get("path", "")).resolve()), {})
+            path = Path(m.get("path", "")).resolve()
+            if m.get("fingerprint") and path.is_dir() and fingerprint.of_path(path) != m["fingerprint"]:
+                continue
+            vals = out.setdefault(str(path), {})
             for task, metric, col in EVAL_COLUMNS:
                 v = m.get("tasks", {}).get(task, {}).get("metrics", {}).get(metric)
                 if v is not None:
