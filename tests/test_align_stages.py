@@ -266,7 +266,7 @@ def test_dpo_adds_format_pairs_from_sft_questions(world_model, tmp_path):
 
 def test_dpo_format_pairs_capped_in_length(world_model, tmp_path):
     """``dpo.constraint_max_length``: only held-in format pairs that short train (as many as asked while the SFT
-    questions last); the held-out ones keep every length; a cap no pair meets, or a negative one, is refused."""
+    questions last); the held-out ones are not capped; a cap no pair meets, or a negative one, is refused."""
     from minitron.data import DataError
     from minitron.scoring import chat_ids
 
@@ -275,12 +275,13 @@ def test_dpo_format_pairs_capped_in_length(world_model, tmp_path):
                       **WorldFiles(world).align_data(), dpo=DPOArgs(constraint_pairs=12))
     tok = load_tokenizer(base)
     longest = lambda p: max(len(chat_ids(tok, p["prompt"] + p[k])) for k in ("chosen", "rejected"))  # noqa: E731
-    free = check(cfg).constraint_pairs
+    capped = lambda cap: check(dataclasses.replace(  # noqa: E731
+        cfg, dpo=DPOArgs(constraint_pairs=12, constraint_max_length=cap))).constraint_pairs
+    free = capped(10**6)
     cap = sorted(map(longest, free[0]))[len(free[0]) // 2]
-    made, held_out, info = check(dataclasses.replace(cfg, dpo=DPOArgs(constraint_pairs=12,
-                                                                      constraint_max_length=cap))).constraint_pairs
-    assert made and max(map(longest, made)) <= cap and len(made) <= 12 and info["longer_than_cap"] > 0
-    assert len(held_out) == len(free[1])
+    made, held_out, info = capped(cap)
+    assert made and max(map(longest, made)) <= cap < max(map(longest, free[0])) and info["longer_than_cap"] > 0
+    assert len(made) <= 12 and held_out and info["too_long_dropped"]["eval"] == free[2]["too_long_dropped"]["eval"]
     with pytest.raises(DataError, match="dpo.constraint_max_length 8: none of the .* format pairs is that short"):
         check(dataclasses.replace(cfg, dpo=DPOArgs(constraint_pairs=12, constraint_max_length=8)))
     with pytest.raises(ConfigError, match="dpo.constraint_max_length must be >= 0"):
