@@ -38,9 +38,9 @@ class DPOArgs(StageArgs):
     constraint_pairs: int = arg(0, "pairs added from held-in single-turn SFT questions with IFEval-type constraints: "
                                    "chosen obeys them, rejected is the data's answer (as many more held out, from the "
                                    "SFT's held-out rows, as each preference source has; source format_constraints)")
-    constraint_max_length: int = arg(0, "keep only format pairs of at most this many tokens (prompt + the longer "
-                                        "answer), held-in and held-out alike: short pairs train several times faster "
-                                        "per step (0 = max_length)")
+    constraint_max_length: int = arg(0, "train only on format pairs of at most this many tokens (prompt + the "
+                                        "longer answer); the held-out ones keep every length: short pairs train "
+                                        "several times faster per step (0 = max_length)")
 
     def __post_init__(self):
         super().__post_init__()
