@@ -21,7 +21,7 @@ import yaml
 from evals.generate import EvalError, Generator, run_lm_eval
 from evals.jsonl import read_rows
 from evals.results import mean_metric
-from minitron.punkt import ensure_punkt
+from minitron.punkt import ensure_punkt, seed_langdetect
 
 TEMPLATE = Path(__file__).with_name("tasks") / "_ifeval_local_template.yaml"
 FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
@@ -62,6 +62,7 @@ def evaluate(gen: Generator, data_dir: str | Path, limit: int | None, work_dir: 
     """IFEval on ``gen`` (chat template, greedy, ``max_new_tokens`` per reply): metrics and per-prompt items."""
     read_data(data_dir)  # lm-eval reads the file itself, with no line numbers in its errors
     ensure_punkt(_data_file(data_dir))
+    seed_langdetect()
     folder, name = write_task(data_dir, work_dir, max_new_tokens)
     samples = run_lm_eval(gen, [name], folder, limit, chat=True)[name]
     if not samples:

@@ -75,11 +75,21 @@ def ensure_punkt(fallback_text: Path | None = None, max_chars: int = 2_000_000) 
     return root
 
 
+def seed_langdetect() -> None:
+    """One verdict per text from IFEval's language and case checkers: they call langdetect, which samples from
+    os.urandom unless seeded (unseeded, "ana is a doctor." is English in about two calls of three)."""
+    from langdetect import DetectorFactory
+
+    DetectorFactory.seed = 0
+
+
 @functools.cache
 def ifeval_instructions() -> tuple[dict, dict, Any]:
     """lm-eval's IFEval instruction registry, its conflict table and its util module, imported once, after punkt
-    is in place (the SFT mix's constraints and the demo world's instruction pairs both use its checkers)."""
+    is in place (the SFT mix's constraints and the demo world's instruction pairs both use its checkers), with
+    langdetect seeded so that the same text always gets the same verdict."""
     ensure_punkt()
+    seed_langdetect()
     from lm_eval.tasks.ifeval import instructions_registry as registry
     from lm_eval.tasks.ifeval import instructions_util as util
 

@@ -15,3 +15,12 @@ def test_punkt_trains_offline_without_any_corpus(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "3"
     assert (tmp_path / "nltk_data" / "tokenizers" / "punkt_tab" / "english" / "sent_starters.txt").exists()
+
+
+def test_ifeval_case_checks_give_one_verdict_per_text():
+    """The lowercase/capital checkers call langdetect, which draws from os.urandom unless seeded: unseeded, "ana is
+    a doctor." was "en" in about two calls of three and "es" otherwise, so one seed made different format pairs."""
+    from align.constraints import obeyed
+
+    verdicts = {tuple(obeyed("ana is a doctor.", ["change_case:english_lowercase"], [{}])) for _ in range(30)}
+    assert len(verdicts) == 1
