@@ -212,8 +212,8 @@ def check(cfg: AlignConfig) -> Inputs:
         first = loaded[0][0]
         _check_template(tok, inputs.base, first["prompt"] + first["chosen"])
         inputs.pref = _fit(tok, cfg.max_length, loaded)
-        for stage in SOURCE_STAGES & set(cfg.stages):
-            D.from_sources(inputs.pref[0], getattr(cfg, stage).sources, f"{stage}.sources")
+        for stage in SOURCE_STAGES & set(cfg.stages):  # a source no pair comes from is refused here
+            _stage_pairs(cfg, stage, inputs.pref[0])
         if "rl" in cfg.stages:
             _check_rl_batch(cfg.rl, len(inputs.pref[0]))
     if _dpo_constraints(cfg):
@@ -341,9 +341,8 @@ def stage_fingerprint(cfg: AlignConfig, ctx: StageContext, stage: str, model_dir
         if cfg.dpo.constraint_pairs:
             data.update(sft_data=cfg.sft_data, sft_eval_data=cfg.sft_eval_data,
                         max_constraints=cfg.sft_mix.max_constraints)
-        unset = [k for k in ("constraint_pairs", "constraint_max_length") if not getattr(cfg.dpo, k)]
-        args = fingerprint.without(args, unset if cfg.dpo.constraint_pairs else ("constraint_pairs",
-                                                                                  "constraint_max_length"))
+        args = fingerprint.without(args, [k for k in ("constraint_pairs", "constraint_max_length")
+                                          if not cfg.dpo.constraint_pairs or not getattr(cfg.dpo, k)])
     if stage == "rm":  # rm.init is recorded by the input model
         args = fingerprint.without(args, ("init",))
     if stage in SOURCE_STAGES and not args.sources:  # all sources: as before the setting existed

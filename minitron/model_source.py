@@ -25,6 +25,7 @@ import torch
 
 from minitron.adapters import ADAPTERS, UnsupportedArchitecture
 from minitron.config import ConfigError, MinitronError, arg
+from minitron.fingerprint import of_path, record
 from minitron.io import atomic_dir, hash_file, is_model_dir, write_model_card
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
@@ -182,6 +183,7 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike) -> Path:
             "chat template": "yes" if tok.chat_template else "no",
         }, body="Written by `minitron import --gguf`. Loads with `AutoModelForCausalLM.from_pretrained(DIR)` and vLLM; "
                 "weights are the dequantized values, so they carry the file's quantization error.")
+        record(tmp, {"fingerprint": of_path(tmp)})  # what later stages and eval results compare, without re-hashing
     return out
 
 

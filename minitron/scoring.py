@@ -7,6 +7,7 @@ One copy of each, used by the core (teacher, search), alignment (DPO margins, KL
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from typing import Any
@@ -113,10 +114,15 @@ def _rows(model: Any, contexts: list[list[int]], continuations: list[list[int]],
             for q, x, span in zip(seqs, continuations, spans)]
 
 
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """[rows, len(positions), V] logits at ``positions``: by the model's ``logits_to_keep`` where it has one (every
     transformers causal LM of this stack), else from the full logits."""
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if _keeps_logits(type(model)):
         return model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
     return model(input_ids=ids, attention_mask=mask).logits[:, positions]
 

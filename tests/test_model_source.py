@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from conftest import TINY_TEXT, make_tiny_model_dir, write_tiny_gguf
+from minitron import fingerprint
 from minitron.adapters import UnsupportedArchitecture
 from minitron.cli import app
 from minitron.config import MinitronError
@@ -43,6 +44,9 @@ def test_import_writes_a_standard_directory_that_generates_like_transformers_ggu
     for name in ("model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json", "README.md"):
         assert (out / name).exists(), name
     assert gguf.name in (out / "README.md").read_text()
+    recorded = json.loads((out / "fingerprint.json").read_text())["fingerprint"]  # the hash of what was written
+    (out / "fingerprint.json").unlink()
+    assert recorded == fingerprint.of_path(out)
     ours = AutoModelForCausalLM.from_pretrained(out).eval()
     theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
     assert greedy(ours, prompt) == greedy(theirs, prompt) == greedy(original, prompt)
