@@ -65,5 +65,5 @@ def test_smollm2_recipe_small(tmp_path):
     assert 0.4 < rows["width pruned"]["non_embedding_params"] / rows["teacher"]["non_embedding_params"] < 0.55
     assert abs(rows["depth pruned"]["non_embedding_params"] / rows["teacher"]["non_embedding_params"] - 0.5) < 0.01
     assert "MMLU cloze" in rows["teacher"] and "IFEval strict" in rows["width distilled"]
-    assert {"aligned sft", "aligned dpo", "aligned"} <= set(rows) and "roleplay win" in rows["aligned"]
+    assert {"aligned sft", "aligned rl", "aligned"} <= set(rows) and "roleplay win" in rows["aligned"]  # final: dpo
     assert "## Benchmarks" in (tmp_path / "run" / "aligned" / "report.md").read_text()
