@@ -21,23 +21,13 @@ Where the labels come from (no HelpSteer copy offline; ``ATTRIBUTE_NAMES``):
 - ``steer_sft.variants``: each single-sentence plain answer (the demo world, whose answers have one length per kind
   of prompt) also appears terse (its last word) and padded (restated, plus a closing line), and each longer answer
   (real data) also cut to its first sentence, so that length varies within a prompt and only the attribute line can
-  tell the model which length to write;
-- ``steer_sft.non_answers``: the same for helpfulness. Preference data's rejected answers are often only slightly
-  worse than the chosen ones (HH-RLHF), too little for a small student to tell apart; the clearly unhelpful answer,
-  one that answers nothing ("I'm not sure what you mean."), is rare in it (none of the 256 HH and instruction pairs
-  of ``configs/align/smollm2-nemo.yaml``, 10 of HH's 2,749 rejection-sampled test pairs). So ``non_answers``
-  training prompts (plain SFT and preference prompts) also get such a reply, helpfulness 0, while keeping their own
-  answer: one prompt, a helpful and an unhelpful reply, and only the attribute line to tell them apart. The replies
-  are the data's own non-answers (rejected, at most 20 words, saying the assistant is not sure, does not know or
-  does not understand: ``NON_ANSWER``) and ``NON_ANSWERS``, a fixed list written after HH's.
+  tell the model which length to write.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
-import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +44,6 @@ from minitron.scoring import chat_ids, pad_rows, reward_scores
 
 HELPFUL, UNHELPFUL = ATTRIBUTE_MAX, 0  # the labels of a preference pair's chosen and rejected answer
 PAD_LINE = "I hope this helps; ask me again if you want to know more about it."
-# a rejected answer that answers nothing says so: "I'm not sure", "I don't know", "I don't understand", ...
-NON_ANSWER = re.compile(r"\b(not sure|(don|doesn)['’]t (know|understand)|do not (know|understand)|can['’]t help|"
-                        r"cannot help|(am|I['’]m) not able to)\b", re.IGNORECASE)
-NON_ANSWER_MAX_WORDS = 20
-NON_ANSWERS = (  # after HH-RLHF's rejected non-answers (helpful-rejection-sampled), for data that has too few
-    "I'm not sure what you mean.", "I'm not sure.", "I don't know.", "Hm, OK. I don't know that one.",
-    "Sorry, I'm not sure what you mean by that?", "I'm not sure I understand. Can you tell me more?",
-    "I don't understand the question.", "Sorry, I can't help with that.")
 
 
 @dataclasses.dataclass
@@ -87,15 +69,11 @@ class SteerSFTArgs(StageArgs):
     eval_prompts: int = arg(32, "held-out prompts per steered attribute (verbosity: plain SFT prompts; "
                                 "helpfulness: preference prompts)")
     max_new_tokens: int = arg(96, "reply length limit when measuring the steering")
-    non_answers: int = arg(0, "training prompts that also get a reply that answers nothing (\"I'm not sure what "
-                              "you mean.\"), labelled helpfulness 0: a contrast real preference data lacks")
 
     def __post_init__(self):
         super().__post_init__()
         if self.eval_prompts < 2 or self.max_new_tokens < 1:
             raise ConfigError("steer_sft.eval_prompts must be >= 2 and max_new_tokens >= 1")
-        if self.non_answers < 0:
-            raise ConfigError("steer_sft.non_answers must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------- labels
@@ -146,31 +124,6 @@ def labelled(sft_examples: list[dict], pairs: list[dict]) -> list[dict]:
         rows.append({"prompt": p["prompt"], "completion": p["chosen"], "labels": {"helpfulness": float(HELPFUL)}})
         rows.append({"prompt": p["prompt"], "completion": p["rejected"], "labels": {"helpfulness": float(UNHELPFUL)}})
     return rows
-
-
-def non_answer_pool(pairs: list[dict]) -> list[str]:
-    """The distinct rejected answers of ``pairs`` that answer nothing (one plain-text turn of at most
-    ``NON_ANSWER_MAX_WORDS`` words that says the assistant is not sure, does not know or does not understand),
-    then ``NON_ANSWERS``."""
-    pool: dict[str, None] = {}
-    for p in pairs:
-        turn = p["rejected"][-1]
-        text = str(turn.get("content") or "").strip()
-        if not turn.get("tool_calls") and len(text.split()) <= NON_ANSWER_MAX_WORDS and NON_ANSWER.search(text):
-            pool.setdefault(text)
-    return list(pool) + [t for t in NON_ANSWERS if t not in pool]
-
-
-def non_answer_rows(sft_examples: list[dict], pairs: list[dict], n: int, seed: int) -> list[dict]:
-    """``n`` labelled rows (helpfulness 0): prompts drawn from the plain SFT examples and the pairs, each answered by
-    one of ``non_answer_pool(pairs)``."""
-    if n == 0:
-        return []
-    pool = non_answer_pool(pairs)
-    prompts = [ex["prompt"] for ex in plain_examples(sft_examples, len(sft_examples))] + [p["prompt"] for p in pairs]
-    rng = random.Random(seed)
-    return [{"prompt": prompt, "completion": [{"role": "assistant", "content": rng.choice(pool)}],
-             "labels": {"helpfulness": float(UNHELPFUL)}} for prompt in rng.sample(prompts, min(n, len(prompts)))]
 
 
 def label_lengths(rows: list[dict], cuts: list[int]) -> list[dict]:
@@ -434,7 +387,7 @@ def train_sft(ctx: StageContext, args: SteerSFTArgs, model_dir: str | Path, attr
     tok = load_tokenizer(model_dir)
     train_ex = variants(sft[0]) if args.variants else sft[0]
     held_ex = variants(sft[1]) if args.variants else sft[1]
-    train_rows = labelled(train_ex, pref[0]) + non_answer_rows(sft[0], pref[0], args.non_answers, ctx.seed)
+    train_rows = labelled(train_ex, pref[0])
     cuts = length_cuts([reply_text(r["completion"]) for r in train_rows])
     label_lengths(train_rows, cuts)
     held_rows = label_lengths(labelled(held_ex, pref[1]), cuts)
@@ -471,7 +424,7 @@ def train_sft(ctx: StageContext, args: SteerSFTArgs, model_dir: str | Path, attr
                "verbosity_short_preference": prefer_short,
                "scored_by": str(rm_dir) if rm_dir.is_dir() else None, "conditioned": args.conditioned,
                "labels_predicted": labels["predicted"], "verbosity_word_cuts": cuts,
-               "label_counts": _counts(train_rows), "non_answers": args.non_answers, "train_examples": len(train_rows), "eval_examples": len(held_rows),
+               "label_counts": _counts(train_rows), "train_examples": len(train_rows), "eval_examples": len(held_rows),
                "eval_n": len(held_rows), "steps": trainer.state.global_step, "resumed_from": resume,
                "data": {"sft": sft[2], "pref": pref[2]}, "history": train_history(trainer)}
     summary = steering_markdown(table) + "\n\n" + length_preference_line(prefer_short)

@@ -17,10 +17,8 @@ from safetensors.torch import load_file
 from align.lora import LoraArgs
 from align.pipeline import AlignConfig, run
 from align.reward import RMArgs
-from align.steerlm import (NON_ANSWERS, SteerRMArgs, SteerSFTArgs, length_cuts, masked_mse, non_answer_pool,
-                           non_answer_rows, variants, verbosity)
+from align.steerlm import SteerRMArgs, SteerSFTArgs, length_cuts, masked_mse, variants, verbosity
 from minitron.chat_format import attribute_line, parse_attributes, with_attributes
-from minitron.config import ConfigError
 from minitron.fingerprint import FILE
 from test_align_resume import LAYER, align_command, kill_and_resume, stage_metrics, tiny_align_data, write_tiny_data
 
@@ -68,27 +66,6 @@ def test_labels_from_lengths_variants_and_the_masked_loss():
     assert loss.item() == pytest.approx(2.0)  # (2-4)^2 and (3-3)^2 over the 2 known labels
 
 
-def test_non_answers_come_from_the_rejected_answers_and_keep_the_prompt_answered():
-    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
-    reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
-    pairs = [{"prompt": user("Where is Oslo?"), "chosen": reply("In Norway."), "rejected": reply("I’m not sure.")},
-             {"prompt": user("Name a fruit."), "chosen": reply("A pear."), "rejected": reply("A chair.")},
-             {"prompt": user("Why?"), "chosen": reply("Because."),  # a long rejected answer is not a non-answer
-              "rejected": reply("I don't know " + "much about it, but here is a long guess " * 3)}]
-    pool = non_answer_pool(pairs)
-    assert pool[0] == "I’m not sure." and pool[1:] == list(NON_ANSWERS)  # the data's own first, curly quote matched
-    sft = [{"prompt": user(f"question {i}"), "completion": reply(f"answer {i}")} for i in range(6)]
-    sft.append({**sft[0], "tools": [{"type": "function"}]})  # a tool prompt never gets a non-answer
-    rows = non_answer_rows(sft, pairs, 8, seed=0)
-    assert len(rows) == 8 and all(r["labels"] == {"helpfulness": 0.0} for r in rows)
-    assert all(r["completion"][0]["content"] in pool and "tools" not in r for r in rows)
-    assert len({r["prompt"][0]["content"] for r in rows}) == 8  # distinct prompts, from SFT and the pairs
-    assert rows == non_answer_rows(sft, pairs, 8, seed=0) and non_answer_rows(sft, pairs, 0, seed=0) == []
-    assert len(non_answer_rows(sft, pairs, 100, seed=0)) == 9  # at most one per plain prompt
-    with pytest.raises(ConfigError, match="non_answers"):
-        SteerSFTArgs(non_answers=-1)
-
-
 # ----------------------------------------------------------------------------------------------- the stages
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -101,8 +78,7 @@ def steered(tiny_model_dir, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("steer") / "out"
     cfg = AlignConfig(model=str(tiny_model_dir), out=str(out), stages=["rm", "steer_rm", "steer_sft"], **TWO_STEPS,
                       **data, rm=RMArgs(batch_size=4, lr=1e-3), steer_rm=SteerRMArgs(batch_size=4, lr=1e-3),
-                      steer_sft=SteerSFTArgs(batch_size=4, lr=1e-3, variants=True, eval_prompts=4, max_new_tokens=4,
-                                             non_answers=3))
+                      steer_sft=SteerSFTArgs(batch_size=4, lr=1e-3, variants=True, eval_prompts=4, max_new_tokens=4))
     run(cfg)
     return cfg, out
 
@@ -122,7 +98,6 @@ def test_steer_stages_end_to_end(steered, tiny_model_dir):
     model = AutoModelForSequenceClassification.from_pretrained(out / "steer_rm")
     assert model.config.num_labels == 2 and model.config.id2label[1] == "verbosity"
     assert sft["steps"] == 2 and sft["labels_predicted"] > 0 and sft["scored_by"] == str(out / "rm")
-    assert sft["non_answers"] == 3 and sft["label_counts"]["helpfulness"][0] >= 3  # the non-answers, labelled 0
     table = sft["steering"]
     assert set(table) == {"verbosity", "helpfulness"}
     for k in ("length_low", "length_high", "length_ratio", "rm_low", "rm_high", "rm_diff", "rm_diff_se"):
@@ -260,6 +235,7 @@ def test_it_steers_on_the_demo_world_and_the_unconditioned_control_does_not(demo
 # ----------------------------------------------------------------------------------------------- steering at inference
 def test_chat_attributes_command_sets_the_system_line():
     from evals.chat import set_attributes
+    from minitron.config import ConfigError
 
     assert set_attributes(None, "verbosity=0") == "Attributes: verbosity=0. Answer in one short sentence."
     assert set_attributes("You are Sir Bram.", "verbosity=4 helpfulness=4") == \
@@ -273,6 +249,7 @@ def test_chat_attributes_command_sets_the_system_line():
 
 def test_the_eval_harness_asks_every_chat_prompt_for_the_attributes(tiny_model_dir, tmp_path):
     from evals.harness import EvalConfig, make_generator
+    from minitron.config import ConfigError
 
     with pytest.raises(ConfigError, match="--attributes"):
         EvalConfig(model=[str(tiny_model_dir)], attributes="verbosity=high")
