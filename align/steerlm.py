@@ -358,20 +358,6 @@ def steering_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def measure(model_dir: str | Path, rm_dir: str | Path | None, prompts: dict[str, list[list[dict]]],
-            neutral: dict[str, int], max_new_tokens: int, seed: int = 0) -> dict[str, Any]:
-    """``steering`` of a saved model directory, scored by the pairwise RM in ``rm_dir`` (None: lengths only)."""
-    from align.reward import load_reward_model
-
-    tok = load_tokenizer(model_dir)
-    policy = load_causal_lm(model_dir, tok).eval()
-    rm = rm_tok = None
-    if rm_dir is not None and Path(rm_dir).is_dir():
-        rm_tok = load_tokenizer(rm_dir)
-        rm = load_reward_model(rm_dir, rm_tok).eval()
-    return steering(policy, tok, prompts, neutral, rm, rm_tok, max_new_tokens, seed)
-
-
 def eval_prompts(args: SteerSFTArgs, sft: tuple, pref: tuple) -> dict[str, list[list[dict]]]:
     """The held-out prompts of the steering check: plain SFT prompts (verbosity), preference prompts (helpfulness)."""
     return {"verbosity": [ex["prompt"] for ex in plain_examples(sft[1], args.eval_prompts)],
