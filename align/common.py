@@ -59,6 +59,7 @@ class StageContext:
     seed: int = 0
     max_steps: int | None = None
     max_length: int = 512
+    cpu_bf16: bool = False  # bf16 autocast on CPU (a CUDA device uses bf16 whenever it supports it)
     lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
     started: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # stage -> (wall, cpu) at start
     callbacks: list[Any] = dataclasses.field(default_factory=list)  # extra transformers TrainerCallbacks
@@ -78,11 +79,12 @@ def on_gpu() -> bool:
 def trl_args(config_cls: type, args: StageArgs, ctx: StageContext, stage: str, **extra: Any) -> Any:
     """A TRL ``XConfig`` with the project's defaults: CPU-safe precision, checkpoints for resume, no reporting.
 
-    TRL configs default to bf16=True; on CPU that is wrong (NOTES.md), so bf16 is on only for a CUDA device
-    that supports it. Gradient checkpointing (a TRL default) only slows the small models this runs on CPU.
+    TRL configs default to bf16=True; on CPU that is wrong (NOTES.md), so bf16 is on for a CUDA device that
+    supports it, and on CPU only with ``ctx.cpu_bf16`` (autocast; the weights and optimizer stay fp32). Gradient
+    checkpointing (a TRL default) only slows the small models this runs on CPU.
     """
     steps = ctx.steps(args)
-    bf16 = on_gpu() and torch.cuda.is_bf16_supported()
+    bf16 = torch.cuda.is_bf16_supported() if on_gpu() else ctx.cpu_bf16
     kw = dict(output_dir=str(ctx.work_dir(stage)), max_steps=steps, per_device_train_batch_size=args.batch_size,
               per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
               learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=math.ceil(args.warmup_ratio * steps),

@@ -317,3 +317,32 @@ def test_rloo_with_verifiable_constraint_rewards(aligned, world_model, tmp_path)
     assert 0 <= m["obeyed_all_before"] <= 1 and 0 <= m["obeyed_all"] <= 1
     assert any("rewards/constraint_reward/mean" in h for h in m["history"])
     assert "obeyed_all_gain" in (tmp_path / "report.md").read_text()
+
+
+def test_cpu_bf16_trains_under_autocast_and_is_fingerprinted(world_model, tmp_path, request):
+    """``cpu_bf16``: the stage's forward runs in bf16 (autocast) while the saved weights stay fp32; the setting is
+    part of the stage's fingerprint only when on (older outputs stay up to date)."""
+    from align.common import trl_args
+    from align.pipeline import stage_fingerprint
+    from trl import SFTConfig
+
+    root, world, base = world_model
+    ctx = StageContext(out=tmp_path, cpu_bf16=True)
+    assert trl_args(SFTConfig, SFTArgs(steps=2), ctx, "sft").bf16
+    assert not trl_args(SFTConfig, SFTArgs(steps=2), StageContext(out=tmp_path), "sft").bf16
+
+    seen = set()  # dtype of every Linear output while training (the saved logits are cast back to fp32)
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: seen.add(out.dtype) if isinstance(m, torch.nn.Linear) and m.training else None)
+    request.addfinalizer(hook.remove)
+    cfg = AlignConfig(model=str(base), out=str(tmp_path / "out"), stages=["sft"], eval_rows=8, max_length=192,
+                      cpu_bf16=True, **WorldFiles(world).align_data(), sft=SFTArgs(steps=2, batch_size=4))
+    out = run(cfg)
+    assert torch.bfloat16 in seen
+    hook.remove()
+    weights = load_file(str(out / "sft" / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    plain = dataclasses.replace(cfg, cpu_bf16=False)
+    fp_on = stage_fingerprint(cfg, StageContext(out=out), "sft", base)
+    fp_off = stage_fingerprint(plain, StageContext(out=out), "sft", base)
+    assert fp_on["fingerprint"] != fp_off["fingerprint"] and "cpu_bf16" not in json.dumps(fp_off)
