@@ -125,13 +125,13 @@ def write_report(out: Path, base_model: str, evals: Any = None) -> dict[str, Any
     if per_source:
         text += ["## Per held-out source", "", per_source, ""]
     if "steer_sft" in metrics:  # SteerLM: what the attribute line does to held-out replies (align.steerlm)
-        from align.steerlm import length_preference_line, steering_markdown
+        from align.steerlm import preference_lines, steering_markdown
 
         steer = metrics["steer_sft"]
         text += ["## SteerLM steering (held-out prompts; one attribute at 0 vs 4, the others fixed)", "",
                  steering_markdown(steer["steering"]), ""]
-        if "verbosity_short_preference" in steer:  # recorded since the probe exists
-            text += [length_preference_line(steer["verbosity_short_preference"]), ""]
+        if "verbosity_short_preference" in steer:  # recorded since the probe exists (helpfulness's since session 19)
+            text += [preference_lines(steer["verbosity_short_preference"], steer.get("helpfulness_preference")), ""]
     if evals is not None:
         text += ["Eval suite on each stage's output: see `evals/` in this folder.", ""]
     if (out / "benchmarks.json").exists():  # written by `minitron run` after its evals (minitron.pipeline.report)

@@ -11,7 +11,8 @@ Two stages of ``minitron align`` (run only when named: ``--stages steer_rm,steer
   ``SFTTrainer``, loss on the reply). At inference the same line asks for a kind of reply; the stage measures that it
   does (``steering``): on held-out prompts, the lowest vs the highest verbosity (answer length) and helpfulness
   (the pairwise reward model ``OUT/rm``'s score, when there is one); and, free of greedy decoding,
-  ``length_preference``: how far verbosity 0 vs 4 shifts the odds of a short over a long held-out reply.
+  ``length_preference`` and ``helpfulness_preference``: how far the value (0 vs 4) shifts the odds of a short over a
+  long held-out reply, of a held-out pair's rejected over its chosen answer.
 
 Where the labels come from (no HelpSteer copy offline; ``ATTRIBUTE_NAMES``):
 
@@ -320,30 +321,46 @@ def steering(policy: Any, tok: Any, prompts: dict[str, list[list[dict]]], neutra
     return table
 
 
-def length_preference(policy: Any, tok: Any, examples: list[dict], neutral: dict[str, int]) -> dict[str, float]:
-    """Whether the verbosity value alone moves the model toward a short reply, free of what greedy decoding makes of
-    it: over held-out plain ``examples`` that ``variants`` gives a shorter copy of, the log-odds of the shortest copy
-    against the longest at verbosity 0 minus the same at verbosity 4, in nats (``gap`` ± ``gap_se``, ``n``).
-    Positive: asking for verbosity 0 favours the short reply; about 0: the attribute line is not learnt."""
-    pairs = []
-    for ex in examples:
-        copies = sorted(variants([ex]), key=lambda c: len(reply_text(c["completion"]).split()))
-        if len(copies) > 1:  # ``variants`` leaves replies under 3 words alone
-            pairs.append((ex["prompt"], copies[0]["completion"], copies[-1]["completion"]))
-    if not pairs:
+def odds_shift(policy: Any, tok: Any, triples: list[tuple], name: str, neutral: dict[str, int]) -> dict[str, float]:
+    """Whether the value of attribute ``name`` alone moves the model between two replies, free of what greedy
+    decoding makes of it: over ``triples`` (prompt, the reply a low value asks for, the one a high value asks for),
+    the log-odds of the low reply against the high one at ``name`` 0 minus the same at 4, in nats (``gap`` ±
+    ``gap_se``, ``n``). Positive: the value steers toward its kind of reply; about 0: the attribute line is not
+    learnt."""
+    if not triples:
         return {"gap": float("nan"), "gap_se": float("nan"), "n": 0}
     odds = {}
     for value in (0, ATTRIBUTE_MAX):
-        rows = [{"prompt": with_attributes(p, {**neutral, "verbosity": value}), "short": s, "long": lng}
-                for p, s, lng in pairs]
-        odds[value] = completion_logps(policy, tok, rows, "short") - completion_logps(policy, tok, rows, "long")
+        rows = [{"prompt": with_attributes(p, {**neutral, name: value}), "low": lo, "high": hi} for p, lo, hi in triples]
+        odds[value] = completion_logps(policy, tok, rows, "low") - completion_logps(policy, tok, rows, "high")
     gap, gap_se = mean_se(odds[0] - odds[ATTRIBUTE_MAX])
-    return {"gap": gap, "gap_se": gap_se, "n": len(pairs)}
+    return {"gap": gap, "gap_se": gap_se, "n": len(triples)}
 
 
-def length_preference_line(pref: dict[str, float]) -> str:
-    return (f"Log-odds of a short over a long held-out reply, verbosity 0 minus 4: {pref['gap']:.3f} ± "
-            f"{pref['gap_se']:.3f} nats (n {pref['n']}).")
+def length_preference(policy: Any, tok: Any, examples: list[dict], neutral: dict[str, int]) -> dict[str, float]:
+    """``odds_shift`` of verbosity over held-out plain ``examples`` that ``variants`` gives a shorter copy of: the
+    shortest copy against the longest."""
+    triples = []
+    for ex in examples:
+        copies = sorted(variants([ex]), key=lambda c: len(reply_text(c["completion"]).split()))
+        if len(copies) > 1:  # ``variants`` leaves replies under 3 words alone
+            triples.append((ex["prompt"], copies[0]["completion"], copies[-1]["completion"]))
+    return odds_shift(policy, tok, triples, "verbosity", neutral)
+
+
+def helpfulness_preference(policy: Any, tok: Any, pairs: list[dict], neutral: dict[str, int]) -> dict[str, float]:
+    """``odds_shift`` of helpfulness over held-out preference ``pairs``: the rejected answer against the chosen."""
+    return odds_shift(policy, tok, [(p["prompt"], p["rejected"], p["chosen"]) for p in pairs], "helpfulness", neutral)
+
+
+def preference_lines(short: dict[str, float], helpful: dict[str, float] | None = None) -> str:
+    """The probes in words: verbosity (short over long reply) and, when measured, helpfulness (rejected over chosen)."""
+    lines = [f"Log-odds of a short over a long held-out reply, verbosity 0 minus 4: {short['gap']:.3f} ± "
+             f"{short['gap_se']:.3f} nats (n {short['n']})."]
+    if helpful:
+        lines.append(f"Log-odds of the rejected over the chosen held-out answer, helpfulness 0 minus 4: "
+                     f"{helpful['gap']:.3f} ± {helpful['gap_se']:.3f} nats (n {helpful['n']}).")
+    return "\n".join(lines)
 
 
 def steering_markdown(table: dict[str, Any]) -> str:
@@ -404,16 +421,17 @@ def train_sft(ctx: StageContext, args: SteerSFTArgs, model_dir: str | Path, attr
     table = steering(trainer.model.eval(), tok, eval_prompts(args, sft, pref), neutral, *_rm(rm_dir),
                      args.max_new_tokens, ctx.seed)
     prefer_short = length_preference(trainer.model, tok, plain_examples(sft[1], args.eval_prompts), neutral)
+    prefer_helpful = helpfulness_preference(trainer.model, tok, pref[1][: args.eval_prompts], neutral)
     metrics = {"stage": "steer_sft", "eval_loss_before": before, "eval_loss": after, "steering": table, "steering_other_values": neutral,
                "verbosity_ratio": table["verbosity"]["length_ratio"],
                "helpfulness_rm_diff_in_se": table["helpfulness"].get("rm_diff_in_se"),
-               "verbosity_short_preference": prefer_short,
+               "verbosity_short_preference": prefer_short, "helpfulness_preference": prefer_helpful,
                "scored_by": str(rm_dir) if rm_dir.is_dir() else None, "conditioned": args.conditioned,
                "labels_predicted": labels["predicted"], "verbosity_word_cuts": cuts,
                "label_counts": _counts(train_rows), "train_examples": len(train_rows), "eval_examples": len(held_rows),
                "eval_n": len(held_rows), "steps": trainer.state.global_step, "resumed_from": resume,
                "data": {"sft": sft[2], "pref": pref[2]}, "history": train_history(trainer)}
-    summary = steering_markdown(table) + "\n\n" + length_preference_line(prefer_short)
+    summary = steering_markdown(table) + "\n\n" + preference_lines(prefer_short, prefer_helpful)
     print("[steer_sft] steering on held-out prompts:\n" + summary)
     return save_stage(trainer.model, tok, ctx, "steer_sft", metrics, args, str(model_dir), "SteerLM model",
                       "Attribute-conditioned SFT (SteerLM). Ask for a kind of reply with the system-prompt line "

@@ -104,6 +104,7 @@ def test_steer_stages_end_to_end(steered, tiny_model_dir):
         assert isinstance(table["helpfulness"][k], float), k
     assert table["helpfulness"]["n"] == 4
     assert sft["verbosity_short_preference"]["n"] > 0 and isinstance(sft["verbosity_short_preference"]["gap"], float)
+    assert sft["helpfulness_preference"]["n"] == 4 and isinstance(sft["helpfulness_preference"]["gap"], float)
     AutoModelForCausalLM.from_pretrained(out / "steer_sft")
     # both start from the input model (no sft stage here) and changed it; steer_sft is fingerprinted on steer_rm
     for stage in ("steer_rm", "steer_sft"):
@@ -223,6 +224,8 @@ def test_it_steers_on_the_demo_world_and_the_unconditioned_control_does_not(demo
     assert passes(steered["steering"]) == (True, True), steered["steering"]
     short = steered["verbosity_short_preference"]  # verbosity 0 makes a short reply likelier than 4 does
     assert short["n"] >= 20 and short["gap"] > 2 * short["gap_se"], short
+    helpful = steered["helpfulness_preference"]  # helpfulness 0 makes the rejected answer likelier than 4 does
+    assert helpful["n"] >= 45 and helpful["gap"] > 2 * helpful["gap_se"], helpful
     # the control: the same replies, labels and steps without the attribute line (rm and steer_rm reused)
     for stage in ("rm", "steer_rm"):
         shutil.copytree(root / "steered" / stage, root / "control" / stage)
@@ -230,6 +233,7 @@ def test_it_steers_on_the_demo_world_and_the_unconditioned_control_does_not(demo
     print(json.dumps(control["steering"], indent=1))
     assert passes(control["steering"]) == (False, False), control["steering"]
     assert control["verbosity_short_preference"]["gap"] < short["gap"] - 2 * short["gap_se"]  # never taught the line
+    assert control["helpfulness_preference"]["gap"] < helpful["gap"] - 2 * helpful["gap_se"]
 
 
 # ----------------------------------------------------------------------------------------------- steering at inference
