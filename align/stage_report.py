@@ -130,7 +130,7 @@ def write_report(out: Path, base_model: str, evals: Any = None) -> dict[str, Any
         steer = metrics["steer_sft"]
         text += ["## SteerLM steering (held-out prompts; one attribute at 0 vs 4, the others fixed)", "",
                  steering_markdown(steer["steering"]), ""]
-        if "verbosity_short_preference" in steer:  # recorded since the probe exists (helpfulness's since session 19)
+        if "verbosity_short_preference" in steer:  # recorded since the probes exist (helpfulness's is the newer)
             text += [preference_lines(steer["verbosity_short_preference"], steer.get("helpfulness_preference")), ""]
     if evals is not None:
         text += ["Eval suite on each stage's output: see `evals/` in this folder.", ""]

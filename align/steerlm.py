@@ -375,10 +375,10 @@ def steering_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def eval_prompts(args: SteerSFTArgs, sft: tuple, pref: tuple) -> dict[str, list[list[dict]]]:
-    """The held-out prompts of the steering check: plain SFT prompts (verbosity), preference prompts (helpfulness)."""
-    return {"verbosity": [ex["prompt"] for ex in plain_examples(sft[1], args.eval_prompts)],
-            "helpfulness": [p["prompt"] for p in pref[1]][: args.eval_prompts]}
+def eval_sets(args: SteerSFTArgs, sft: tuple, pref: tuple) -> tuple[list[dict], list[dict]]:
+    """The held-out examples of the steering check and its probes: plain SFT examples (verbosity), preference pairs
+    (helpfulness), up to ``eval_prompts`` of each."""
+    return plain_examples(sft[1], args.eval_prompts), pref[1][: args.eval_prompts]
 
 
 def train_sft(ctx: StageContext, args: SteerSFTArgs, model_dir: str | Path, attribute_dir: Path, sft: tuple,
@@ -418,10 +418,11 @@ def train_sft(ctx: StageContext, args: SteerSFTArgs, model_dir: str | Path, attr
     after = trainer.evaluate().get("eval_loss")  # None when no held-out example fits max_length
     rm_dir = ctx.out / "rm"
     neutral = typical_values(train_rows)
-    table = steering(trainer.model.eval(), tok, eval_prompts(args, sft, pref), neutral, *_rm(rm_dir),
-                     args.max_new_tokens, ctx.seed)
-    prefer_short = length_preference(trainer.model, tok, plain_examples(sft[1], args.eval_prompts), neutral)
-    prefer_helpful = helpfulness_preference(trainer.model, tok, pref[1][: args.eval_prompts], neutral)
+    plain, pairs = eval_sets(args, sft, pref)
+    prompts = {"verbosity": [ex["prompt"] for ex in plain], "helpfulness": [p["prompt"] for p in pairs]}
+    table = steering(trainer.model.eval(), tok, prompts, neutral, *_rm(rm_dir), args.max_new_tokens, ctx.seed)
+    prefer_short = length_preference(trainer.model, tok, plain, neutral)
+    prefer_helpful = helpfulness_preference(trainer.model, tok, pairs, neutral)
     metrics = {"stage": "steer_sft", "eval_loss_before": before, "eval_loss": after, "steering": table, "steering_other_values": neutral,
                "verbosity_ratio": table["verbosity"]["length_ratio"],
                "helpfulness_rm_diff_in_se": table["helpfulness"].get("rm_diff_in_se"),
